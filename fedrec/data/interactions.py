@@ -1,0 +1,64 @@
+"""The dataset unit every other module consumes: implicit feedback split into train/valid/test.
+
+Rows are users, columns items, both re-indexed to ``0..n-1``; ``user_ids``/``item_ids`` keep the
+original tokens so a run can be traced back to the source files. Matrices are binary
+``scipy.sparse.csr_matrix`` (float32) so a user's row is cheap to slice on any node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+
+@dataclass
+class Interactions:
+    name: str
+    train: sp.csr_matrix
+    valid: sp.csr_matrix
+    test: sp.csr_matrix
+    user_ids: np.ndarray  # original user tokens, index = internal user id
+    item_ids: np.ndarray  # original item tokens, index = internal item id
+    # Side information. Keys are free-form (e.g. "genre" multi-hot, "occupation" codes).
+    user_features: dict[str, np.ndarray] = field(default_factory=dict)
+    item_features: dict[str, np.ndarray] = field(default_factory=dict)
+    # Pretrained item embeddings (L-DiffRec clusters items with them); None when absent.
+    item_emb: np.ndarray | None = None
+    # Timestamp of each stored training interaction, aligned with ``train.data`` (CSR order).
+    train_timestamps: np.ndarray | None = None
+
+    @property
+    def n_users(self) -> int:
+        return self.train.shape[0]
+
+    @property
+    def n_items(self) -> int:
+        return self.train.shape[1]
+
+    def subset_users(self, users: np.ndarray) -> "Interactions":
+        """The same catalogue restricted to ``users`` (rows keep their order in ``users``)."""
+        users = np.asarray(users, dtype=np.int64)
+        return Interactions(
+            name=self.name,
+            train=self.train[users],
+            valid=self.valid[users],
+            test=self.test[users],
+            user_ids=self.user_ids[users],
+            item_ids=self.item_ids,
+            user_features={k: v[users] for k, v in self.user_features.items()},
+            item_features=self.item_features,
+            item_emb=self.item_emb,
+            train_timestamps=None,
+        )
+
+    def summary(self) -> dict:
+        return {
+            "dataset": self.name,
+            "users": self.n_users,
+            "items": self.n_items,
+            "train": int(self.train.nnz),
+            "valid": int(self.valid.nnz),
+            "test": int(self.test.nnz),
+        }

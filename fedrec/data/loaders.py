@@ -1,0 +1,553 @@
+"""Load a dataset described by ``conf/dataset/<name>.yaml`` into an :class:`Interactions`.
+
+Four kinds of source, one output shape (binary float32 CSR train/valid/test, internal ids
+``0..n-1``, original tokens kept in ``user_ids``/``item_ids``):
+
+* ``atomic``    -- RecBole atomic files ``<name>.inter`` (+ optional ``.item``/``.user``), or the
+  pre-split ``<name>.{train,valid,test}.inter`` benchmark files, which are used exactly as given.
+* ``movielens`` -- the raw GroupLens files (``u.data`` for ML-100K, ``ratings.dat`` for ML-1M).
+* ``diffrec``   -- the DiffRec paper's ``{train,valid,test}_list.npy`` splits (+ ``item_emb.npy``),
+  used exactly as given so results are comparable with the paper.
+* ``synthetic`` -- :mod:`fedrec.data.synthetic`, for tests and smoke runs.
+
+Unsplit sources go through one pipeline: keep ratings ``>= rating_threshold`` as positives,
+collapse duplicates, drop users with fewer than ``min_user_interactions`` positives (RecBole's
+user filter), drop items left without positives (DiffRec's convention), then split with
+:func:`fedrec.data.splits.split_interactions`.
+
+Parsing is plain ``str.split`` plus numpy conversions (no pandas): ML-100K loads in well under a
+second. Every problem with the input is a one-line :class:`DataError` naming the file and the
+1-based line (or array row), or a :class:`ConfigError` naming the config key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fedrec.data.interactions import Interactions
+from fedrec.data.splits import SPLIT_METHODS, check_ratios, dedupe, split_interactions, to_csr
+from fedrec.data.synthetic import generate_synthetic
+from fedrec.errors import ConfigError, DataError
+
+KINDS = ("synthetic", "atomic", "movielens", "diffrec")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# ML-100K's u.genre order, used when u.genre itself is absent.
+ML100K_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+    "Thriller", "War", "Western",
+)
+
+
+class DataPathError(DataError, ConfigError):
+    """No data folder could be resolved: both a data problem and a missing ``dataset.path``."""
+
+
+# --------------------------------------------------------------------------- config access
+
+
+def _get(cfg, key: str, default=None):
+    """``cfg.key`` for a DictConfig, a dict or a plain object; ``default`` when missing or null."""
+    if cfg is None:
+        return default
+    try:
+        value = cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
+    except Exception:  # KeyError, AttributeError, omegaconf's missing-key / '???' errors
+        return default
+    return default if value is None else value
+
+
+def _common_options(cfg) -> dict:
+    kind = _get(cfg, "kind")
+    if kind not in KINDS:
+        raise ConfigError(f"dataset.kind={kind!r}: unknown dataset kind (expected one of {', '.join(KINDS)})") from None
+    name = _get(cfg, "name")
+    if not name or not isinstance(name, str):
+        raise ConfigError(f"dataset.name={name!r}: a dataset name is required") from None
+    thr = _get(cfg, "rating_threshold")
+    if thr is not None:
+        try:
+            thr = float(thr)
+        except (TypeError, ValueError):
+            raise ConfigError(f"dataset.rating_threshold={thr!r}: expected a number or null") from None
+        if thr < 0 or not math.isfinite(thr):
+            raise ConfigError(f"dataset.rating_threshold={thr}: must be a non-negative number or null") from None
+    min_u = _get(cfg, "min_user_interactions", 1)
+    if isinstance(min_u, bool) or not isinstance(min_u, (int, np.integer)) or min_u < 0:
+        raise ConfigError(f"dataset.min_user_interactions={min_u!r}: expected a non-negative integer") from None
+    split = _get(cfg, "split")
+    method = _get(split, "method", "ratio")
+    if method not in SPLIT_METHODS:
+        raise ConfigError(
+            f"dataset.split.method={method!r}: unknown split method (expected one of {', '.join(SPLIT_METHODS)})"
+        ) from None
+    ratios = check_ratios(list(_get(split, "ratios", [0.8, 0.1, 0.1])))
+    return {"kind": kind, "name": name, "threshold": thr, "min_user": int(min_u), "method": method, "ratios": ratios}
+
+
+def resolve_data_path(cfg) -> Path:
+    """The dataset folder: ``dataset.path``, else ``$FEDREC_DATA/<subdir>``, else ``../shared/data/<subdir>``."""
+    path = _get(cfg, "path")
+    if path:
+        return Path(os.path.expanduser(str(path)))
+    subdir = str(_get(cfg, "subdir") or _get(cfg, "name") or "")
+    env = os.environ.get("FEDREC_DATA")
+    if env:
+        return Path(os.path.expanduser(env)) / subdir
+    shared = REPO_ROOT.parent / "shared" / "data" / subdir
+    if subdir and shared.is_dir():
+        return shared
+    raise DataPathError(
+        f"dataset {_get(cfg, 'name')!r}: no data folder; set dataset.path or the FEDREC_DATA environment "
+        f"variable (looked for {shared})"
+    ) from None
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise DataError(f"{path}: not found (set dataset.path or FEDREC_DATA to the folder holding it)") from None
+    return path
+
+
+# --------------------------------------------------------------------------- text parsing
+
+
+def _read_rows(path: Path, sep: str, encoding: str = "utf-8") -> tuple[list[list[str]], np.ndarray]:
+    """Non-blank lines split on ``sep`` and their 1-based line numbers."""
+    _require(path)
+    try:
+        text = path.read_text(encoding=encoding)
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line}: not valid {encoding} text") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    lines = text.split("\n")
+    keep = [i for i, line in enumerate(lines) if line.strip()]
+    rows = [lines[i].rstrip("\r").split(sep) for i in keep]
+    return rows, np.asarray(keep, dtype=np.int64) + 1
+
+
+def _check_width(path: Path, rows, linenos, width: int, what: str) -> None:
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    bad = np.flatnonzero(lengths != width)
+    if len(bad):
+        i = bad[0]
+        raise DataError(
+            f"{path}: line {linenos[i]}: expected {width} {what}, got {lengths[i]}"
+        ) from None
+
+
+def _numeric(path: Path, col: list[str], linenos, field: str) -> np.ndarray:
+    try:
+        values = np.array(col, dtype=np.float64)
+    except ValueError:
+        values = None
+    if values is not None:
+        bad = np.flatnonzero(~np.isfinite(values))
+    if values is None or len(bad):
+        for i, s in enumerate(col):  # error path only: find the first offending row
+            try:
+                if math.isfinite(float(s)):
+                    continue
+            except ValueError:
+                pass
+            raise DataError(f"{path}: line {linenos[i]}: {field} {s!r} is not a finite number") from None
+    return values
+
+
+def _vocab(tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted unique tokens (numerically when all are digits) and each token's index."""
+    uniq, inv = np.unique(tokens, return_inverse=True)
+    if len(uniq) and np.char.isdigit(uniq).all():
+        order = np.argsort(uniq.astype(np.int64), kind="stable")
+        rank = np.empty(len(order), dtype=np.int64)
+        rank[order] = np.arange(len(order))
+        uniq, inv = uniq[order], rank[inv]
+    return uniq, inv.astype(np.int64).reshape(-1)
+
+
+def _lookup(vocab: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Index of each token in ``vocab`` (any order), -1 where absent."""
+    if len(vocab) == 0:
+        return np.full(len(tokens), -1, dtype=np.int64)
+    sorter = np.argsort(vocab)
+    pos = np.clip(np.searchsorted(vocab, tokens, sorter=sorter), 0, len(vocab) - 1)
+    idx = sorter[pos]
+    return np.where(vocab[idx] == tokens, idx, -1).astype(np.int64)
+
+
+class _Table:
+    """One parsed file: columns by field name plus line numbers for error messages."""
+
+    def __init__(self, path: Path, columns: dict[str, list[str]], types: dict[str, str], linenos: np.ndarray):
+        self.path, self.columns, self.types, self.linenos = path, columns, types, linenos
+
+    def __len__(self) -> int:
+        return len(self.linenos)
+
+
+def _read_atomic(path: Path, required: tuple[str, ...] = ()) -> _Table:
+    """A RecBole atomic file: tab-separated with a ``name:type`` header line."""
+    rows, linenos = _read_rows(path, "\t")
+    if not rows:
+        raise DataError(f"{path}: line 1: empty file, expected a header line of name:type fields") from None
+    header, rows, linenos = rows[0], rows[1:], linenos[1:]
+    names, types = [], {}
+    for h in header:
+        name, _, typ = h.strip().partition(":")
+        names.append(name)
+        types[name] = typ or "token"
+    for field in required:
+        if field not in names:
+            raise DataError(
+                f"{path}: line 1: header has no {field} field (expected e.g. '{field}:token', got {header})"
+            ) from None
+    _check_width(path, rows, linenos, len(header), "tab-separated columns as in the header")
+    cols = list(zip(*rows)) if rows else [()] * len(names)
+    return _Table(path, {n: list(c) for n, c in zip(names, cols)}, types, linenos)
+
+
+# --------------------------------------------------------------------------- shared pipeline
+
+
+def _threshold_mask(ratings, threshold, source) -> np.ndarray | None:
+    if threshold is None:
+        return None
+    if ratings is None:
+        raise DataError(f"{source}: has no rating column, but dataset.rating_threshold={threshold:g} is set") from None
+    return ratings >= threshold
+
+
+def _from_raw(opts: dict, seed: int, user_tok, item_tok, ratings, timestamps, source) -> tuple[Interactions, np.ndarray, np.ndarray]:
+    """Threshold, dedupe, filter and split one interaction list.
+
+    Returns the dataset and, for side features, the kept rows' indices into the user and item
+    vocabularies of the raw tokens.
+    """
+    user_vocab, u = _vocab(np.asarray(user_tok))
+    item_vocab, i = _vocab(np.asarray(item_tok))
+    mask = _threshold_mask(ratings, opts["threshold"], source)
+    if mask is not None:
+        u, i = u[mask], i[mask]
+        timestamps = None if timestamps is None else timestamps[mask]
+    u, i, timestamps = dedupe(u, i, timestamps, len(item_vocab))
+    if opts["min_user"] > 1:
+        keep = (np.bincount(u, minlength=len(user_vocab)) >= opts["min_user"])[u]
+        u, i = u[keep], i[keep]
+        timestamps = None if timestamps is None else timestamps[keep]
+    if len(u) == 0:
+        raise DataError(
+            f"{source}: no users left after rating_threshold={opts['threshold']} and "
+            f"min_user_interactions={opts['min_user']}"
+        ) from None
+    kept_u, u = np.unique(u, return_inverse=True)
+    kept_i, i = np.unique(i, return_inverse=True)
+    split = split_interactions(u, i, timestamps, len(kept_u), len(kept_i), opts["method"], opts["ratios"], seed)
+    if split.train.shape[0] == 0:
+        raise DataError(f"{source}: no users left after the {opts['method']} split") from None
+    user_index = kept_u[split.kept_users]
+    data = Interactions(
+        name=opts["name"], train=split.train, valid=split.valid, test=split.test,
+        user_ids=user_vocab[user_index].astype(str), item_ids=item_vocab[kept_i].astype(str),
+        train_timestamps=split.train_timestamps,
+    )
+    return data, user_index, kept_i
+
+
+def _genre_multihot(item_ids: np.ndarray, feat_items: np.ndarray, genre_lists: list[list[str]]):
+    """(n_items, n_genres) float32 multi-hot aligned with ``item_ids``; items without a row stay 0."""
+    lens = np.fromiter((len(g) for g in genre_lists), dtype=np.int64, count=len(genre_lists))
+    flat = np.array([g for gs in genre_lists for g in gs], dtype=str)
+    names, codes = (np.unique(flat, return_inverse=True) if len(flat) else (np.array([], dtype=str), np.array([], dtype=np.int64)))
+    row_of_feat = _lookup(np.asarray(item_ids, dtype=str), np.asarray(feat_items, dtype=str))
+    rows = np.repeat(row_of_feat, lens)
+    ok = rows >= 0
+    genre = np.zeros((len(item_ids), len(names)), dtype=np.float32)
+    genre[rows[ok], codes.reshape(-1)[ok]] = 1.0
+    return genre, names
+
+
+def _ordered_genre_multihot(item_ids, feat_items, flags: np.ndarray, names):
+    """Like :func:`_genre_multihot` for files that already store 0/1 genre flags."""
+    row_of_feat = _lookup(np.asarray(item_ids, dtype=str), np.asarray(feat_items, dtype=str))
+    genre = np.zeros((len(item_ids), flags.shape[1]), dtype=np.float32)
+    ok = row_of_feat >= 0
+    genre[row_of_feat[ok]] = flags[ok]
+    return genre, np.asarray(names, dtype=str)
+
+
+def _user_codes(user_ids, feat_users, columns: dict[str, list[str]]) -> dict[str, np.ndarray]:
+    """Integer codes (``-1`` for users missing from the file) plus ``<col>_vocab`` per column."""
+    pos = _lookup(np.asarray(feat_users, dtype=str), np.asarray(user_ids, dtype=str))
+    out = {}
+    for col, tokens in columns.items():
+        vocab, codes = _vocab(np.asarray(tokens, dtype=str))
+        out[col] = np.where(pos >= 0, codes[np.maximum(pos, 0)], -1).astype(np.int64)
+        out[col + "_vocab"] = vocab
+    return out
+
+
+# --------------------------------------------------------------------------- atomic
+
+
+def _atomic_interactions(table: _Table):
+    path, cols = table.path, table.columns
+    users = np.array(cols["user_id"], dtype=str)
+    items = np.array(cols["item_id"], dtype=str)
+    ratings = _numeric(path, cols["rating"], table.linenos, "rating") if "rating" in cols else None
+    ts = _numeric(path, cols["timestamp"], table.linenos, "timestamp") if "timestamp" in cols else None
+    return users, items, ratings, ts
+
+
+def _atomic_side_info(data: Interactions, folder: Path, name: str) -> None:
+    item_path = folder / f"{name}.item"
+    if item_path.exists():
+        t = _read_atomic(item_path, required=("item_id",))
+        genre_col = next((c for c in ("class", "genre", "genres") if c in t.columns), None)
+        if genre_col is not None:
+            genre, names = _genre_multihot(data.item_ids, np.array(t.columns["item_id"], dtype=str),
+                                           [s.split() for s in t.columns[genre_col]])
+            data.item_features["genre"] = genre
+            data.item_features["genre_names"] = names
+    user_path = folder / f"{name}.user"
+    if user_path.exists():
+        t = _read_atomic(user_path, required=("user_id",))
+        tok_cols = {c: v for c, v in t.columns.items() if c != "user_id" and t.types[c] == "token"}
+        data.user_features.update(_user_codes(data.user_ids, np.array(t.columns["user_id"], dtype=str), tok_cols))
+        pos = _lookup(np.array(t.columns["user_id"], dtype=str), data.user_ids)
+        for c, v in t.columns.items():
+            if c != "user_id" and t.types[c] == "float":
+                vals = _numeric(user_path, v, t.linenos, c).astype(np.float32)
+                data.user_features[c] = np.where(pos >= 0, vals[np.maximum(pos, 0)], np.nan).astype(np.float32)
+
+
+def _load_atomic_presplit(opts: dict, paths: list[Path]) -> Interactions:
+    """RecBole's pre-split benchmark files, used as given: vocabulary from the train file."""
+    tables = [_read_atomic(p, required=("user_id", "item_id")) for p in paths]
+    parsed = [_atomic_interactions(t) for t in tables]
+    user_vocab, _ = _vocab(parsed[0][0])
+    item_vocab, _ = _vocab(parsed[0][1])
+    n_items = len(item_vocab)
+    coded = []
+    for t, (users, items, ratings, ts) in zip(tables, parsed):
+        u, i = _lookup(user_vocab, users), _lookup(item_vocab, items)
+        for ids, tok, field in ((u, users, "user_id"), (i, items, "item_id")):
+            bad = np.flatnonzero(ids < 0)
+            if len(bad):
+                raise DataError(
+                    f"{t.path}: line {t.linenos[bad[0]]}: {field} {str(tok[bad[0]])!r} never appears in {paths[0]}"
+                ) from None
+        mask = _threshold_mask(ratings, opts["threshold"], t.path)
+        line = t.linenos
+        if mask is not None:
+            u, i, line = u[mask], i[mask], line[mask]
+            ts = None if ts is None else ts[mask]
+        coded.append((u, i, ts, line))
+    has_train = np.bincount(coded[0][0], minlength=len(user_vocab)) > 0
+    for t, (u, _, _, line) in zip(tables[1:], coded[1:]):
+        bad = np.flatnonzero(~has_train[u])
+        if len(bad):
+            raise DataError(
+                f"{t.path}: line {line[bad[0]]}: user {str(user_vocab[u[bad[0]]])!r} has no training interactions "
+                f"in {paths[0]} (empty user)"
+            ) from None
+    # Users whose train rows were all below the threshold and who have nothing else are dropped.
+    kept = np.flatnonzero(has_train)
+    if len(kept) == 0:
+        raise DataError(f"{paths[0]}: no users with training interactions") from None
+    remap = np.full(len(user_vocab), -1, dtype=np.int64)
+    remap[kept] = np.arange(len(kept))
+    mats, train_ts = [], None
+    for k, (u, i, ts, _) in enumerate(coded):
+        u, i, ts = dedupe(remap[u], i, ts, n_items)
+        mat, ts = to_csr(u, i, len(kept), n_items, ts)
+        mats.append(mat)
+        if k == 0:
+            train_ts = ts
+    return Interactions(
+        name=opts["name"], train=mats[0], valid=mats[1], test=mats[2],
+        user_ids=user_vocab[kept].astype(str), item_ids=item_vocab.astype(str), train_timestamps=train_ts,
+    )
+
+
+def load_atomic(cfg, seed: int) -> Interactions:
+    opts = _common_options(cfg)
+    folder = _require(resolve_data_path(cfg))
+    name = opts["name"]
+    presplit = [folder / f"{name}.{s}.inter" for s in ("train", "valid", "test")]
+    if all(p.exists() for p in presplit):
+        data = _load_atomic_presplit(opts, presplit)
+    else:
+        path = folder / f"{name}.inter"
+        table = _read_atomic(path, required=("user_id", "item_id"))
+        users, items, ratings, ts = _atomic_interactions(table)
+        data, _, _ = _from_raw(opts, seed, users, items, ratings, ts, path)
+    _atomic_side_info(data, folder, name)
+    return data
+
+
+# --------------------------------------------------------------------------- raw MovieLens
+
+
+def _movielens_side_info(data: Interactions, folder: Path) -> None:
+    if (folder / "u.item").exists():
+        rows, linenos = _read_rows(folder / "u.item", "|", encoding="latin-1")
+        width = len(rows[0]) if rows else 0
+        _check_width(folder / "u.item", rows, linenos, width, "'|'-separated columns")
+        n_flags = width - 5
+        names = ML100K_GENRES if n_flags == len(ML100K_GENRES) else [f"genre{g}" for g in range(n_flags)]
+        if (folder / "u.genre").exists():
+            g_rows, _ = _read_rows(folder / "u.genre", "|", encoding="latin-1")
+            if len(g_rows) == n_flags:
+                names = [r[0] for r in g_rows]
+        if n_flags > 0:
+            flags = np.array([r[5:] for r in rows], dtype=np.float32)
+            genre, names = _ordered_genre_multihot(data.item_ids, [r[0] for r in rows], flags, names)
+            data.item_features["genre"], data.item_features["genre_names"] = genre, names
+    elif (folder / "movies.dat").exists():
+        rows, linenos = _read_rows(folder / "movies.dat", "::", encoding="latin-1")
+        _check_width(folder / "movies.dat", rows, linenos, 3, "'::'-separated columns (MovieID::Title::Genres)")
+        genre, names = _genre_multihot(data.item_ids, [r[0] for r in rows], [r[2].split("|") for r in rows])
+        data.item_features["genre"], data.item_features["genre_names"] = genre, names
+    for fname, sep, cols in (("u.user", "|", ("age", "gender", "occupation", "zip_code")),
+                             ("users.dat", "::", ("gender", "age", "occupation", "zip_code"))):
+        path = folder / fname
+        if path.exists():
+            rows, linenos = _read_rows(path, sep, encoding="latin-1")
+            _check_width(path, rows, linenos, 1 + len(cols), f"'{sep}'-separated columns (user, {', '.join(cols)})")
+            columns = {c: [r[k + 1] for r in rows] for k, c in enumerate(cols)}
+            data.user_features.update(_user_codes(data.user_ids, [r[0] for r in rows], columns))
+            break
+
+
+def load_movielens(cfg, seed: int) -> Interactions:
+    opts = _common_options(cfg)
+    folder = _require(resolve_data_path(cfg))
+    fname = _get(cfg, "file")
+    if fname:
+        path = _require(folder / str(fname))
+    else:
+        path = next((folder / f for f in ("u.data", "ratings.dat") if (folder / f).exists()), None)
+        if path is None:
+            raise DataError(f"{folder / 'u.data'}: not found (nor ratings.dat; set dataset.file)") from None
+    with open(path, encoding="latin-1") as fh:
+        first = fh.readline()
+    sep = "::" if "::" in first else "\t"
+    rows, linenos = _read_rows(path, sep, encoding="latin-1")
+    if not rows:
+        raise DataError(f"{path}: line 1: empty file, expected user{sep}item{sep}rating{sep}timestamp rows") from None
+    shown = "tab" if sep == "\t" else "'::'"
+    _check_width(path, rows, linenos, 4, f"{shown}-separated columns (user, item, rating, timestamp)")
+    users, items, ratings, ts = zip(*rows)
+    ratings = _numeric(path, list(ratings), linenos, "rating")
+    ts = _numeric(path, list(ts), linenos, "timestamp")
+    data, _, _ = _from_raw(opts, seed, np.array(users, dtype=str), np.array(items, dtype=str), ratings, ts, path)
+    _movielens_side_info(data, folder)
+    return data
+
+
+# --------------------------------------------------------------------------- DiffRec .npy
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    _require(path)
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:  # corrupt header, pickled object arrays, ...
+        raise DataError(f"{path}: not a readable .npy array ({type(exc).__name__}: {exc})".replace("\n", " ")) from None
+
+
+def load_diffrec(cfg, seed: int) -> Interactions:
+    """DiffRec's splits, used exactly as given (threshold, filter and split settings do not apply)."""
+    opts = _common_options(cfg)
+    folder = _require(resolve_data_path(cfg))
+    names = ("train_list.npy", "valid_list.npy", "test_list.npy")
+    arrays = []
+    for fname in names:
+        path = folder / fname
+        a = _load_npy(path)
+        if a.ndim != 2 or a.shape[1] != 2 or not np.issubdtype(a.dtype, np.integer):
+            raise DataError(
+                f"{path}: expected an integer array of shape (n, 2) with (user, item) rows, got {a.dtype} {a.shape}"
+            ) from None
+        neg = np.flatnonzero((a < 0).any(axis=1))
+        if len(neg):
+            raise DataError(f"{path}: row {neg[0]} (0-based): negative id {a[neg[0]].tolist()}") from None
+        arrays.append(a.astype(np.int64))
+    train = arrays[0]
+    if len(train) == 0:
+        raise DataError(f"{folder / names[0]}: no training interactions (zero users)") from None
+    n_users = int(max(a[:, 0].max() for a in arrays if len(a)) + 1)
+    n_items = int(max(a[:, 1].max() for a in arrays if len(a)) + 1)
+    has_user = np.bincount(train[:, 0], minlength=n_users) > 0
+    has_item = np.bincount(train[:, 1], minlength=n_items) > 0
+    for fname, a in zip(names[1:], arrays[1:]):
+        bad = np.flatnonzero(~has_item[a[:, 1]])
+        if len(bad):
+            raise DataError(
+                f"{folder / fname}: row {bad[0]} (0-based): item {a[bad[0], 1]} never appears in {names[0]}"
+            ) from None
+        bad = np.flatnonzero(~has_user[a[:, 0]])
+        if len(bad):
+            raise DataError(
+                f"{folder / fname}: row {bad[0]} (0-based): user {a[bad[0], 0]} has no interactions in "
+                f"{names[0]} (empty user)"
+            ) from None
+    emb = None
+    emb_path = folder / "item_emb.npy"
+    if emb_path.exists():
+        emb = _load_npy(emb_path)
+        if emb.ndim != 2 or not np.issubdtype(emb.dtype, np.floating):
+            raise DataError(f"{emb_path}: expected a float array of shape (n_items, dim), got {emb.dtype} {emb.shape}") from None
+        if emb.shape[0] < n_items:
+            raise DataError(f"{emb_path}: has {emb.shape[0]} rows but the splits use item ids up to {n_items - 1}") from None
+        n_items = emb.shape[0]
+        emb = emb.astype(np.float32)
+    mats = [to_csr(*dedupe(a[:, 0], a[:, 1], None, n_items)[:2], n_users, n_items)[0] for a in arrays]
+    return Interactions(
+        name=opts["name"], train=mats[0], valid=mats[1], test=mats[2],
+        user_ids=np.arange(n_users).astype(str), item_ids=np.arange(n_items).astype(str), item_emb=emb,
+    )
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def load_synthetic(cfg, seed: int) -> Interactions:
+    """Generate with :func:`generate_synthetic` and split like real data (no ratings: no threshold)."""
+    opts = _common_options(cfg)
+    opts["threshold"] = None
+    raw = generate_synthetic(cfg, seed)
+    data, user_index, item_index = _from_raw(
+        opts, seed, raw.users.astype(str), raw.items.astype(str), None, raw.timestamps, "synthetic dataset"
+    )
+    # Tokens are the generator's integer ids, so they index its feature arrays directly.
+    uid = data.user_ids.astype(np.int64)
+    iid = data.item_ids.astype(np.int64)
+    data.user_features["cluster"] = raw.user_cluster[uid]
+    data.item_features["cluster"] = raw.item_cluster[iid]
+    data.item_features["genre"] = raw.item_genre[iid]
+    data.item_features["genre_names"] = raw.genre_names
+    return data
+
+
+_LOADERS = {"synthetic": load_synthetic, "atomic": load_atomic, "movielens": load_movielens, "diffrec": load_diffrec}
+
+
+def load_dataset(cfg, seed: int) -> Interactions:
+    """Load ``cfg`` (a ``conf/dataset/*.yaml`` node) as binary train/valid/test matrices.
+
+    ``seed`` drives the random split (``ratio``) and the synthetic generator; the other sources
+    are deterministic.
+    """
+    opts = _common_options(cfg)
+    data = _LOADERS[opts["kind"]](cfg, seed)
+    if data.n_users == 0:
+        raise DataError(f"dataset {opts['name']!r}: zero users after loading") from None
+    return data

@@ -1,0 +1,3 @@
+from fedrec.eval.metrics import METRICS, RankingAccumulator, check_ks, evaluate_model, topk_metric_sums
+
+__all__ = ["METRICS", "RankingAccumulator", "check_ks", "evaluate_model", "topk_metric_sums"]

@@ -1,0 +1,110 @@
+"""One experiment from one config: load, check, train (centrally or federated), write the run folder.
+
+Order matters for honest failure: everything that can reject the input (config values, data files,
+model construction, metric cut-offs) runs *before* the first file of the run folder is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fedrec.config import validate
+from fedrec.data import load_dataset
+from fedrec.eval import check_ks
+from fedrec.models import build_model, data_shape
+from fedrec.recorder import Recorder
+from fedrec.runs import RunFolder, find_resumable
+
+
+def _progress(total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="round" if desc != "epochs" else "epoch", dynamic_ncols=True)
+
+
+def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress: bool = True) -> dict:
+    """Run the experiment ``cfg`` into ``run_dir`` and return its summary."""
+    validate(cfg)
+    if int(cfg.get("threads", 0)) > 0:
+        torch.set_num_threads(int(cfg.threads))
+    data = load_dataset(cfg.dataset, int(cfg.seed))
+    check_ks(cfg.eval.ks, data.n_items)
+    torch.manual_seed(int(cfg.seed))
+    build_model(cfg.model, data_shape(data, seed=int(cfg.seed)))  # rejects bad model configs now
+
+    resume = None
+    root = Path(cfg.paths.output_root)
+    if cfg.resume:
+        found = find_resumable(root, cfg)
+        if found is not None:
+            run_dir = found
+    if run_dir is None:
+        run_dir = root / "runs" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+    run = RunFolder(run_dir, keep=int(cfg.checkpoint.keep))
+    if cfg.resume:
+        resume = run.latest_checkpoint()
+        if resume is not None:
+            run.truncate_metrics(int(resume["round"]))
+    run.write_config(cfg)
+
+    mode = cfg.federation.mode
+    total = int(cfg.train.epochs) if mode == "none" else int(cfg.federation.rounds)
+    bar = _progress(total, "epochs" if mode == "none" else "rounds") if progress else None
+    if bar is not None and resume is not None:
+        bar.update(int(resume["round"]))
+    recorder = Recorder(run, str(cfg.train.select_metric), bar)
+    try:
+        if mode == "none":
+            from fedrec.central import run_central
+
+            run_central(cfg, data, recorder, resume)
+        elif grid is not None:  # already inside a ServerApp (flwr run)
+            from fedrec.federated.server_app import serve
+
+            serve(grid, cfg, data, recorder, resume)
+        else:
+            from fedrec.federated.simulation import simulate
+
+            simulate(cfg, data, recorder, resume)
+    finally:
+        if bar is not None:
+            bar.close()
+    summary = recorder.summary() | {
+        "dataset": data.summary(),
+        "model": cfg.model.name,
+        "federation": mode,
+        "strategy": cfg.strategy.name if mode != "none" else None,
+        "seed": int(cfg.seed),
+        "run_dir": str(run.path),
+    }
+    run.write_summary(summary)
+    return summary
+
+
+def result_table(summary: dict) -> str:
+    """A plain-text table: rows valid/test, one column per metric@K."""
+    keys = list(summary.get("test", {}).keys())
+    if not keys:
+        return "(no evaluation recorded)"
+    width = max(10, *(len(k) for k in keys))
+    head = "split  " + " ".join(k.rjust(width) for k in keys)
+    lines = [head, "-" * len(head)]
+    for split in ("valid", "test"):
+        vals = summary.get(split, {})
+        lines.append(split.ljust(7) + " ".join(
+            (f"{vals[k]:.4f}" if k in vals and vals[k] is not None and not math.isnan(vals[k]) else "-").rjust(width)
+            for k in keys))
+    return "\n".join(lines)
+
+
+def quiet_flower(verbose: bool) -> None:
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")

@@ -1,0 +1,66 @@
+"""The ClientApp: cross-silo training and evaluation of the node's users (Message API).
+
+train: receive global arrays + config -> load node-local state -> ``train.local_epochs`` epochs
+over the node's users -> reply with the global arrays and ``num-examples`` (users trained).
+evaluate: full-ranking metric *sums* over the node's users, so the server can form the exact
+global mean (needed for models with private parameters, which the server never sees).
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedrec.eval import evaluate_model
+from fedrec.federated.arrays import global_arrays, load_arrays, local_state
+from fedrec.federated.node import node_view, seed_everything
+from fedrec.models import build_model, data_shape
+from fedrec.train import TrainRows, make_optimizer, train_epoch
+
+CONFIG_KEY = "fedrec-config"
+LOCAL_STATE_KEY = "fedrec-local"
+
+app = ClientApp()
+
+
+def _prepare(msg: Message, context: Context):
+    conf = msg.content["config"]
+    view = node_view(str(conf[CONFIG_KEY]), dict(context.node_config))
+    cfg = view.cfg
+    torch.set_num_threads(max(1, int(cfg.federation.get("client_threads", 1))))
+    rnd = int(conf["fedrec-round"])
+    rng = seed_everything(int(cfg.seed), view.partition_id, rnd)
+    # The model is rebuilt each round with the global seed, so every node agrees on the
+    # architecture (e.g. L-DiffRec's item clusters); its state comes from the message and the node.
+    torch.manual_seed(int(cfg.seed))
+    model = build_model(cfg.model, data_shape(view.data, seed=int(cfg.seed)))
+    if LOCAL_STATE_KEY in context.state:
+        load_arrays(model, context.state[LOCAL_STATE_KEY], "node state")
+    load_arrays(model, msg.content["arrays"], "global arrays from the server")
+    return view, cfg, model, rng
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    view, cfg, model, rng = _prepare(msg, context)
+    rows = TrainRows(view.data.train, view.users)
+    optimizer = make_optimizer(model, cfg.model.optim)
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    prox = (mu, {k: v.detach().clone() for k, v in global_arrays(model).to_torch_state_dict().items()}) if mu > 0 else None
+    losses = [train_epoch(model, optimizer, rows, int(cfg.model.optim.batch_size), rng, prox)["loss"]
+              for _ in range(int(cfg.train.local_epochs))] if len(rows) else [float("nan")]
+    context.state[LOCAL_STATE_KEY] = local_state(model)
+    metrics = MetricRecord({"num-examples": len(rows), "train-loss": float(losses[-1]) if len(rows) else 0.0})
+    return Message(RecordDict({"arrays": global_arrays(model), "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    view, cfg, model, _ = _prepare(msg, context)
+    res = evaluate_model(model, view.data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=view.users)
+    values: dict[str, float | int] = {"num-examples": max(1, len(view.users))}
+    for split, agg in res["_sums"].items():
+        values[f"{split}/users"] = agg["users"]
+        values.update({f"{split}/{k}/sum": v for k, v in agg["sums"].items()})
+    return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)

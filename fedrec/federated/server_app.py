@@ -1,0 +1,109 @@
+"""The ServerApp: drives a strategy from ``strategies/`` over the Grid and records every round.
+
+``serve`` is the whole server side and is shared by the two ways of running:
+
+* ``python -m simulations.run`` builds a ServerApp around ``serve`` and runs it with the Ray
+  simulation engine (``flwr.simulation.run_simulation``);
+* ``flwr run .`` uses the module-level ``app`` below, which composes the same Hydra config from the
+  run-config key ``overrides`` and writes the same run folder (run-config ``run-dir``).
+
+Evaluation is server-side (the global model on every user) unless the model has private
+parameters, which only the nodes hold; then nodes evaluate their users and the strategy combines
+metric sums exactly (``federation.evaluation: auto|server|clients``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from omegaconf import OmegaConf
+
+from fedrec.errors import ConfigError
+from fedrec.eval import evaluate_model
+from fedrec.federated.arrays import global_arrays, load_arrays
+from fedrec.federated.client_app import CONFIG_KEY
+from fedrec.models import build_model, data_shape
+from fedrec.recorder import Recorder
+
+
+def uses_client_evaluation(cfg, model) -> bool:
+    mode = cfg.federation.get("evaluation", "auto")
+    if mode not in ("auto", "server", "clients"):
+        raise ConfigError(f"federation.evaluation: expected auto, server or clients, got {mode!r}")
+    if mode == "server" and model.private_parameter_names():
+        raise ConfigError("federation.evaluation: 'server' is impossible for a model with private parameters")
+    return mode == "clients" or (mode == "auto" and bool(model.private_parameter_names()))
+
+
+def _split_metrics(record: MetricRecord | None) -> dict:
+    out: dict[str, dict] = {"valid": {}, "test": {}}
+    for key, value in (record or {}).items():
+        split, _, metric = key.partition("/")
+        if split in out and metric:
+            out[split][metric] = float(value)
+    return out
+
+
+def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None) -> None:
+    from strategies import build_strategy
+
+    torch.manual_seed(int(cfg.seed))
+    model = build_model(cfg.model, data_shape(data, seed=int(cfg.seed)))
+    fed = cfg.federation
+    client_eval = uses_client_evaluation(cfg, model)
+    start = 0
+    initial = global_arrays(model)
+    strategy = build_strategy(cfg.strategy, num_nodes=int(fed.num_nodes), fraction=float(fed.fraction),
+                              seed=int(cfg.seed), client_evaluation=client_eval)
+    if resume is not None:
+        initial = ArrayRecord(resume["arrays"])
+        strategy.load_state(resume["strategy"])
+        recorder.load_state(resume["recorder"])
+        start = int(resume["round"])
+        strategy.round_offset = start
+    rounds = int(fed.rounds)
+    ks = list(cfg.eval.ks)
+    every = int(cfg.train.eval_every)
+
+    def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if local_round == 0:
+            return None
+        rnd = start + local_round
+        evaluation = eval_s = None
+        if client_eval:
+            evaluation, eval_s = _split_metrics(strategy.last_eval), strategy.last_eval_s
+        elif rnd % every == 0 or rnd == rounds:
+            load_arrays(model, arrays, "aggregated arrays")
+            t0 = time.perf_counter()
+            evaluation = evaluate_model(model, data, ks, int(cfg.eval.batch_size))
+            eval_s = time.perf_counter() - t0
+        recorder.record(rnd, strategy.last_train, strategy.last_train_s, evaluation, eval_s,
+                        lambda: {"arrays": arrays.to_torch_state_dict(), "strategy": strategy.state()})
+        if evaluation is None:
+            return None
+        return MetricRecord({f"valid/{k}": v for k, v in evaluation["valid"].items()})
+
+    if rounds - start <= 0:
+        return
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    strategy.start(grid, initial, num_rounds=rounds - start, timeout=float(fed.get("round_timeout", 3600)),
+                   train_config=ConfigRecord({CONFIG_KEY: cfg_yaml}),
+                   evaluate_config=ConfigRecord({CONFIG_KEY: cfg_yaml}), evaluate_fn=evaluate_fn)
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point under ``flwr run``: compose the config from run-config and run the experiment."""
+    from fedrec.config import compose
+    from fedrec.experiment import execute
+
+    overrides = str(context.run_config.get("overrides", "")).split()
+    cfg = compose(overrides)
+    run_dir = str(context.run_config.get("run-dir", "")) or None
+    execute(cfg, run_dir, grid=grid)

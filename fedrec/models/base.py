@@ -1,0 +1,78 @@
+"""The one interface every recommender of the zoo implements.
+
+Modelled on RecBole's ``calculate_loss / full_sort_predict`` but typed and without dataset state
+inside the model: a model is built from its config dataclass plus the dataset's shape, and
+
+* :meth:`Recommender.loss` returns the **per-example** training loss for a batch of users, so that
+  trainers average it, DP-SGD clips it per user and cross-device training can vmap it;
+* :meth:`Recommender.scores` scores every item for a batch of users (higher = better);
+* :meth:`Recommender.private_parameter_names` names the parameters that belong to a user or client
+  (user embeddings, personal heads). They never leave the client in a federation; every other
+  parameter is global and aggregated;
+* :meth:`Recommender.optimizer_groups` lets a model ask for per-module learning rates
+  (L-DiffRec trains its autoencoder and its denoiser at different rates).
+
+Trainers, Flower clients, attacks, defenses, DP and evaluation touch models only through this
+interface. Sequence models use the same class with ``Batch.seq`` filled instead of ``Batch.x``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class DataShape:
+    """What a model may know about the dataset: its shape and item side information."""
+
+    n_users: int
+    n_items: int
+    item_emb: np.ndarray | None = None
+
+
+@dataclass
+class Batch:
+    """A batch of users. ``x`` is the dense binary history row each user trains/infers from."""
+
+    users: torch.Tensor  # (B,) int64 internal user ids
+    x: torch.Tensor  # (B, n_items) float32 0/1
+    seq: torch.Tensor | None = None  # (B, L) item ids for sequence models; None for user-vector models
+
+
+class Recommender(nn.Module):
+    """Base class of the model zoo; see the module docstring for the contract."""
+
+    #: name used in ``conf/model/<name>.yaml``
+    name: ClassVar[str] = "base"
+    #: "user_vector" models read ``Batch.x``; "sequence" models read ``Batch.seq``
+    input_kind: ClassVar[str] = "user_vector"
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Per-example training loss, shape (B,). Trainers take its mean."""
+        raise NotImplementedError
+
+    def scores(self, batch: Batch) -> torch.Tensor:
+        """Scores for every item, shape (B, n_items); evaluation masks seen items itself."""
+        raise NotImplementedError
+
+    def private_parameter_names(self) -> set[str]:
+        """Names (as in ``named_parameters``) of parameters private to a user/client."""
+        return set()
+
+    def optimizer_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Parameter groups for the optimizer; override for per-module rates."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr,
+                 "weight_decay": weight_decay}]
+
+    def on_epoch_end(self) -> None:
+        """Called by trainers after each local epoch (L-DiffRec anneals its loss weight per epoch)."""
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """Parameters that are aggregated in a federation, by name (private ones excluded)."""
+        private = self.private_parameter_names()
+        return {n: p.detach() for n, p in self.named_parameters() if n not in private}

@@ -1,0 +1,63 @@
+"""DiffRec's denoising MLP: timestep embedding concatenated to the (noisy) vector, tanh layers.
+
+As the official ``models/DNN.py`` (time_type "cat"): sinusoidal timestep embedding -> Linear ->
+concatenated with the dropped-out input; tanh after every layer except the last; weights
+N(0, 2/(fan_in+fan_out)), biases N(0, 0.001).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def _init_linear(layer: nn.Linear) -> None:
+    fan_out, fan_in = layer.weight.shape
+    nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0 / (fan_in + fan_out)))
+    nn.init.normal_(layer.bias, 0.0, 0.001)
+
+
+class DenoiserMLP(nn.Module):
+    """``in_dims``: [input, hidden..., bottleneck]; ``out_dims``: [bottleneck, hidden..., output]."""
+
+    def __init__(self, in_dims: list[int], out_dims: list[int], emb_size: int = 10,
+                 norm: bool = False, dropout: float = 0.5):
+        super().__init__()
+        if in_dims[-1] != out_dims[0]:
+            raise ValueError("denoiser in_dims[-1] must equal out_dims[0]")
+        self.emb_size = emb_size
+        self.norm = norm
+        self.emb_layer = nn.Linear(emb_size, emb_size)
+        dims_in = [in_dims[0] + emb_size] + list(in_dims[1:])
+        self.in_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims_in[:-1], dims_in[1:]))
+        self.out_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(out_dims[:-1], out_dims[1:]))
+        self.drop = nn.Dropout(dropout)
+        for layer in [*self.in_layers, *self.out_layers, self.emb_layer]:
+            _init_linear(layer)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.emb_layer(timestep_embedding(t, self.emb_size))
+        if self.norm:
+            x = F.normalize(x)
+        h = torch.cat([self.drop(x), emb], dim=-1)
+        for layer in self.in_layers:
+            h = torch.tanh(layer(h))
+        last = len(self.out_layers) - 1
+        for i, layer in enumerate(self.out_layers):
+            h = layer(h)
+            if i != last:
+                h = torch.tanh(h)
+        return h

@@ -1,0 +1,1 @@
+"""Entry points: run (one experiment or a Hydra sweep), bench (named benchmarks)."""

@@ -1,0 +1,355 @@
+"""The model zoo against the :class:`Recommender` contract, on tiny random data (fast)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.errors import ConfigError
+from fedrec.models import REGISTRY, build_model, model_config
+from fedrec.models.base import Batch, DataShape
+
+N_USERS, N_ITEMS = 30, 50
+CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+# Tiny configs, one per registered model; the overfit test relies on annealing being constant.
+TINY: dict[str, dict] = {
+    "diffrec": {"name": "diffrec", "dims": [16, 32], "steps": 5},
+    "ldiffrec": {"name": "ldiffrec", "in_dims": [8], "mlp_dims": [8], "n_cate": 2, "steps": 5,
+                 "vae_anneal_steps": 0},
+    "bpr": {"name": "bpr", "embedding_size": 8, "n_samples_per_user": 4},
+    "multvae": {"name": "multvae", "hidden_dims": [16], "latent_dim": 8, "total_anneal_steps": 0},
+}
+
+
+def test_tiny_covers_registry():
+    assert set(TINY) == set(REGISTRY)
+
+
+def _shape(seed: int = 0) -> DataShape:
+    rng = np.random.default_rng(seed)
+    return DataShape(N_USERS, N_ITEMS, item_emb=rng.standard_normal((N_ITEMS, 4)).astype(np.float32))
+
+
+def _data(seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(N_USERS, N_ITEMS, generator=g) < 0.15).float()
+    x[0] = 0.0  # one user without history
+    x[1, :3] = 1.0
+    return Batch(users=torch.arange(N_USERS), x=x)
+
+
+def _build(name: str, seed: int = 0, **over):
+    torch.manual_seed(seed)
+    return build_model({**TINY[name], **over}, _shape())
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_loss_shape_finite_and_backward(name):
+    model = _build(name)
+    model.train()
+    batch = _data()
+    sub = Batch(batch.users[:7], batch.x[:7])
+    loss = model.loss(sub)
+    assert loss.shape == (7,)
+    assert torch.isfinite(loss).all()
+    loss.mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_scores_shape_and_finite(name):
+    model = _build(name)
+    model.eval()
+    batch = _data()
+    s = model.scores(Batch(batch.users[:5], batch.x[:5]))
+    assert s.shape == (5, N_ITEMS)
+    assert torch.isfinite(s).all()
+
+
+def _eval_loss(model, batch, seed=123, reps=10) -> float:
+    """Mean loss in eval mode under a fixed seed (same noise/samples before and after training)."""
+    model.eval()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        val = float(torch.stack([model.loss(batch).mean() for _ in range(reps)]).mean())
+    model.train()
+    return val
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_training_lowers_loss(name):
+    model = _build(name)
+    batch = _data()
+    before = _eval_loss(model, batch)
+    groups = model.optimizer_groups(lr=1e-2, weight_decay=0.0)
+    for g in groups:
+        g["lr"] = 1e-2  # same fast rate for every group of the tiny model
+    opt = torch.optim.Adam(groups)
+    torch.manual_seed(1)
+    model.train()
+    for _ in range(200):
+        opt.zero_grad()
+        model.loss(batch).mean().backward()
+        opt.step()
+    model.on_epoch_end()
+    after = _eval_loss(model, batch)
+    assert np.isfinite(after)
+    assert after < 0.9 * before, (before, after)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_private_parameter_names_are_real(name):
+    model = _build(name)
+    names = {n for n, _ in model.named_parameters()}
+    private = model.private_parameter_names()
+    assert private <= names
+    assert not (set(model.global_state()) & private)
+    assert set(model.global_state()) | private == names
+
+
+def test_bpr_user_embeddings_private():
+    model = _build("bpr")
+    assert model.private_parameter_names() == {"user_emb.weight"}
+    assert _build("multvae").private_parameter_names() == set()
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_deterministic_build(name):
+    a, b = _build(name, seed=3), _build(name, seed=3)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    c = _build(name, seed=4)
+    assert any(not torch.equal(sa[k], c.state_dict()[k]) for k in sa if sa[k].is_floating_point())
+
+
+def test_unknown_model_name():
+    with pytest.raises(ConfigError, match=r"model\.name"):
+        build_model({"name": "nope"}, _shape())
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_unknown_key(name):
+    with pytest.raises(ConfigError, match=r"model\.bogus_key"):
+        build_model({**TINY[name], "bogus_key": 1}, _shape())
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_optim_block_is_ignored_by_builder(name):
+    model = build_model({**TINY[name], "optim": {"lr": 1e-3, "weight_decay": 0.0, "batch_size": 8}}, _shape())
+    assert model.name == name
+
+
+@pytest.mark.parametrize("name,key,value", [
+    ("bpr", "embedding_size", 0), ("bpr", "n_samples_per_user", 0), ("bpr", "reg_weight", -1.0),
+    ("multvae", "latent_dim", 0), ("multvae", "dropout", 1.0), ("multvae", "anneal_cap", -0.1),
+    ("multvae", "total_anneal_steps", -1), ("multvae", "hidden_dims", [0]),
+    ("diffrec", "steps", 0), ("ldiffrec", "steps", 0),
+])
+def test_bad_values_name_the_key(name, key, value):
+    with pytest.raises(ConfigError, match=rf"model\.{key}"):
+        build_model({**TINY[name], key: value}, _shape())
+
+
+# ------------------------------------------------------------------ yaml files
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_yaml_builds(name):
+    path = CONF / f"{name}.yaml"
+    if not path.exists():
+        pytest.skip(f"{path} not written yet")
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(path)
+    assert cfg.name == name
+    assert {"lr", "weight_decay", "batch_size"} <= set(cfg.optim)
+    torch.manual_seed(0)
+    model = build_model(cfg, _shape())
+    assert model.name == name
+
+
+@pytest.mark.parametrize("name", ["bpr", "multvae"])
+def test_yaml_documents_every_field(name):
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    fields = {f.name for f in dataclasses.fields(type(model_config({"name": name})))}
+    assert fields == set(cfg) - {"name", "optim"}
+    # the yaml values are the dataclass defaults
+    assert dataclasses.asdict(model_config(cfg)) == dataclasses.asdict(model_config({"name": name}))
+
+
+# ------------------------------------------------------------------ BPR specifics
+def test_bpr_empty_user_zero_loss_and_negatives_outside_history():
+    model = _build("bpr")
+    batch = _data()
+    loss = model.loss(batch)
+    assert loss[0] == 0.0 and (loss[1:] > 0).all()
+    torch.manual_seed(0)
+    pos, neg, valid = model._sample_pairs(batch.x)
+    assert pos.shape == neg.shape == (N_USERS, model.cfg.n_samples_per_user)
+    rows = torch.arange(N_USERS)[:, None].expand_as(pos)
+    assert (batch.x[rows[valid], pos[valid]] == 1).all()
+    assert (batch.x[rows[valid], neg[valid]] == 0).all()
+    assert not valid[0].any() and valid[1:].all()
+
+
+def test_bpr_full_row_user_masked():
+    model = _build("bpr")
+    x = torch.ones(2, N_ITEMS)
+    x[1, 0] = 0.0
+    torch.manual_seed(0)
+    loss = model.loss(Batch(torch.tensor([0, 1]), x))
+    assert loss[0] == 0.0 and loss[1] > 0
+
+
+def test_bpr_loss_matches_formula():
+    model = _build("bpr", reg_weight=0.1)
+    batch = _data()
+    torch.manual_seed(5)
+    loss = model.loss(batch)
+    torch.manual_seed(5)
+    pos, neg, valid = model._sample_pairs(batch.x)
+    u = model.user_emb.weight.detach().double()
+    it = model.item_emb.weight.detach().double()
+    for b in range(N_USERS):
+        if not valid[b].any():
+            assert loss[b] == 0
+            continue
+        terms = []
+        for p, n in zip(pos[b][valid[b]], neg[b][valid[b]]):
+            d = u[b] @ (it[p] - it[n])
+            reg = u[b] @ u[b] + it[p] @ it[p] + it[n] @ it[n]
+            terms.append(-torch.nn.functional.logsigmoid(d) + 0.1 * reg)
+        assert float(loss[b].detach()) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+
+
+def test_bpr_scores_are_dot_products():
+    model = _build("bpr")
+    users = torch.tensor([3, 7])
+    s = model.scores(Batch(users, torch.zeros(2, N_ITEMS)))
+    ref = model.user_emb.weight[users] @ model.item_emb.weight.T
+    assert torch.allclose(s, ref)
+
+
+# ------------------------------------------------------------------ MultVAE specifics
+def test_multvae_anneal_counter_is_checkpointed_buffer():
+    model = _build("multvae", total_anneal_steps=4, anneal_cap=0.5)
+    assert "anneal_updates" in model.state_dict()
+    assert "anneal_updates" not in dict(model.named_parameters())
+    batch = _data()
+    model.train()
+    betas = []
+    for _ in range(4):
+        betas.append(model.beta())
+        model.loss(batch)
+    assert betas == [0.0, 0.25, 0.5, 0.5]
+    model.eval()
+    model.loss(batch)
+    assert int(model.anneal_updates) == 4
+    other = _build("multvae", seed=9, total_anneal_steps=4, anneal_cap=0.5)
+    other.load_state_dict(model.state_dict())
+    assert int(other.anneal_updates) == 4 and other.beta() == 0.5
+
+
+def test_multvae_eval_loss_is_deterministic_and_formula():
+    model = _build("multvae", anneal_cap=0.3)
+    model.eval()
+    batch = _data()
+    loss = model.loss(batch)
+    assert torch.equal(loss, model.loss(batch))
+    import torch.nn.functional as F
+
+    h = model.encoder(F.normalize(batch.x, dim=1))
+    mu, logvar = h[:, :8], h[:, 8:]
+    logits = model.decoder(mu)
+    nll = -(torch.log_softmax(logits, 1) * batch.x).sum(1)
+    kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1)
+    assert torch.allclose(loss, nll + 0.3 * kl, atol=1e-5)
+    assert torch.allclose(model.scores(batch), logits)
+
+
+# ------------------------------------------------------------------ L-DiffRec item order
+def test_ldiffrec_scores_in_original_item_order():
+    model = _build("ldiffrec")
+    cmap = model.category_map
+    assert sorted(cmap.tolist()) == list(range(N_ITEMS))
+    assert not torch.equal(cmap, torch.arange(N_ITEMS)), "test needs a non-trivial cluster order"
+    # decoder output at cluster position j = the original id of the item there
+    with torch.no_grad():
+        dec = model.decoders[0]
+        dec.weight.zero_()
+        dec.bias.copy_(cmap.float())
+    model.eval()
+    s = model.scores(_data())
+    assert torch.equal(s, torch.arange(N_ITEMS, dtype=s.dtype).expand_as(s))
+
+
+def test_ldiffrec_per_cluster_decoders_item_order(monkeypatch):
+    model = _build("ldiffrec", out_dims=[6])
+    cmap = model.category_map
+    monkeypatch.setattr(model, "decode", lambda z: cmap.float().expand(z.shape[0], -1).clone())
+    model.eval()
+    s = model.scores(_data())
+    assert torch.equal(s, torch.arange(N_ITEMS, dtype=s.dtype).expand_as(s))
+
+
+def test_ldiffrec_loss_uses_cluster_order():
+    """The reconstruction target is x in cluster order: a decoder that predicts the permuted
+    history perfectly gets a lower loss than one predicting the unpermuted history."""
+    model = _build("ldiffrec", lamda=0.0, anneal_cap=0.0, vae_anneal_cap=0.0)
+    batch = _data()
+    model.eval()
+    cmap = model.category_map
+    results = {}
+    for label, target in {"cluster": batch.x[:, cmap], "original": batch.x}.items():
+        def decode(z, target=target):
+            return 50.0 * target[: z.shape[0]]
+        model.decode = decode  # type: ignore[method-assign]
+        torch.manual_seed(0)
+        with torch.no_grad():
+            results[label] = float(model.loss(batch)[1:].mean())
+    assert results["cluster"] < results["original"]
+
+
+# ------------------------------------------------------------------ DiffRec inference vs the official loop
+def _ref_betas_linear_var(steps, scale, lo, hi, max_beta=0.999):
+    variance = np.linspace(scale * lo, scale * hi, steps, dtype=np.float64)
+    alpha_bar = 1 - variance
+    betas = [1 - alpha_bar[0]]
+    for i in range(1, steps):
+        betas.append(min(1 - alpha_bar[i] / alpha_bar[i - 1], max_beta))
+    return np.array(betas)
+
+
+@pytest.mark.parametrize("sched", [
+    {"steps": 5},  # the DiffRec defaults, T=5
+    {"steps": 6, "noise_scale": 0.1, "noise_min": 0.001, "noise_max": 0.05},
+])
+def test_diffrec_scores_equal_official_reverse_loop(sched):
+    model = _build("diffrec", **sched)
+    model.eval()
+    cfg = model.cfg
+    T = cfg.steps
+    betas = _ref_betas_linear_var(T, cfg.noise_scale, cfg.noise_min, cfg.noise_max)
+    alphas = 1.0 - betas
+    ac = np.cumprod(alphas)
+    ac_prev = np.append(1.0, ac[:-1])
+    coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
+    coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
+    batch = _data()
+    with torch.no_grad():
+        x = batch.x.double()
+        for i in reversed(range(T)):
+            t = torch.full((N_USERS,), i, dtype=torch.long)
+            out = model.denoiser(x.float(), t).double()
+            x = coef1[i] * out + coef2[i] * x
+        got = model.scores(batch).double()
+    assert torch.allclose(got, x, atol=1e-5, rtol=1e-5), float((got - x).abs().max())
