@@ -105,6 +105,12 @@ def result_table(summary: dict) -> str:
 
 
 def quiet_flower(verbose: bool) -> None:
+    """Keep Flower's per-round INFO log out of the way unless ``verbose=true``.
+
+    Flower resets its logger when the simulation starts, so the ServerApp calls this again.
+    """
+    logger = logging.getLogger("flwr")
+    logger.propagate = False  # Hydra's root handler would print every line twice
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        logger.setLevel(logging.WARNING)
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")

@@ -37,7 +37,8 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool = Tru
 
 
 def _remove_if_empty(path: Path) -> None:
-    if path.exists() and not any(path.iterdir()):
+    """Remove a run folder that holds nothing but Hydra's job log."""
+    if path.exists() and {p.name for p in path.iterdir()} <= {"run.log"}:
         shutil.rmtree(path, ignore_errors=True)
 
 

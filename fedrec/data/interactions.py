@@ -47,7 +47,7 @@ class Interactions:
             test=self.test[users],
             user_ids=self.user_ids[users],
             item_ids=self.item_ids,
-            user_features={k: v[users] for k, v in self.user_features.items()},
+            user_features={k: (v if k.endswith("_vocab") else v[users]) for k, v in self.user_features.items()},
             item_features=self.item_features,
             item_emb=self.item_emb,
             train_timestamps=None,

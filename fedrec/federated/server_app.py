@@ -50,6 +50,9 @@ def _split_metrics(record: MetricRecord | None) -> dict:
 def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None) -> None:
     from strategies import build_strategy
 
+    from fedrec.experiment import quiet_flower
+
+    quiet_flower(bool(cfg.get("verbose", False)))
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model, data_shape(data, seed=int(cfg.seed)))
     fed = cfg.federation
