@@ -50,8 +50,8 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
     run = RunFolder(run_dir, keep=int(cfg.checkpoint.keep))
     if cfg.resume:
         resume = run.latest_checkpoint()
-        if resume is not None:
-            run.truncate_metrics(int(resume["round"]))
+        # Lines written after the last complete checkpoint are dropped (all lines if there is none).
+        run.truncate_metrics(int(resume["round"]) if resume is not None else 0)
     run.write_config(cfg)
 
     mode = cfg.federation.mode

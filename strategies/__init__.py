@@ -87,16 +87,22 @@ class FedrecMixin:
         self._raise_on_errors(replies)
         good, rejected, reasons = [], 0, []
         for msg in replies:
-            why = check_update(self._reference, msg.content["arrays"])
-            n = float(msg.content["metrics"].get(self.weighted_by_key, 0))
-            if why is None and not (math.isfinite(n) and n > 0):
-                why = f"{self.weighted_by_key} is {n}"
+            arrays = msg.content.array_records.get(self.arrayrecord_key)
+            metrics = msg.content.metric_records.get("metrics")
+            if arrays is None or metrics is None:
+                why = "no ArrayRecord/MetricRecord in the reply"
+            else:
+                why = check_update(self._reference, arrays)
+                n = float(metrics.get(self.weighted_by_key, 0))
+                if why is None and not (math.isfinite(n) and n > 0):
+                    why = f"{self.weighted_by_key} is {n}"
             if why is None:
                 good.append(msg)
             else:
                 rejected += 1
                 reasons.append(why)
-        arrays, metrics = super().aggregate_train(server_round, good) if good else (None, None)
+        # The global round (not the resumed session's local one): FedAdam's bias correction uses it.
+        arrays, metrics = super().aggregate_train(self.round_offset + server_round, good) if good else (None, None)
         self.last_train = dict(metrics or {}) | {"clients": len(good), "rejected-updates": rejected}
         if reasons:
             self.last_train["rejected-reasons"] = sorted(set(reasons))[:5]

@@ -110,10 +110,9 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
         scores = model.scores(Batch(users=torch.as_tensor(rows), x=x)).float()
         seen = x > 0  # validation masks training items; test also masks validation items
         for split in splits:
-            if split == "test":
-                seen = seen | (dense_rows(data.valid, rows) > 0)
+            mask = seen | (dense_rows(data.valid, rows) > 0) if split == "test" else seen
             target = dense_rows(getattr(data, split), rows)
-            sums, n = topk_metric_sums(scores.masked_fill(seen, float("-inf")), target, ks)
+            sums, n = topk_metric_sums(scores.masked_fill(mask, float("-inf")), target, ks)
             acc[split].add(sums, n)
     model.train(was_training)
     out: dict[str, dict] = {s: acc[s].result() for s in splits}

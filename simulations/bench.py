@@ -1,0 +1,159 @@
+"""``python -m simulations.bench NAME [overrides] [bench.KEY=VALUE ...]``: named benchmarks.
+
+Each prints one JSON object per line with its figures (seconds, ratios, metrics) and the machine's
+load average beside them, since this machine is shared and noisy: ratios are measured side by side
+in one process, alternating the two sides.
+
+Benchmarks
+----------
+diffrec-speed
+    DiffRec training epoch and full evaluation (valid + test, all users, all T steps): fedrec
+    against the official implementation's loop structure (``simulations/reference_diffrec.py``),
+    on the same data, model and thread count. Default data: ``dataset=diffrec-ml-1m-clean``.
+    ``bench.repeats`` (2), ``bench.train_threads`` (1), ``bench.eval_threads`` (0 = torch default),
+    ``bench.reference_eval`` (true).
+inference-steps
+    Test metrics and evaluation seconds of a trained run for fewer-step (DDIM) inference.
+    ``bench.run=<run folder>`` (required; uses its config and best checkpoint),
+    ``bench.steps=[40,20,10,5,2,1]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from fedrec.errors import ConfigError, FedrecInputError
+
+
+def emit(**fields) -> None:
+    fields.setdefault("load_avg_1m", round(os.getloadavg()[0], 2))
+    print(json.dumps(fields), flush=True)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def bench_diffrec_speed(overrides: list[str], opts: dict) -> None:
+    from fedrec.config import compose
+    from fedrec.data import load_dataset
+    from fedrec.eval import evaluate_model
+    from fedrec.models import build_model, data_shape
+    from fedrec.train import TrainRows, make_optimizer, train_epoch
+    from simulations.reference_diffrec import official_style_epoch, official_style_evaluate
+
+    cfg = compose(["dataset=diffrec-ml-1m-clean", "model=diffrec", "federation=none", *overrides])
+    if cfg.model.name != "diffrec":
+        raise ConfigError("model.name: diffrec-speed benchmarks DiffRec only")
+    data = load_dataset(cfg.dataset, int(cfg.seed))
+    repeats = int(opts.get("repeats", 2))
+    bs = int(cfg.model.optim.batch_size)
+    emit(bench="diffrec-speed", what="setup", dataset=cfg.dataset.name, users=data.n_users, items=data.n_items,
+         train_interactions=int(data.train.nnz), torch_threads_default=torch.get_num_threads())
+
+    def fresh():
+        torch.manual_seed(int(cfg.seed))
+        m = build_model(cfg.model, data_shape(data))
+        return m, make_optimizer(m, cfg.model.optim)
+
+    # ---- training epoch, one thread each, alternating sides
+    train_threads = int(opts.get("train_threads", 1))
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(train_threads)
+    ours, ours_opt = fresh()
+    ref, ref_opt = fresh()
+    rows = TrainRows(data.train, np.arange(data.n_users))
+    dense = torch.from_numpy(data.train.toarray().astype(np.float32))
+    lt_hist, lt_count = torch.zeros(cfg.model.steps, 10), torch.zeros(cfg.model.steps, dtype=torch.long)
+    rng = np.random.default_rng(0)
+    t_ours, t_ref = [], []
+    for _ in range(repeats):
+        t_ours.append(_timed(lambda: train_epoch(ours, ours_opt, rows, bs, rng)))
+        t_ref.append(_timed(lambda: official_style_epoch(ref, ref_opt, dense, bs, lt_hist, lt_count)))
+    emit(bench="diffrec-speed", what="train_epoch", threads=train_threads, fedrec_s=round(statistics.median(t_ours), 3),
+         reference_s=round(statistics.median(t_ref), 3), ratio=round(statistics.median(t_ref) / statistics.median(t_ours), 2),
+         fedrec_all_s=[round(x, 3) for x in t_ours], reference_all_s=[round(x, 3) for x in t_ref])
+
+    # ---- full evaluation (valid + test, all users, all T steps) of the same trained model
+    eval_threads = int(opts.get("eval_threads", 0)) or default_threads
+    torch.set_num_threads(eval_threads)
+    ks = [10, 20, 50, 100]
+    t_ours = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = evaluate_model(ours, data, ks, int(cfg.eval.batch_size))
+        t_ours.append(time.perf_counter() - t0)
+    line = dict(bench="diffrec-speed", what="full_eval", threads=eval_threads, steps=int(cfg.model.steps),
+                fedrec_s=round(statistics.median(t_ours), 3), fedrec_test_recall20=round(res["test"]["recall@20"], 5),
+                fedrec_test_ndcg20=round(res["test"]["ndcg@20"], 5))
+    if str(opts.get("reference_eval", "true")).lower() == "true":
+        t0 = time.perf_counter()
+        ref_res = official_style_evaluate(ours, data, ks)  # same model: same metrics expected
+        t_ref = time.perf_counter() - t0
+        line.update(reference_s=round(t_ref, 3), ratio=round(t_ref / statistics.median(t_ours), 2),
+                    reference_test_recall20=round(ref_res["test"][20]["recall"], 5),
+                    reference_test_ndcg20=round(ref_res["test"][20]["ndcg"], 5))
+    emit(**line)
+
+
+def bench_inference_steps(overrides: list[str], opts: dict) -> None:
+    from fedrec.data import load_dataset
+    from fedrec.eval import evaluate_model
+    from fedrec.models import build_model, data_shape
+    from fedrec.runs import RunFolder
+
+    if "run" not in opts:
+        raise ConfigError("bench.run: give the run folder of a trained DiffRec/L-DiffRec run")
+    run = RunFolder(opts["run"])
+    if not (run.path / "config.yaml").exists():
+        raise ConfigError(f"bench.run: {run.path}/config.yaml not found")
+    cfg = OmegaConf.load(run.path / "config.yaml")
+    cfg.merge_with_dotlist(overrides)
+    ckpt = run.best_checkpoint()
+    if ckpt is None:
+        raise ConfigError(f"bench.run: {run.path}/checkpoints/best.pt not found")
+    data = load_dataset(cfg.dataset, int(cfg.seed))
+    steps = json.loads(str(opts.get("steps", "[40, 20, 10, 5, 2, 1]")))
+    for k in steps:
+        cfg.model.inference_steps = int(k)
+        torch.manual_seed(int(cfg.seed))
+        model = build_model(cfg.model, data_shape(data, seed=int(cfg.seed)))
+        state = ckpt["model"] if "model" in ckpt else ckpt["arrays"]
+        model.load_state_dict(state, strict=False)
+        t0 = time.perf_counter()
+        res = evaluate_model(model, data, list(cfg.eval.ks), int(cfg.eval.batch_size))
+        emit(bench="inference-steps", model=cfg.model.name, inference_steps=int(k), eval_s=round(time.perf_counter() - t0, 3),
+             threads=torch.get_num_threads(), **{f"test_{m}": round(v, 5) for m, v in res["test"].items()},
+             **{f"valid_{m}": round(v, 5) for m, v in res["valid"].items() if m.endswith("@20")})
+
+
+BENCHMARKS = {"diffrec-speed": bench_diffrec_speed, "inference-steps": bench_inference_steps}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in BENCHMARKS:
+        print(f"usage: python -m simulations.bench NAME [overrides]; NAME in {sorted(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    opts = dict(a[len("bench."):].split("=", 1) for a in argv[1:] if a.startswith("bench."))
+    overrides = [a for a in argv[1:] if not a.startswith("bench.")]
+    try:
+        BENCHMARKS[argv[0]](overrides, opts)
+    except FedrecInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,39 @@
+"""Shared fixtures: composed configs for tiny runs, and the real-data location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("FEDREC_DATA", REPO.parent / "shared" / "data"))
+
+TINY = [
+    "dataset.n_users=60", "dataset.n_items=50", "dataset.n_clusters=3", "dataset.mean_interactions=12",
+    "model.optim.batch_size=16", "eval.batch_size=64",
+]
+TINY_MODEL = {
+    "diffrec": ["model.dims=[16,32]", "model.steps=5"],
+    "ldiffrec": ["model.in_dims=[8]", "model.mlp_dims=[8]", "model.steps=5"],
+    "bpr": ["model.embedding_size=8"],
+    "multvae": ["model.hidden_dims=[16]", "model.latent_dim=8"],
+}
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    from fedrec.config import compose
+
+    def make(*overrides: str, model: str = "diffrec"):
+        return compose([f"model={model}", *TINY, *TINY_MODEL[model], f"paths.output_root={tmp_path}", *overrides])
+
+    return make
+
+
+def need_shared(sub: str) -> Path:
+    path = SHARED_DATA / sub
+    if not path.exists():
+        pytest.skip(f"real data {path} is absent (set FEDREC_DATA to the folder holding {sub})")
+    return path

@@ -1,0 +1,355 @@
+"""The fedrec strategy layer (``strategies/``) driven by hand-made Flower messages (no simulation)."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from omegaconf import OmegaConf
+
+from fedrec.config import CONF_DIR
+from fedrec.errors import ConfigError
+from strategies import STRATEGIES, ClientFailure, FedrecFedAvg, build_strategy, exact_metric_mean
+
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch):
+    """Outside a ServerApp, Flower's Message() needs the process's task identity; set a fake one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+
+
+SHAPES = {"enc.weight": (4, 3), "enc.bias": (4,), "dec.weight": (3, 4)}
+
+
+class FakeGrid:
+    """The part of ``flwr.serverapp.Grid`` that ``configure_train`` touches."""
+
+    def __init__(self, n: int = 10):
+        self.ids = [1000 + 7 * i for i in range(n)]
+
+    def get_node_ids(self):
+        return list(self.ids)
+
+
+def make_arrays(rng: np.random.Generator, shapes=SHAPES, scale: float = 1.0) -> dict[str, np.ndarray]:
+    return {k: (scale * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def reply(to: Message, arrays: dict[str, np.ndarray], n, **metrics) -> Message:
+    content = RecordDict({"arrays": to_record(arrays), "metrics": MetricRecord({"num-examples": n, **metrics})})
+    return Message(content, reply_to=to)
+
+
+def strategy_cfg(name: str):
+    return OmegaConf.load(CONF_DIR / "strategy" / f"{name}.yaml")
+
+
+def fedavg(num_nodes=10, fraction=1.0, seed=0, **kw):
+    return build_strategy({"name": "fedavg", **kw}, num_nodes=num_nodes, fraction=fraction, seed=seed,
+                          client_evaluation=False)
+
+
+def start_round(strategy, global_arrays, server_round=1, grid=None, config=None):
+    msgs = list(strategy.configure_train(server_round, to_record(global_arrays), config or ConfigRecord({}),
+                                         grid or FakeGrid()))
+    return msgs
+
+
+def as_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: a.numpy() for k, a in record.items()}
+
+
+# ----------------------------------------------------------------------------- aggregation
+def test_weighted_average_matches_numpy():
+    rng = np.random.default_rng(0)
+    g = make_arrays(rng)
+    s = fedavg()
+    msgs = start_round(s, g)
+    assert len(msgs) == 10
+    weights = [5, 1, 30, 2, 7]
+    client = [make_arrays(rng) for _ in weights]
+    replies = [reply(m, a, w, loss=float(i)) for i, (m, a, w) in enumerate(zip(msgs, client, weights))]
+    arrays, metrics = s.aggregate_train(1, replies)
+    total = sum(weights)
+    for k in SHAPES:
+        want = sum(w * a[k].astype(np.float64) for w, a in zip(weights, client)) / total
+        np.testing.assert_allclose(arrays[k].numpy(), want, rtol=1e-5, atol=1e-6)
+    assert metrics["loss"] == pytest.approx(sum(w * i for i, w in enumerate(weights)) / total)
+    assert s.last_train["clients"] == 5
+    assert s.last_train["rejected-updates"] == 0
+    assert s.last_train_s is not None and s.last_train_s >= 0
+
+
+def _bad_updates(rng):
+    nan = make_arrays(rng)
+    nan["enc.bias"][1] = np.nan
+    inf = make_arrays(rng)
+    inf["dec.weight"][0, 0] = -np.inf
+    shape = make_arrays(rng)
+    shape["enc.weight"] = np.zeros((3, 4), np.float32)
+    extra = make_arrays(rng) | {"user_emb.weight": np.zeros((2, 2), np.float32)}
+    missing = make_arrays(rng)
+    del missing["dec.weight"]
+    return {"nan": (nan, 3), "inf": (inf, 3), "shape": (shape, 3), "extra": (extra, 3),
+            "missing": (missing, 3), "zero-examples": (make_arrays(rng), 0),
+            "nan-examples": (make_arrays(rng), float("nan"))}
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "shape", "extra", "missing", "zero-examples", "nan-examples"])
+def test_bad_update_rejected_and_counted(bad):
+    rng = np.random.default_rng(1)
+    g = make_arrays(rng)
+    good = [(make_arrays(rng), 4), (make_arrays(rng), 6)]
+    bad_arrays, bad_n = _bad_updates(rng)[bad]
+
+    clean = fedavg()
+    msgs = start_round(clean, g)
+    want, _ = clean.aggregate_train(1, [reply(m, a, n) for m, (a, n) in zip(msgs, good)])
+
+    s = fedavg()
+    msgs = start_round(s, g)
+    replies = [reply(msgs[0], *good[0]), reply(msgs[1], bad_arrays, bad_n), reply(msgs[2], *good[1])]
+    got, _ = s.aggregate_train(1, replies)
+    assert s.last_train["rejected-updates"] == 1
+    assert s.last_train["clients"] == 2
+    assert len(s.last_train["rejected-reasons"]) == 1
+    for k in SHAPES:
+        np.testing.assert_array_equal(got[k].numpy(), want[k].numpy())
+
+
+def test_all_updates_rejected_gives_no_arrays():
+    rng = np.random.default_rng(2)
+    s = fedavg()
+    msgs = start_round(s, make_arrays(rng))
+    bad = _bad_updates(rng)
+    arrays, metrics = s.aggregate_train(1, [reply(m, *bad[k]) for m, k in zip(msgs, ["nan", "shape"])])
+    assert arrays is None and metrics is None
+    assert s.last_train == {"clients": 0, "rejected-updates": 2,
+                            "rejected-reasons": s.last_train["rejected-reasons"]}
+
+
+def test_error_reply_raises_client_failure():
+    rng = np.random.default_rng(3)
+    s = fedavg()
+    msgs = start_round(s, make_arrays(rng))
+    replies = [reply(msgs[0], make_arrays(rng), 3), Message(Error(code=1, reason="boom in client"), reply_to=msgs[1])]
+    with pytest.raises(ClientFailure, match="boom in client"):
+        s.aggregate_train(1, replies)
+    with pytest.raises(ClientFailure, match="boom in client"):
+        s.aggregate_evaluate(1, replies)
+
+
+# ----------------------------------------------------------------------------- exact metric mean
+def test_exact_metric_mean_is_pooled_mean():
+    rng = np.random.default_rng(4)
+    users = {"valid": [3, 50, 1, 17], "test": [2, 49, 1, 0]}
+    per_user = {s: [rng.random(n) for n in users[s]] for s in users}
+    contents = []
+    for i in range(4):
+        m = {}
+        for s in users:
+            m[f"{s}/recall@10/sum"] = float(per_user[s][i].sum())
+            m[f"{s}/users"] = users[s][i]
+        m["num-examples"] = 1  # a weight key must not disturb the exact mean
+        contents.append(RecordDict({"metrics": MetricRecord(m)}))
+    out = exact_metric_mean(contents, "num-examples")
+    for s in users:
+        pooled = np.concatenate(per_user[s]).mean()
+        assert out[f"{s}/recall@10"] == pytest.approx(pooled)
+        # the mean of node means would be different here (uneven node sizes)
+        node_means = np.mean([p.mean() for p in per_user[s] if len(p)])
+        assert not math.isclose(out[f"{s}/recall@10"], node_means, rel_tol=1e-3)
+    assert set(out.keys()) == {"valid/recall@10", "test/recall@10"}
+
+
+def test_exact_metric_mean_no_users_is_nan():
+    rd = RecordDict({"metrics": MetricRecord({"test/ndcg@5/sum": 0.0, "test/users": 0})})
+    assert math.isnan(exact_metric_mean([rd], "num-examples")["test/ndcg@5"])
+
+
+def test_aggregate_evaluate_uses_exact_mean():
+    s = build_strategy(strategy_cfg("fedavg"), num_nodes=3, fraction=1.0, seed=0, client_evaluation=True)
+    grid = FakeGrid(3)
+    msgs = list(s.configure_evaluate(1, to_record(make_arrays(np.random.default_rng(0))), ConfigRecord({}), grid))
+    assert len(msgs) == 3
+    sums, users = [1.0, 9.0, 0.5], [2, 30, 1]
+    replies = [Message(RecordDict({"metrics": MetricRecord({"valid/hr@5/sum": x, "valid/users": n,
+                                                            "num-examples": n})}), reply_to=m)
+               for m, x, n in zip(msgs, sums, users)]
+    out = s.aggregate_evaluate(1, replies)
+    assert out["valid/hr@5"] == pytest.approx(sum(sums) / sum(users))
+    assert s.last_eval is out and s.last_eval_s >= 0
+
+
+# ----------------------------------------------------------------------------- build_strategy
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_builds_from_its_yaml(name):
+    cfg = strategy_cfg(name)
+    assert cfg.name == name
+    s = build_strategy(cfg, num_nodes=4, fraction=0.5, seed=1, client_evaluation=True)
+    assert isinstance(s, STRATEGIES[name])
+    assert s.sample_size == 2 and s.min_available_nodes == 4
+    assert s.fraction_evaluate == 1.0 and s.min_evaluate_nodes == 4
+    s2 = build_strategy(cfg, num_nodes=4, fraction=1.0, seed=1, client_evaluation=False)
+    assert s2.fraction_evaluate == 0.0
+    assert list(s2.configure_evaluate(1, to_record(make_arrays(np.random.default_rng(0))), ConfigRecord({}),
+                                      FakeGrid(4))) == []
+
+
+def test_build_strategy_does_not_mutate_cfg():
+    cfg = strategy_cfg("fedadam")
+    before = OmegaConf.to_container(cfg)
+    build_strategy(cfg, num_nodes=2, fraction=1.0, seed=0, client_evaluation=False)
+    assert OmegaConf.to_container(cfg) == before
+
+
+@pytest.mark.parametrize("name", ["nope", None, ""])
+def test_unknown_strategy_name(name):
+    with pytest.raises(ConfigError, match=r"strategy\.name"):
+        build_strategy({"name": name}, num_nodes=2, fraction=1.0, seed=0, client_evaluation=False)
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_bad_fraction(fraction):
+    with pytest.raises(ConfigError, match=r"federation\.fraction"):
+        fedavg(fraction=fraction)
+
+
+def test_unknown_strategy_kwarg():
+    with pytest.raises(ConfigError, match="strategy"):
+        build_strategy({"name": "fedavg", "learning_rate_typo": 0.1}, num_nodes=2, fraction=1.0, seed=0,
+                       client_evaluation=False)
+
+
+# ----------------------------------------------------------------------------- sampling
+@pytest.mark.parametrize("num_nodes,fraction,size", [(10, 0.3, 3), (10, 0.25, 3), (10, 1.0, 10), (10, 0.01, 1),
+                                                     (49, 1 / 49, 1), (7, 0.5, 4)])
+def test_sample_size(num_nodes, fraction, size):
+    s = fedavg(num_nodes=num_nodes, fraction=fraction)
+    assert s.sample_size == size
+    assert s.min_train_nodes == size
+    assert s.min_available_nodes == num_nodes  # round 1 waits for every node
+    msgs = start_round(s, make_arrays(np.random.default_rng(0)), grid=FakeGrid(num_nodes))
+    assert len(msgs) == size
+
+
+def test_configure_train_samples_reproducibly_and_copies_config():
+    g = make_arrays(np.random.default_rng(0))
+    config = ConfigRecord({"fedrec-config": "yaml text"})
+    s = fedavg(fraction=0.3, seed=5)
+    msgs = start_round(s, g, server_round=2, config=config)
+    assert len(msgs) == 3
+    ids = [m.metadata.dst_node_id for m in msgs]
+    assert len(set(ids)) == 3 and set(ids) <= set(FakeGrid().ids)
+    assert all(m.metadata.message_type == MessageType.TRAIN for m in msgs)
+    # the caller's record is untouched; the sent one carries the (offset) round
+    assert dict(config) == {"fedrec-config": "yaml text"}
+    sent = msgs[0].content["config"]
+    assert sent["fedrec-round"] == 2 and sent["fedrec-config"] == "yaml text"
+    np.testing.assert_array_equal(msgs[0].content["arrays"]["enc.weight"].numpy(), g["enc.weight"])
+
+    # same seed and round -> same nodes, whatever happened to the global RNG in between
+    import random
+
+    random.seed(12345)
+    again = [m.metadata.dst_node_id for m in start_round(fedavg(fraction=0.3, seed=5), g, server_round=2)]
+    assert again == ids
+    # a resumed strategy (round_offset) samples global round 2 like the original did
+    resumed = fedavg(fraction=0.3, seed=5)
+    resumed.round_offset = 1
+    msgs_r = start_round(resumed, g, server_round=1)
+    assert [m.metadata.dst_node_id for m in msgs_r] == ids
+    assert msgs_r[0].content["config"]["fedrec-round"] == 2
+    # other rounds/seeds sample differently (at least one of several)
+    others = {tuple(m.metadata.dst_node_id for m in start_round(fedavg(fraction=0.3, seed=5), g, server_round=r))
+              for r in range(3, 9)}
+    assert len(others) > 1
+
+
+# ----------------------------------------------------------------------------- server-optimiser state
+def _drive(strategy, g, rounds, seed_base=100):
+    """Run ``rounds`` (global round numbers) of configure/aggregate with deterministic client updates."""
+    outs = []
+    for rnd in rounds:
+        local = rnd - strategy.round_offset
+        msgs = start_round(strategy, g, server_round=local, grid=FakeGrid(4))
+        rng = np.random.default_rng(seed_base + rnd)
+        replies = [reply(m, {k: g[k] + 0.1 * rng.standard_normal(v.shape).astype(np.float32) for k, v in g.items()},
+                         int(rng.integers(1, 20))) for m in msgs]
+        arrays, _ = strategy.aggregate_train(local, replies)
+        g = as_numpy(arrays)
+        outs.append(g)
+    return outs
+
+
+def _roundtrip(state: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(state, buf)  # what a checkpoint does
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def _compare_resume(name):
+    g0 = make_arrays(np.random.default_rng(9))
+    full = build_strategy(strategy_cfg(name), num_nodes=4, fraction=1.0, seed=0, client_evaluation=False)
+    want = _drive(full, g0, [1, 2, 3, 4])
+
+    first = build_strategy(strategy_cfg(name), num_nodes=4, fraction=1.0, seed=0, client_evaluation=False)
+    part = _drive(first, g0, [1, 2])
+    state = _roundtrip(first.state())
+
+    resumed = build_strategy(strategy_cfg(name), num_nodes=4, fraction=1.0, seed=0, client_evaluation=False)
+    resumed.load_state(state)
+    resumed.round_offset = 2  # as fedrec.federated.server_app.serve does
+    got = part + _drive(resumed, part[-1], [3, 4])
+    for r, (a, b) in enumerate(zip(want, got), start=1):
+        for k in SHAPES:
+            np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-7, err_msg=f"round {r} {k}")
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox", "fedavgm", "fedyogi"])
+def test_state_roundtrip_resume_is_exact(name):
+    _compare_resume(name)
+
+
+def test_state_contains_server_moments():
+    g0 = make_arrays(np.random.default_rng(9))
+    s = build_strategy(strategy_cfg("fedadam"), num_nodes=4, fraction=1.0, seed=0, client_evaluation=False)
+    _drive(s, g0, [1])
+    st = _roundtrip(s.state())
+    assert {"current_arrays", "m_t", "v_t"} <= set(st)
+    fresh = build_strategy(strategy_cfg("fedadam"), num_nodes=4, fraction=1.0, seed=0, client_evaluation=False)
+    fresh.load_state(st)
+    for k in SHAPES:
+        np.testing.assert_array_equal(fresh.m_t[k], s.m_t[k])
+        np.testing.assert_array_equal(fresh.v_t[k], s.v_t[k])
+    m = build_strategy(strategy_cfg("fedavgm"), num_nodes=4, fraction=1.0, seed=0, client_evaluation=False)
+    _drive(m, g0, [1, 2])
+    st = _roundtrip(m.state())
+    assert st["momentum_vector"] is not None and st["current_arrays"] is not None
+
+
+def test_fedadam_resume_is_exact():
+    _compare_resume("fedadam")
+
+
+def test_reply_without_arrays_is_rejected():
+    rng = np.random.default_rng(6)
+    s = fedavg()
+    msgs = start_round(s, make_arrays(rng))
+    no_arrays = Message(RecordDict({"metrics": MetricRecord({"num-examples": 3})}), reply_to=msgs[1])
+    arrays, _ = s.aggregate_train(1, [reply(msgs[0], make_arrays(rng), 3), no_arrays])
+    assert arrays is not None
+    assert s.last_train["rejected-updates"] == 1
