@@ -16,6 +16,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedrec.config import validate
+from fedrec.errors import ConfigError
+from fedrec.train import make_optimizer
 from fedrec.data import load_dataset
 from fedrec.eval import check_ks
 from fedrec.models import build_model, data_shape
@@ -37,7 +39,10 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
     data = load_dataset(cfg.dataset, int(cfg.seed))
     check_ks(cfg.eval.ks, data.n_items)
     torch.manual_seed(int(cfg.seed))
-    build_model(cfg.model, data_shape(data, seed=int(cfg.seed)))  # rejects bad model configs now
+    model = build_model(cfg.model, data_shape(data, seed=int(cfg.seed)))  # rejects bad model configs now
+    make_optimizer(model, cfg.model.optim)  # ... and bad rates
+    if int(cfg.model.optim.batch_size) < 1:
+        raise ConfigError(f"model.optim.batch_size: must be >= 1, got {cfg.model.optim.batch_size}")
 
     resume = None
     root = Path(cfg.paths.output_root)

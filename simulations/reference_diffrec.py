@@ -1,7 +1,8 @@
 """An official-structure DiffRec loop, kept only as the baseline of ``bench diffrec-speed``.
 
 It re-creates the *structure* of the official implementation's ``main.py`` (github.com/YiyanXu/DiffRec)
-so that speed ratios are measured side by side on the same machine: a DataLoader over dense rows,
+so that speed ratios are measured side by side on the same machine: a DataLoader over dense rows
+(4 workers, pinned memory, as official),
 the per-example Python loop that updates the timestep-loss history, a reverse process that builds a
 timestep tensor per step and runs separately for validation and test, and per-user Python metric
 lists (``computeTopNAccuracy``). The arithmetic (denoiser, schedule) is fedrec's, so both sides
@@ -22,7 +23,9 @@ from fedrec.models.diffrec import DiffRec
 def official_style_epoch(model: DiffRec, optimizer, train_dense: torch.Tensor, batch_size: int,
                          lt_history: torch.Tensor, lt_count: torch.Tensor) -> float:
     diff = model.diffusion
-    loader = DataLoader(TensorDataset(train_dense), batch_size=batch_size, shuffle=True)
+    # The official loader: 4 worker processes and pinned memory, re-created every epoch.
+    loader = DataLoader(TensorDataset(train_dense), batch_size=batch_size, shuffle=True, num_workers=4,
+                        pin_memory=True, worker_init_fn=lambda worker_id: np.random.seed(1 + worker_id))
     model.train()
     total = 0.0
     for (batch,) in loader:
@@ -52,7 +55,7 @@ def official_style_epoch(model: DiffRec, optimizer, train_dense: torch.Tensor, b
                 lt_history[t, lt_count[t]] = value.detach()
                 lt_count[t] += 1
         loss = (loss / pt).mean()
-        total += float(loss)
+        total += float(loss.detach())
         loss.backward()
         optimizer.step()
     return total

@@ -197,6 +197,7 @@ BAD = {
     "epochs": (["train.epochs=0"], "train.epochs"),
     "ks": (["eval.ks=[5000]", "train.select_metric=recall@5000"], "eval.ks"),
     "model-name": (["model.name=nope"], "model.name"),
+    "negative-rate": (["model.optim.lr=-0.1"], "model.optim.lr"),
     "missing-data": (["dataset=atomic", "dataset.path=/nonexistent", "dataset.name=x"], "/nonexistent"),
     "hydra-group": (["model=nope"], None),
 }
