@@ -42,6 +42,9 @@ class Batch:
     users: torch.Tensor  # (B,) int64 internal user ids
     x: torch.Tensor  # (B, n_items) float32 0/1
     seq: torch.Tensor | None = None  # (B, L) item ids for sequence models; None for user-vector models
+    # Explicit random draws (noise, timesteps, dropout masks, sampled items) for this batch, made by
+    # ``Recommender.draw_randomness``. None: the model draws from torch's global generator.
+    rand: dict[str, torch.Tensor] | None = None
 
 
 class Recommender(nn.Module):
@@ -68,6 +71,16 @@ class Recommender(nn.Module):
         """Parameter groups for the optimizer; override for per-module rates."""
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr,
                  "weight_decay": weight_decay}]
+
+    def draw_randomness(self, batch: Batch, rnd) -> dict[str, torch.Tensor]:
+        """Every random draw ``loss(batch)`` needs, from ``rnd`` (a :class:`fedrec.rng.UserRandom`).
+
+        With them in ``batch.rand`` the loss is a deterministic function of the parameters, so a
+        user's local step gives the same result alone or vectorised (``torch.func.vmap``) among
+        hundreds of users. Deterministic models return ``{}``; a model with hidden randomness that
+        does not override this cannot train cross-device.
+        """
+        raise NotImplementedError(f"model {self.name!r} does not provide explicit randomness")
 
     def on_epoch_end(self) -> None:
         """Called by trainers after each local epoch (L-DiffRec anneals its loss weight per epoch)."""

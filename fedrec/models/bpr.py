@@ -88,9 +88,32 @@ class BPRMF(Recommender):
         return pos, neg, valid
 
     # -------------------------------------------------------------- interface
+    def draw_randomness(self, batch: Batch, rnd) -> dict[str, torch.Tensor]:
+        """Positives by inverse CDF over the user's row, negatives uniform with rejection rounds."""
+        x = batch.x
+        b, n = x.shape
+        s = int(self.cfg.n_samples_per_user)
+        pos_mask = x > 0
+        has_pos = pos_mask.any(dim=1)
+        w = torch.where(has_pos[:, None], pos_mask.float(), torch.ones_like(x, dtype=torch.float32))
+        cdf = torch.cumsum(w, 1)
+        u = rnd.uniform(0, s) * cdf[:, -1:]
+        pos = torch.searchsorted(cdf, u, right=True).clamp(max=n - 1)
+        neg = rnd.randint(1, s, n)
+        bad = pos_mask.gather(1, neg)
+        for r in range(_NEG_ROUNDS):
+            if not bool(bad.any()):
+                break
+            neg = torch.where(bad, rnd.randint(2 + r, s, n), neg)
+            bad = pos_mask.gather(1, neg)
+        return {"pos": pos, "neg": neg, "valid": (has_pos[:, None] & ~bad).float()}
+
     def loss(self, batch: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            pos, neg, valid = self._sample_pairs(batch.x)
+        if batch.rand is not None:
+            pos, neg, valid = batch.rand["pos"], batch.rand["neg"], batch.rand["valid"]
+        else:
+            with torch.no_grad():
+                pos, neg, valid = self._sample_pairs(batch.x)
         u = self.user_emb(batch.users)  # (B, d)
         ep, en = self.item_emb(pos), self.item_emb(neg)  # (B, S, d)
         diff = (u[:, None, :] * (ep - en)).sum(-1)  # s(u, i+) - s(u, i-)

@@ -48,11 +48,12 @@ class DenoiserMLP(nn.Module):
         for layer in [*self.in_layers, *self.out_layers, self.emb_layer]:
             _init_linear(layer)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep``: an explicit inverted-dropout mask replacing the module's own dropout."""
         emb = self.emb_layer(timestep_embedding(t, self.emb_size))
         if self.norm:
             x = F.normalize(x)
-        h = torch.cat([self.drop(x), emb], dim=-1)
+        h = torch.cat([x * keep if keep is not None else self.drop(x), emb], dim=-1)
         for layer in self.in_layers:
             h = torch.tanh(layer(h))
         last = len(self.out_layers) - 1

@@ -68,7 +68,17 @@ class DiffRec(Recommender):
         self.diffusion = cfg.build()
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        return self.diffusion.training_loss(self.denoiser, batch.x)["loss"]
+        r = batch.rand
+        if r is None:
+            return self.diffusion.training_loss(self.denoiser, batch.x)["loss"]
+        return self.diffusion.training_loss(lambda x, t: self.denoiser(x, t, r["keep"]), batch.x,
+                                            t=r["t"], noise=r["noise"])["loss"]
+
+    def draw_randomness(self, batch: Batch, rnd) -> dict[str, torch.Tensor]:
+        # Timesteps are uniform here: a single user's few steps cannot feed an importance history.
+        n = batch.x.shape[1]
+        return {"t": rnd.randint(0, 1, self.diffusion.steps)[:, 0], "noise": rnd.normal(1, n),
+                "keep": rnd.keep_mask(2, n, self.cfg.dropout)}
 
     def scores(self, batch: Batch) -> torch.Tensor:
         c = self.cfg

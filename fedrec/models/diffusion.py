@@ -156,11 +156,20 @@ class GaussianDiffusion(nn.Module):
         self.loss_written += counts
 
     # ----------------------------------------------------------------- training loss
-    def training_loss(self, denoise: Denoiser, x0: torch.Tensor, record: bool = True) -> dict[str, torch.Tensor]:
-        """Per-example weighted loss (already divided by the sampling probability)."""
+    def training_loss(self, denoise: Denoiser, x0: torch.Tensor, record: bool = True,
+                      t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-example weighted loss (already divided by the sampling probability).
+
+        Given explicit ``t`` (uniformly drawn by the caller) and ``noise``, the loss is deterministic
+        and the importance history is neither used nor updated (cross-device training).
+        """
         n = x0.shape[0]
-        t, pt = self.sample_timesteps(n, x0.device)
-        noise = torch.randn_like(x0)
+        if t is None:
+            t, pt = self.sample_timesteps(n, x0.device)
+        else:
+            pt, record = torch.ones(t.shape, dtype=x0.dtype, device=x0.device), False
+        if noise is None:
+            noise = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, noise) if self.noise_scale > 0 else x0
         out = denoise(x_t, t)
         target = x0 if self.mean_type == "x0" else noise

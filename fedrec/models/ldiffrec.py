@@ -134,8 +134,8 @@ class LDiffRec(Recommender):
         self.register_buffer("batches_done", torch.zeros((), dtype=torch.long))
 
     # -------------------------------------------------------------- autoencoder
-    def encode(self, x: torch.Tensor):
-        x = self.enc_drop(x)
+    def encode(self, x: torch.Tensor, keep: torch.Tensor | None = None, eps: torch.Tensor | None = None):
+        x = x * keep if keep is not None else self.enc_drop(x)
         x_cate = x[:, self.category_map]
         mus, logvars, start = [], [], 0
         for enc, size, d in zip(self.encoders, self.group_sizes, self.latent_slices):
@@ -144,7 +144,10 @@ class LDiffRec(Recommender):
             mus.append(h[:, :d])
             logvars.append(h[:, d:])
         mu, logvar = torch.cat(mus, -1), torch.cat(logvars, -1)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if (self.training and self.cfg.reparam) else mu
+        if eps is not None:
+            z = mu + eps * torch.exp(0.5 * logvar) if self.cfg.reparam else mu
+        else:
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if (self.training and self.cfg.reparam) else mu
         kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
         return x_cate, z, kl
 
@@ -159,20 +162,42 @@ class LDiffRec(Recommender):
         return torch.cat(outs, -1)
 
     # -------------------------------------------------------------- interface
-    def loss(self, batch: Batch) -> torch.Tensor:
+    def _weights(self) -> tuple[float, float]:
+        """(lambda, beta): diffusion-loss weight annealed per epoch, KL weight per batch."""
         c = self.cfg
-        x_cate, z, kl = self.encode(batch.x)
-        terms = self.diffusion.training_loss(self.denoiser, z)
-        recon = self.decode(terms["pred_x0"])
-        mult = -(F.log_softmax(recon, 1) * x_cate).sum(-1)
         e, b = float(self.epochs_done), float(self.batches_done)
         lamda = max((1.0 - e / c.anneal_steps) * c.lamda, c.anneal_cap) if c.anneal_steps > 0 else max(c.lamda, c.anneal_cap)
         beta = min(c.vae_anneal_cap, b / c.vae_anneal_steps) if c.vae_anneal_steps > 0 else c.vae_anneal_cap
-        if self.training:
-            self.batches_done += 1
+        return lamda, beta
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        c = self.cfg
+        r = batch.rand
+        if r is None:
+            x_cate, z, kl = self.encode(batch.x)
+            terms = self.diffusion.training_loss(self.denoiser, z)
+            lamda, beta = self._weights()
+            if self.training:
+                self.batches_done += 1
+        else:  # explicit draws; annealing weights are frozen for the round (cross-device)
+            x_cate, z, kl = self.encode(batch.x, r["enc_keep"], r["eps"])
+            terms = self.diffusion.training_loss(lambda x, t: self.denoiser(x, t, r["keep"]), z,
+                                                 t=r["t"], noise=r["noise"])
+            lamda, beta = r["lamda"], r["beta"]
+        recon = self.decode(terms["pred_x0"])
+        mult = -(F.log_softmax(recon, 1) * x_cate).sum(-1)
         if c.reweight:
             return lamda * terms["loss"] + mult + beta * kl
         return terms["loss"] + lamda * (mult + beta * kl)
+
+    def draw_randomness(self, batch: Batch, rnd) -> dict[str, torch.Tensor]:
+        b, n = batch.x.shape
+        latent = self.denoiser.out_layers[-1].out_features
+        lamda, beta = self._weights()
+        return {"enc_keep": rnd.keep_mask(0, n, self.cfg.encoder_dropout), "eps": rnd.normal(1, latent),
+                "t": rnd.randint(2, 1, self.diffusion.steps)[:, 0], "noise": rnd.normal(3, latent),
+                "keep": rnd.keep_mask(4, latent, self.cfg.dropout),
+                "lamda": torch.full((b,), lamda), "beta": torch.full((b,), beta)}
 
     def scores(self, batch: Batch) -> torch.Tensor:
         c = self.cfg

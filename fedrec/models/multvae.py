@@ -78,8 +78,9 @@ class MultVAE(Recommender):
         self.drop = nn.Dropout(cfg.dropout)
         self.register_buffer("anneal_updates", torch.zeros((), dtype=torch.long))
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.encoder(self.drop(F.normalize(x, dim=1)))
+    def encode(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = F.normalize(x, dim=1)
+        h = self.encoder(x * keep if keep is not None else self.drop(x))
         return h[:, :self.latent_dim], h[:, self.latent_dim:]
 
     def beta(self) -> float:
@@ -89,15 +90,26 @@ class MultVAE(Recommender):
         return min(float(c.anneal_cap), float(self.anneal_updates) / c.total_anneal_steps)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        mu, logvar = self.encode(batch.x)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        r = batch.rand
+        if r is None:
+            mu, logvar = self.encode(batch.x)
+            z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+            beta = self.beta()
+            if self.training:
+                self.anneal_updates += 1
+        else:  # explicit draws; beta is frozen for the round (cross-device)
+            mu, logvar = self.encode(batch.x, r["keep"])
+            z = mu + r["eps"] * torch.exp(0.5 * logvar)
+            beta = r["beta"]
         logits = self.decoder(z)
         nll = -(F.log_softmax(logits, dim=1) * batch.x).sum(1)
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
-        beta = self.beta()
-        if self.training:
-            self.anneal_updates += 1
         return nll + beta * kl
+
+    def draw_randomness(self, batch: Batch, rnd) -> dict[str, torch.Tensor]:
+        b, n = batch.x.shape
+        return {"keep": rnd.keep_mask(0, n, float(self.cfg.dropout)), "eps": rnd.normal(1, self.latent_dim),
+                "beta": torch.full((b,), self.beta())}
 
     def scores(self, batch: Batch) -> torch.Tensor:
         mu, _ = self.encode(batch.x)

@@ -1,0 +1,202 @@
+"""Cross-device local training: every sampled user is an independent client, vectorised.
+
+A Flower node hosting a shard of users trains each sampled user from the global model on the user's
+own data, exactly as if the user were its own Flower client (flat per-user FedAvg), but all users
+of a chunk at once:
+
+1. per-user copies of the global parameters are stacked along a new leading axis;
+2. each local step computes every user's gradient with ``torch.func.vmap(grad(loss))`` and applies
+   the user's own optimiser (SGD or Adam, fresh each round, as a new client would) to its copy;
+3. randomness is explicit and keyed by (seed, round, user, step) (``fedrec.rng``), so a user's draws
+   do not depend on which node hosts it or how many users share its chunk;
+4. private parameters (tables indexed by user, e.g. BPR's user embeddings) enter each user's
+   function as a one-row table: the user's own row, kept by the node between rounds.
+
+Fast path: with plain SGD and one local step, a user's update is ``-lr * grad_u`` at the global
+parameters, which is linear, so the weighted sum over users is one backward pass of the weighted
+loss sum — the same numbers (to float tolerance) at the cost of a centralised mini-batch step.
+It is used only when the node uploads the sum (no per-user updates requested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad, vmap
+
+from fedrec.errors import ConfigError
+from fedrec.models.base import Batch, Recommender
+from fedrec.rng import UserRandom
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+@dataclass
+class LocalTraining:
+    optimizer: str = "sgd"  # sgd | adam: each user's local optimiser, fresh every round
+    lr: float = 0.1
+    local_epochs: int = 1  # steps per user (a user-vector user is one example)
+    chunk_size: int = 128  # users vectorised together
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adam"):
+            raise ConfigError(f"federation.local_optimizer: expected sgd or adam, got {self.optimizer!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"federation.local_lr: must be positive, got {self.lr}")
+        if self.local_epochs < 1:
+            raise ConfigError(f"train.local_epochs: must be >= 1, got {self.local_epochs}")
+        if self.chunk_size < 1:
+            raise ConfigError(f"federation.chunk_size: must be >= 1, got {self.chunk_size}")
+
+
+@dataclass
+class UserUpdates:
+    """What a node computed for its sampled users."""
+
+    users: np.ndarray  # global user ids, in the order of the stacked tensors
+    weights: torch.Tensor  # (U,) aggregation weights
+    mean: dict[str, torch.Tensor] | None  # weighted mean of the users' updated global parameters
+    per_user: dict[str, torch.Tensor] | None  # (U, ...) updated global parameters per user
+    private: dict[str, torch.Tensor]  # (U, ...) updated private rows
+    loss: float  # weighted mean first-step loss
+
+
+class _LossOf(torch.nn.Module):
+    """``forward`` = the wrapped model's per-example loss, so ``functional_call`` can drive it."""
+
+    def __init__(self, model: Recommender):
+        super().__init__()
+        self.m = model
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.m.loss(batch)
+
+
+def _single_user_loss(wrapper, buffers, private_names):
+    def loss(gparams, pparams, x, rand):
+        params = {f"m.{k}": v for k, v in gparams.items()}
+        params.update({f"m.{k}": v.unsqueeze(0) for k, v in pparams.items()})  # one-row tables
+        batch = Batch(users=torch.zeros(1, dtype=torch.long), x=x.unsqueeze(0),
+                      rand={k: v.unsqueeze(0) for k, v in rand.items()})
+        return functional_call(wrapper, {**params, **buffers}, (batch,))[0]
+    return loss
+
+
+def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weights: torch.Tensor,
+                private_rows: dict[str, torch.Tensor], local: LocalTraining, seed: int, round_: int,
+                per_user: bool) -> UserUpdates:
+    """Train every user in ``users`` (rows (U, n_items)) from the model's current global parameters."""
+    model.train()
+    private_names = sorted(model.private_parameter_names())
+    gnames = [n for n, _ in model.named_parameters() if n not in private_names]
+    g0 = {n: p.detach() for n, p in model.named_parameters() if n in gnames}
+    wrapper = _LossOf(model)
+    buffers = {f"m.{k}": v for k, v in model.named_buffers()}
+    wsum = float(weights.sum())
+    if len(users) == 0:
+        return UserUpdates(users, weights, None, None, {}, float("nan"))
+
+    if local.optimizer == "sgd" and local.local_epochs == 1 and not per_user:
+        return _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, round_, g0, private_names)
+
+    f = _single_user_loss(wrapper, buffers, private_names)
+    vgrad = vmap(grad(f, argnums=(0, 1), has_aux=False), in_dims=(0, 0, 0, 0), randomness="error")
+    vloss = vmap(f, in_dims=(0, 0, 0, 0), randomness="error")
+    mean = {n: torch.zeros_like(v) for n, v in g0.items()} if not per_user else None
+    stacked: dict[str, list[torch.Tensor]] = {n: [] for n in gnames} if per_user else {}
+    new_private: dict[str, list[torch.Tensor]] = {n: [] for n in private_names}
+    loss_acc = 0.0
+    for start in range(0, len(users), local.chunk_size):
+        sl = slice(start, start + local.chunk_size)
+        u, x, w = users[sl], rows[sl], weights[sl]
+        c = len(u)
+        gp = {n: v.unsqueeze(0).expand(c, *v.shape).clone() for n, v in g0.items()}
+        pp = {n: private_rows[n][sl].clone() for n in private_names}
+        state = _AdamState(gp, pp) if local.optimizer == "adam" else None
+        for step in range(local.local_epochs):
+            rand = model.draw_randomness(Batch(users=torch.as_tensor(u), x=x), UserRandom(seed, round_, u, step))
+            if step == 0:
+                with torch.no_grad():
+                    loss_acc += float((vloss(gp, pp, x, rand) * w).sum())
+            gg, pg = vgrad(gp, pp, x, rand)
+            with torch.no_grad():
+                if state is None:
+                    for n in gp:
+                        gp[n] -= local.lr * gg[n]
+                    for n in pp:
+                        pp[n] -= local.lr * pg[n]
+                else:
+                    state.step(gp, pp, gg, pg, local.lr)
+        with torch.no_grad():
+            if per_user:
+                for n in gnames:
+                    stacked[n].append(gp[n])
+            else:
+                for n in gnames:
+                    mean[n] += (gp[n] * w.view(-1, *([1] * (gp[n].dim() - 1)))).sum(0)
+            for n in private_names:
+                new_private[n].append(pp[n])
+    if mean is not None:
+        for n in mean:
+            mean[n] /= wsum
+    return UserUpdates(
+        users=users, weights=weights, mean=mean,
+        per_user={n: torch.cat(v) for n, v in stacked.items()} if per_user else None,
+        private={n: torch.cat(v) for n, v in new_private.items()}, loss=loss_acc / wsum)
+
+
+class _AdamState:
+    """Adam moments per user (torch.optim.Adam's update, weight decay 0), vectorised."""
+
+    def __init__(self, gp, pp):
+        self.t = 0
+        self.m = {n: torch.zeros_like(v) for n, v in {**gp, **pp}.items()}
+        self.v = {n: torch.zeros_like(v) for n, v in {**gp, **pp}.items()}
+
+    def step(self, gp, pp, gg, pg, lr):
+        self.t += 1
+        b1, b2 = ADAM_BETAS
+        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for params, grads in ((gp, gg), (pp, pg)):
+            for n in params:
+                g = grads[n]
+                self.m[n].mul_(b1).add_(g, alpha=1 - b1)
+                self.v[n].mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (self.v[n].sqrt() / bc2 ** 0.5).add_(ADAM_EPS)
+                params[n].addcdiv_(self.m[n], denom, value=-lr / bc1)
+
+
+def _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, round_, g0, private_names):
+    """Linear case: sum_u w_u (theta - lr g_u) = theta - lr * grad(sum_u w_u L_u), one backward."""
+    wsum = float(weights.sum())
+    grads = {n: torch.zeros_like(v) for n, v in g0.items()}
+    new_private = {n: [] for n in private_names}
+    wrapper = _LossOf(model)
+    buffers = {f"m.{k}": v for k, v in model.named_buffers()}
+    gleaf = {n: v.clone().requires_grad_(True) for n, v in g0.items()}
+    loss_acc = 0.0
+    for start in range(0, len(users), local.chunk_size):
+        sl = slice(start, start + local.chunk_size)
+        u, x, w = users[sl], rows[sl], weights[sl]
+        # The chunk's private rows form a small table addressed by positions 0..c-1.
+        pleaf = {n: private_rows[n][sl].clone().requires_grad_(True) for n in private_names}
+        batch = Batch(users=torch.arange(len(u)), x=x)
+        batch.rand = model.draw_randomness(Batch(users=torch.as_tensor(u), x=x), UserRandom(seed, round_, u, 0))
+        state = {f"m.{k}": v for k, v in {**gleaf, **pleaf}.items()} | buffers
+        per_example = functional_call(wrapper, state, (batch,))
+        leaves = [*gleaf.values(), *pleaf.values()]
+        gs = torch.autograd.grad((per_example * w).sum(), leaves, allow_unused=True)
+        loss_acc += float((per_example.detach() * w).sum())
+        for n, g in zip(gleaf, gs[:len(gleaf)]):
+            if g is not None:
+                grads[n] += g
+        for n, g in zip(pleaf, gs[len(gleaf):]):
+            g = torch.zeros_like(pleaf[n]) if g is None else g
+            # the user's own step is unweighted: divide its aggregation weight out
+            new_private[n].append(pleaf[n].detach() - local.lr * g / w.view(-1, *([1] * (g.dim() - 1))))
+    mean = {n: g0[n] - local.lr * grads[n] / wsum for n in g0}
+    return UserUpdates(users=users, weights=weights, mean=mean, per_user=None,
+                       private={n: torch.cat(v) for n, v in new_private.items()}, loss=loss_acc / wsum)

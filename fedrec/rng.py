@@ -1,0 +1,90 @@
+"""Counter-based randomness keyed by (seed, round, user, stream), vectorised over users.
+
+Cross-device training must give every user the same random draws whether it runs alone (one
+Flower client per user) or inside a vectorised shard of hundreds of users, and whichever node hosts
+it. Stateful generators cannot do that without a Python loop over users; a counter-based generator
+can: each value is a hash (SplitMix64) of the user's key and the value's index, computed for all
+users at once with NumPy's wrapping uint64 arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = (np.asarray(x, dtype=np.uint64) + _GOLDEN).astype(np.uint64)
+        z = (z ^ (z >> np.uint64(30))) * _M1
+        z = (z ^ (z >> np.uint64(27))) * _M2
+        return z ^ (z >> np.uint64(31))
+
+
+def user_keys(seed: int, round_: int, users: np.ndarray, stream: int) -> np.ndarray:
+    """One uint64 key per user for (seed, round, stream)."""
+    with np.errstate(over="ignore"):
+        base = splitmix64(np.uint64(seed) * np.uint64(1_000_003) + np.uint64(round_))
+        base = splitmix64(base ^ np.uint64(stream) * _GOLDEN)
+        return splitmix64(base ^ np.asarray(users, dtype=np.uint64))
+
+
+def uniform(keys: np.ndarray, n: int) -> np.ndarray:
+    """(len(keys), n) float64 uniforms in (0, 1), distinct per key and index."""
+    with np.errstate(over="ignore"):
+        h = splitmix64(keys[:, None] ^ (np.arange(n, dtype=np.uint64)[None] * _M2 + _GOLDEN))
+    return ((h >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+
+
+def key_uniform(keys: np.ndarray) -> np.ndarray:
+    """One uniform per key (used for sampling coins)."""
+    return uniform(keys, 1)[:, 0]
+
+
+def normal(keys: np.ndarray, n: int) -> torch.Tensor:
+    """(len(keys), n) standard normals (Box-Muller), float32."""
+    m = (n + 1) // 2
+    u = uniform(keys, 2 * m)
+    r = np.sqrt(-2.0 * np.log(u[:, :m]))
+    theta = 2.0 * np.pi * u[:, m:]
+    z = np.concatenate([r * np.cos(theta), r * np.sin(theta)], axis=1)[:, :n]
+    return torch.from_numpy(z.astype(np.float32))
+
+
+def randint(keys: np.ndarray, n: int, high: int) -> torch.Tensor:
+    """(len(keys), n) integers uniform in [0, high)."""
+    return torch.from_numpy(np.minimum((uniform(keys, n) * high).astype(np.int64), high - 1))
+
+
+def bernoulli_keep(keys: np.ndarray, n: int, p_drop: float) -> torch.Tensor:
+    """Inverted-dropout mask: 0 with probability p_drop, else 1/(1-p_drop)."""
+    if p_drop <= 0:
+        return torch.ones(len(keys), n)
+    keep = uniform(keys, n) >= p_drop
+    return torch.from_numpy(keep.astype(np.float32) / (1.0 - p_drop))
+
+
+class UserRandom:
+    """The random draws of a batch of users for one local step: ``draw.normal(stream, n)`` etc."""
+
+    def __init__(self, seed: int, round_: int, users: np.ndarray, step: int):
+        self.seed, self.round, self.users, self.step = seed, round_, np.asarray(users), step
+
+    def keys(self, stream: int) -> np.ndarray:
+        return user_keys(self.seed, self.round, self.users, 1000 * self.step + stream)
+
+    def normal(self, stream: int, n: int) -> torch.Tensor:
+        return normal(self.keys(stream), n)
+
+    def randint(self, stream: int, n: int, high: int) -> torch.Tensor:
+        return randint(self.keys(stream), n, high)
+
+    def uniform(self, stream: int, n: int) -> torch.Tensor:
+        return torch.from_numpy(uniform(self.keys(stream), n).astype(np.float32))
+
+    def keep_mask(self, stream: int, n: int, p_drop: float) -> torch.Tensor:
+        return bernoulli_keep(self.keys(stream), n, p_drop)
