@@ -32,9 +32,8 @@ def validate(cfg: DictConfig) -> None:
     mode = cfg.federation.mode
     if mode not in FEDERATION_MODES:
         raise ConfigError(f"federation.mode: expected one of {FEDERATION_MODES}, got {mode!r}")
-    if mode == "device":
-        raise ConfigError("federation=device: cross-device federation is not implemented yet (issue #3); "
-                          "use federation=silo with partition=user for one user per node")
+    if mode == "device" and cfg.federation.get("upload", "auto") not in ("auto", "sum", "per_user"):
+        raise ConfigError(f"federation.upload: expected auto, sum or per_user, got {cfg.federation.upload!r}")
     if int(cfg.train.epochs) < 1:
         raise ConfigError(f"train.epochs: must be >= 1, got {cfg.train.epochs}")
     if int(cfg.train.local_epochs) < 1:

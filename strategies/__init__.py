@@ -22,12 +22,23 @@ import random
 import time
 from typing import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fedrec.errors import ConfigError
 from fedrec.federated.arrays import check_update
+
+
+class _Reply:
+    """A stand-in reply carrying node-level content rebuilt from per-user uploads."""
+
+    def __init__(self, content: RecordDict):
+        self.content = content
+
+    def has_error(self) -> bool:
+        return False
 
 
 class ClientFailure(RuntimeError):
@@ -66,10 +77,55 @@ class FedrecMixin:
         self.last_eval: MetricRecord | None = None
         self.last_eval_s: float | None = None
 
+    #: set by the server in cross-device mode: round -> user-sampling threshold (device_node.py)
+    user_threshold = None
+    #: a strategy that must see every user's update (robust aggregation, DP clipping) sets True
+    needs_per_user_updates = False
+
     def _round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         cfg = ConfigRecord(dict(config))  # never write into the caller's record
-        cfg["fedrec-round"] = self.round_offset + server_round
+        rnd = self.round_offset + server_round
+        cfg["fedrec-round"] = rnd
+        if self.user_threshold is not None:
+            cfg["fedrec-user-threshold"] = float(self.user_threshold(rnd))
+            cfg["fedrec-per-user"] = int(self.needs_per_user_updates or self.per_user_uploads)
         return cfg
+
+    per_user_uploads = False  # federation.upload=per_user forces per-user replies
+
+    def combine_user_updates(self, arrays: dict[str, np.ndarray], weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-user updated parameters (U, ...) -> one array each; override for robust/DP rules."""
+        w = weights / weights.sum()
+        return {k: np.tensordot(w, v, axes=1).astype(v.dtype) for k, v in arrays.items()}
+
+    def _collapse_per_user(self, msg: Message) -> tuple[RecordDict | None, int, list[str]]:
+        """A node's stacked per-user reply -> (node-level content, users rejected, reasons)."""
+        arrays = msg.content.array_records.get(self.arrayrecord_key)
+        wrec = msg.content.array_records.get("user-weights")
+        if arrays is None or wrec is None:
+            return None, 0, ["per-user reply without arrays or user-weights"]
+        weights = wrec["weights"].numpy().astype(np.float64)
+        n = len(weights)
+        stacked = {k: a.numpy() for k, a in arrays.items()}
+        if set(stacked) != set(self._reference):
+            return None, n, ["array names differ from the global model's"]
+        good = np.isfinite(weights) & (weights > 0)
+        reasons = []
+        for k, a in stacked.items():
+            if a.shape != (n, *self._reference[k]):
+                return None, n, [f"array {k!r} has shape {a.shape}, expected {(n, *self._reference[k])}"]
+            if a.dtype.kind == "f":
+                finite = np.isfinite(a.reshape(n, -1)).all(1)
+                if not finite.all():
+                    reasons.append(f"array {k!r} contains NaN or Inf")
+                good &= finite
+        if not good.any():
+            return None, n, reasons or ["no user with a positive weight"]
+        combined = self.combine_user_updates({k: v[good] for k, v in stacked.items()}, weights[good])
+        metrics = MetricRecord(dict(msg.content["metrics"]) | {self.weighted_by_key: float(weights[good].sum())})
+        content = RecordDict({self.arrayrecord_key: ArrayRecord({k: Array(v) for k, v in combined.items()}),
+                              "metrics": metrics})
+        return content, int((~good).sum()), reasons
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         random.seed(self.seed * 1_000_003 + self.round_offset + server_round)
@@ -85,8 +141,19 @@ class FedrecMixin:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
         self._raise_on_errors(replies)
-        good, rejected, reasons = [], 0, []
+        good, rejected, reasons, empty = [], 0, [], 0
         for msg in replies:
+            metrics = msg.content.metric_records.get("metrics")
+            if metrics is not None and float(metrics.get(self.weighted_by_key, -1)) == 0:
+                empty += 1  # a node none of whose users trained this round: nothing to aggregate
+                continue
+            if metrics is not None and int(metrics.get("per-user", 0)):
+                content, bad_users, why_users = self._collapse_per_user(msg)
+                rejected += bad_users
+                reasons += why_users
+                if content is None:
+                    continue
+                msg = _Reply(content)
             arrays = msg.content.array_records.get(self.arrayrecord_key)
             metrics = msg.content.metric_records.get("metrics")
             if arrays is None or metrics is None:
@@ -103,7 +170,13 @@ class FedrecMixin:
                 reasons.append(why)
         # The global round (not the resumed session's local one): FedAdam's bias correction uses it.
         arrays, metrics = super().aggregate_train(self.round_offset + server_round, good) if good else (None, None)
-        self.last_train = dict(metrics or {}) | {"clients": len(good), "rejected-updates": rejected}
+        self.last_train = dict(metrics or {}) | {"clients": len(good), "rejected-updates": rejected,
+                                                 "empty-replies": empty}
+        for key in ("sampled-users", "trained-users", "dropped-users", "straggler-users", "empty-users"):
+            vals = [float(m.content["metrics"][key]) for m in replies
+                    if m.content.metric_records.get("metrics") is not None and key in m.content["metrics"]]
+            if vals:
+                self.last_train[key] = sum(vals)
         if reasons:
             self.last_train["rejected-reasons"] = sorted(set(reasons))[:5]
         self.last_train_s = time.perf_counter() - self._t_train

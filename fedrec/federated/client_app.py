@@ -44,6 +44,8 @@ def _prepare(msg: Message, context: Context):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     view, cfg, model, rng = _prepare(msg, context)
+    if cfg.federation.mode == "device":
+        return _train_device(msg, context, view, cfg, model)
     rows = TrainRows(view.data.train, view.users)
     optimizer = make_optimizer(model, cfg.model.optim)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
@@ -64,3 +66,20 @@ def evaluate(msg: Message, context: Context) -> Message:
         values[f"{split}/users"] = agg["users"]
         values.update({f"{split}/{k}/sum": v for k, v in agg["sums"].items()})
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
+
+
+def _train_device(msg: Message, context: Context, view, cfg, model) -> Message:
+    """Cross-device: every sampled user of this node is its own client (see device_node.py)."""
+    from fedrec.federated.device_node import device_round
+
+    conf = msg.content["config"]
+    params = dict(model.named_parameters())
+    # Private tables are indexed by user; the node owns (and keeps) its users' rows only.
+    private = {n: params[n].detach()[view.users].clone() for n in model.private_parameter_names()}
+    result = device_round(model, cfg, view.data, view.users, private, int(conf["fedrec-round"]),
+                          float(conf["fedrec-user-threshold"]), bool(int(conf.get("fedrec-per-user", 0))))
+    with torch.no_grad():
+        for n, rows in result.private.items():
+            params[n][view.users] = rows
+    context.state[LOCAL_STATE_KEY] = local_state(model)
+    return Message(result.reply, reply_to=msg)

@@ -61,6 +61,13 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
     initial = global_arrays(model)
     strategy = build_strategy(cfg.strategy, num_nodes=int(fed.num_nodes), fraction=float(fed.fraction),
                               seed=int(cfg.seed), client_evaluation=client_eval)
+    if fed.mode == "device":
+        from fedrec.federated.device_node import sampling_threshold
+
+        n_users, seed = data.n_users, int(cfg.seed)
+        sampling_threshold(fed, n_users, seed, 1)  # reject a bad sampling config before round 1
+        strategy.user_threshold = lambda rnd: sampling_threshold(fed, n_users, seed, rnd)
+        strategy.per_user_uploads = fed.get("upload", "auto") == "per_user"
     if resume is not None:
         initial = ArrayRecord(resume["arrays"])
         strategy.load_state(resume["strategy"])

@@ -1,0 +1,107 @@
+"""A node in cross-device mode: sample its users, simulate their behaviour, train them vectorised.
+
+Sampling, dropouts, stragglers and the cap on very active users use keyed randomness
+(``fedrec.rng``) over (seed, round, user), so which users take part does not depend on how users
+are spread over nodes: a run with one user per Flower node and a run with two nodes of 470 users
+select, drop and train exactly the same users. The server sends one number per round, the sampling
+threshold: a user takes part when its key is <= the threshold (Poisson sampling with q = threshold,
+or an exact count when the server set the threshold at the m-th smallest key of all users).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from fedrec.errors import ConfigError
+from fedrec.federated.cross_device import LocalTraining, train_users
+from fedrec.models.base import Recommender
+from fedrec.rng import key_uniform, uniform, user_keys
+
+STREAM_SAMPLE, STREAM_DROPOUT, STREAM_STRAGGLER, STREAM_CAP = 101, 102, 103, 104
+PRIVATE_KEY = "fedrec-private"
+
+
+def user_coins(seed: int, round_: int, users: np.ndarray, stream: int) -> np.ndarray:
+    return key_uniform(user_keys(seed, round_, users, stream))
+
+
+def sampling_threshold(fed, n_users: int, seed: int, round_: int) -> float:
+    """The per-round threshold the server sends: q for Poisson, the m-th smallest key for a count."""
+    method = fed.get("sampling", "fixed")
+    count = fed.get("users_per_round")
+    q = float(count) / n_users if count else float(fed.get("user_fraction", 0.1))
+    if not 0 < q <= 1:
+        raise ConfigError(f"federation.user_fraction/users_per_round: the sampled share must be in (0, 1], got {q}")
+    if method == "poisson":
+        return q
+    if method != "fixed":
+        raise ConfigError(f"federation.sampling: expected fixed or poisson, got {method!r}")
+    m = max(1, int(round(q * n_users)))
+    keys = user_coins(seed, round_, np.arange(n_users), STREAM_SAMPLE)
+    return float(np.partition(keys, m - 1)[m - 1])
+
+
+@dataclass
+class DeviceRound:
+    reply: RecordDict
+    private: dict[str, torch.Tensor]
+
+
+def cap_rows(rows: torch.Tensor, users: np.ndarray, cap: int | None, seed: int, round_: int) -> torch.Tensor:
+    """Keep at most ``cap`` of each user's training items (a random, keyed subset)."""
+    if not cap or cap <= 0:
+        return rows
+    counts = rows.sum(1)
+    if not bool((counts > cap).any()):
+        return rows
+    u = torch.from_numpy(uniform(user_keys(seed, round_, users, STREAM_CAP), rows.shape[1]).astype(np.float32))
+    u = torch.where(rows > 0, u, torch.full_like(u, 2.0))  # non-items sort last
+    keep = torch.zeros_like(rows)
+    keep.scatter_(1, torch.topk(-u, int(cap), dim=1).indices, 1.0)
+    return rows * keep
+
+
+def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_state: dict[str, torch.Tensor],
+                 round_: int, threshold: float, per_user: bool) -> DeviceRound:
+    fed, seed = cfg.federation, int(cfg.seed)
+    counts = np.diff(data.train.indptr)[node_users]
+    sampled = user_coins(seed, round_, node_users, STREAM_SAMPLE) <= threshold
+    empty = sampled & (counts == 0)
+    active = sampled & (counts > 0)
+    dropped = active & (user_coins(seed, round_, node_users, STREAM_DROPOUT) < float(fed.get("dropout_rate", 0.0)))
+    straggled = active & ~dropped & (user_coins(seed, round_, node_users, STREAM_STRAGGLER)
+                                     < float(fed.get("straggler_rate", 0.0)))
+    train_mask = active & ~dropped & ~straggled
+    pos = np.flatnonzero(train_mask)
+    users = node_users[pos]
+    rows = torch.from_numpy(data.train[users].toarray().astype(np.float32))
+    rows = cap_rows(rows, users, fed.get("max_user_interactions"), seed, round_)
+    weighting = fed.get("weighting", "uniform")
+    if weighting == "uniform":
+        weights = torch.ones(len(users))
+    elif weighting == "interactions":
+        weights = rows.sum(1)
+    else:
+        raise ConfigError(f"federation.weighting: expected uniform or interactions, got {weighting!r}")
+    local = LocalTraining(optimizer=str(fed.local_optimizer), lr=float(fed.local_lr),
+                          local_epochs=int(cfg.train.local_epochs), chunk_size=int(fed.chunk_size))
+    private_rows = {n: t[pos] for n, t in private_state.items()}
+    upd = train_users(model, users, rows, weights, private_rows, local, seed, round_, per_user)
+    new_private = {n: t.clone() for n, t in private_state.items()}
+    for n, rows_n in upd.private.items():
+        new_private[n][pos] = rows_n
+    metrics = {"num-examples": float(upd.weights.sum()), "sampled-users": int(sampled.sum()),
+               "trained-users": len(users), "dropped-users": int(dropped.sum()),
+               "straggler-users": int(straggled.sum()), "empty-users": int(empty.sum()),
+               "train-loss": upd.loss if len(users) else 0.0, "per-user": int(per_user)}
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if per_user:
+        content["arrays"] = ArrayRecord({n: Array(v.detach().numpy()) for n, v in upd.per_user.items()})
+        content["user-weights"] = ArrayRecord({"weights": Array(upd.weights.numpy().astype(np.float64))})
+    elif upd.mean is not None:
+        content["arrays"] = ArrayRecord({n: Array(v.detach().numpy()) for n, v in upd.mean.items()})
+    return DeviceRound(reply=content, private=new_private)
