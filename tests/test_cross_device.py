@@ -1,0 +1,131 @@
+"""Cross-device training: vectorised per-user clients equal independent per-user clients."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fedrec.federated.cross_device import LocalTraining, train_users
+from fedrec.federated.device_node import STREAM_SAMPLE, sampling_threshold, user_coins
+from fedrec.models import DataShape, build_model
+from fedrec.models.base import Batch
+from fedrec.rng import UserRandom
+
+MODELS = {
+    "diffrec": {"dims": [8, 16], "steps": 5},
+    "ldiffrec": {"in_dims": [6], "mlp_dims": [6], "steps": 5},
+    "bpr": {"embedding_size": 4},
+    "multvae": {"hidden_dims": [8], "latent_dim": 4},
+}
+
+
+def per_user_reference(model, users, rows, weights, local, seed, round_):
+    """Each user alone: a deep copy of the model, torch.optim, its own one-row private table."""
+    private = sorted(model.private_parameter_names())
+    outs, privs = [], {n: [] for n in private}
+    for i, u in enumerate(users):
+        m = copy.deepcopy(model)
+        m.train()
+        params = dict(m.named_parameters())
+        for n in private:
+            params[n].data = params[n].data[u:u + 1].clone()
+        opt = (torch.optim.SGD if local.optimizer == "sgd" else torch.optim.Adam)(m.parameters(), lr=local.lr)
+        for step in range(local.local_epochs):
+            b = Batch(users=torch.tensor([0]), x=rows[i:i + 1])
+            b.rand = m.draw_randomness(Batch(users=torch.tensor([u]), x=rows[i:i + 1]),
+                                       UserRandom(seed, round_, np.array([u]), step))
+            opt.zero_grad()
+            m.loss(b).mean().backward()
+            opt.step()
+        outs.append({n: p.detach().clone() for n, p in m.named_parameters() if n not in private})
+        for n in private:
+            privs[n].append(dict(m.named_parameters())[n].detach()[0])
+    w = weights / weights.sum()
+    mean = {n: sum(w[i] * outs[i][n] for i in range(len(users))) for n in outs[0]}
+    return mean, {n: torch.stack(v) for n, v in privs.items()}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("optimizer,epochs,per_user", [("sgd", 1, False), ("sgd", 1, True), ("sgd", 3, False),
+                                                       ("adam", 2, True)])
+def test_vectorised_users_equal_independent_clients(name, optimizer, epochs, per_user):
+    # Prepare
+    rng = np.random.default_rng(0)
+    n_users, n_items = 20, 30
+    x = torch.from_numpy((rng.random((n_users, n_items)) < 0.2).astype(np.float32))
+    torch.manual_seed(0)
+    model = build_model({"name": name, **MODELS[name]},
+                        DataShape(n_users, n_items, item_emb=rng.standard_normal((n_items, 3))))
+    private = sorted(model.private_parameter_names())
+    users = np.array([1, 3, 4, 7, 10, 15])
+    rows, weights = x[users], x[users].sum(1) + 1
+    private_rows = {n: dict(model.named_parameters())[n].detach()[users].clone() for n in private}
+    local = LocalTraining(optimizer=optimizer, lr=0.05, local_epochs=epochs, chunk_size=4)
+    # Execute
+    res = train_users(model, users, rows, weights, private_rows, local, seed=7, round_=3, per_user=per_user)
+    want_mean, want_private = per_user_reference(model, users, rows, weights, local, 7, 3)
+    # Assert
+    if per_user:
+        w = weights / weights.sum()
+        mean = {n: (v * w.view(-1, *([1] * (v.dim() - 1)))).sum(0) for n, v in res.per_user.items()}
+    else:
+        mean = res.mean
+    for n in want_mean:
+        scale = float(want_mean[n].abs().max()) + 1e-12
+        assert float((mean[n] - want_mean[n]).abs().max()) / scale < 1e-4, n
+    for n in private:
+        torch.testing.assert_close(res.private[n], want_private[n], rtol=1e-4, atol=1e-6)
+    assert len(want_mean) > 0
+
+
+def test_sampling_threshold_fixed_count_and_poisson():
+    from omegaconf import OmegaConf
+
+    n = 1000
+    fed = OmegaConf.create({"sampling": "fixed", "user_fraction": 0.1, "users_per_round": None})
+    for rnd in (1, 2, 3):
+        tau = sampling_threshold(fed, n, seed=0, round_=rnd)
+        chosen = user_coins(0, rnd, np.arange(n), STREAM_SAMPLE) <= tau
+        assert chosen.sum() == 100
+        # the same users are chosen however users are spread over nodes
+        halves = [user_coins(0, rnd, part, STREAM_SAMPLE) <= tau for part in (np.arange(500), np.arange(500, n))]
+        assert np.array_equal(np.concatenate(halves), chosen)
+    fed = OmegaConf.create({"sampling": "poisson", "user_fraction": 0.2, "users_per_round": None})
+    tau = sampling_threshold(fed, n, seed=0, round_=1)
+    counts = [(user_coins(0, r, np.arange(n), STREAM_SAMPLE) <= tau).sum() for r in range(1, 30)]
+    assert tau == 0.2 and 150 < np.mean(counts) < 250 and len(set(counts)) > 1
+
+
+def _lines(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("model", ["diffrec", "bpr"])
+def test_device_mode_equals_one_flower_client_per_user(tiny_cfg, tmp_path, model):
+    """2 vectorised nodes == every user its own Flower node (flat per-user FedAvg), through Flower."""
+    common = ["federation=device", "federation.rounds=2", "federation.user_fraction=0.5",
+              "federation.local_optimizer=adam", "federation.local_lr=0.01", "train.local_epochs=2",
+              "federation.dropout_rate=0.2", "dataset.n_users=14", "dataset.n_items=30", "federation.chunk_size=4"]
+    vec = tiny_cfg(*common, "federation.num_nodes=2", model=model)
+    flat = tiny_cfg(*common, "federation.num_nodes=14", "partition=user", model=model)
+    from fedrec.experiment import execute
+
+    s_vec = execute(vec, tmp_path / "vec", progress=False)
+    s_flat = execute(flat, tmp_path / "flat", progress=False)
+    lv, lf = _lines(tmp_path / "vec"), _lines(tmp_path / "flat")
+    for a, b in zip(lv, lf):
+        for key in ("sampled-users", "trained-users", "dropped-users"):
+            assert a["train"][key] == b["train"][key]
+    assert lv[0]["train"]["sampled-users"] == 7 and lv[0]["train"]["dropped-users"] >= 0
+    ca = torch.load(tmp_path / "vec" / "checkpoints" / "round_00002.pt", weights_only=False)["arrays"]
+    cb = torch.load(tmp_path / "flat" / "checkpoints" / "round_00002.pt", weights_only=False)["arrays"]
+    for n in ca:
+        torch.testing.assert_close(ca[n], cb[n], rtol=1e-4, atol=1e-5)
+    # metrics depend on private rows too (BPR: evaluated on the nodes with each user's own embedding)
+    for split in ("valid", "test"):
+        for k, v in s_vec[split].items():
+            assert v == pytest.approx(s_flat[split][k], abs=1e-4), (split, k)
