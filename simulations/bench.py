@@ -138,7 +138,98 @@ def bench_inference_steps(overrides: list[str], opts: dict) -> None:
              **{f"valid_{m}": round(v, 5) for m, v in res["valid"].items() if m.endswith("@20")})
 
 
-BENCHMARKS = {"diffrec-speed": bench_diffrec_speed, "inference-steps": bench_inference_steps}
+def _peak_rss_gb() -> float:
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, kids) / 2**20, 3)  # ru_maxrss is in KiB on Linux
+
+
+def _one_round(cfg, run_dir):
+    from fedrec.experiment import execute
+
+    summary = execute(cfg, run_dir, progress=False)
+    line = json.loads((Path(run_dir) / "metrics.jsonl").read_text().splitlines()[0])
+    ckpt = torch.load(Path(run_dir) / "checkpoints" / "round_00001.pt", weights_only=False)
+    return summary, line, ckpt["arrays"]
+
+
+def bench_cross_device(overrides: list[str], opts: dict) -> None:
+    """One cross-device round both ways: one Flower node per user vs fedrec's vectorised nodes."""
+    import tempfile
+
+    from fedrec.config import compose
+    from fedrec.data import load_dataset
+    from fedrec.experiment import quiet_flower
+
+    quiet_flower(False)
+    base = ["dataset=ml-100k", "model=diffrec", "federation=device", "federation.rounds=1",
+            "federation.user_fraction=1.0", "train.local_epochs=1", *overrides]
+    probe = compose(base)
+    n_users = load_dataset(probe.dataset, int(probe.seed)).n_users
+    ways = {"per_user_flower_tasks": [f"federation.num_nodes={n_users}", "partition=user"],
+            "vectorised_nodes": [f"federation.num_nodes={int(opts.get('nodes', 2))}"]}
+    if str(opts.get("skip_flat", "false")).lower() == "true":
+        ways.pop("per_user_flower_tasks")
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for way, extra in ways.items():
+            cfg = compose([*base, *extra, f"paths.output_root={tmp}/{way}"])
+            t0 = time.perf_counter()
+            summary, line, arrays = _one_round(cfg, f"{tmp}/{way}/run")
+            users = int(line["train"]["trained-users"])
+            results[way] = arrays
+            emit(bench="cross-device", way=way, nodes=int(cfg.federation.num_nodes), users_trained=users,
+                 round_train_s=round(line["train_s"], 3), user_updates_per_s=round(users / line["train_s"], 2),
+                 total_s_incl_startup=round(time.perf_counter() - t0, 1), peak_rss_gb=_peak_rss_gb(),
+                 test_ndcg20=round(summary["test"]["ndcg@20"], 6))
+    if len(results) == 2:
+        a, b = results["per_user_flower_tasks"], results["vectorised_nodes"]
+        diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+        rel = max(float((a[k] - b[k]).abs().max() / (a[k].abs().max() + 1e-12)) for k in a)
+        emit(bench="cross-device", what="comparison", max_abs_diff=diff, max_rel_diff=rel, identical=rel < 1e-4)
+
+
+def bench_cross_device_round(overrides: list[str], opts: dict) -> None:
+    """One cross-device round on ML-1M against a centralised epoch over the same users."""
+    from fedrec.config import compose
+    from fedrec.data import load_dataset
+    from fedrec.federated.cross_device import LocalTraining, train_users
+    from fedrec.federated.device_node import STREAM_SAMPLE, sampling_threshold, user_coins
+    from fedrec.models import build_model, data_shape
+    from fedrec.train import TrainRows, make_optimizer, train_epoch
+
+    cfg = compose(["dataset=diffrec-ml-1m-clean", "model=diffrec", "federation=device",
+                   "federation.user_fraction=0.1", *overrides])
+    data = load_dataset(cfg.dataset, int(cfg.seed))
+    fed = cfg.federation
+    tau = sampling_threshold(fed, data.n_users, int(cfg.seed), 1)
+    users = np.flatnonzero(user_coins(int(cfg.seed), 1, np.arange(data.n_users), STREAM_SAMPLE) <= tau)
+    torch.manual_seed(int(cfg.seed))
+    model = build_model(cfg.model, data_shape(data))
+    rows = torch.from_numpy(data.train[users].toarray().astype(np.float32))
+    local = LocalTraining(optimizer=str(fed.local_optimizer), lr=float(fed.local_lr),
+                          local_epochs=int(cfg.train.local_epochs),
+                          chunk_size=int(fed.chunk_size) if fed.get("chunk_size") else None,
+                          memory_budget_gb=float(fed.get("memory_budget_gb", 2.0)))
+    per_user = str(opts.get("per_user", "false")).lower() == "true"
+    t_dev, t_cen = [], []
+    central = TrainRows(data.train, users)
+    opt = make_optimizer(model, cfg.model.optim)
+    rng = np.random.default_rng(0)
+    for _ in range(int(opts.get("repeats", 3))):
+        t_dev.append(_timed(lambda: train_users(model, users, rows, torch.ones(len(users)), {}, local,
+                                                int(cfg.seed), 1, per_user)))
+        t_cen.append(_timed(lambda: train_epoch(model, opt, central, int(cfg.model.optim.batch_size), rng)))
+    emit(bench="cross-device-round", dataset=cfg.dataset.name, users=len(users), local_optimizer=local.optimizer,
+         local_epochs=local.local_epochs, per_user=per_user, threads=torch.get_num_threads(),
+         round_s=round(statistics.median(t_dev), 3), central_epoch_same_users_s=round(statistics.median(t_cen), 3),
+         ratio=round(statistics.median(t_dev) / statistics.median(t_cen), 2), peak_rss_gb=_peak_rss_gb())
+
+
+BENCHMARKS = {"diffrec-speed": bench_diffrec_speed, "inference-steps": bench_inference_steps,
+              "cross-device": bench_cross_device, "cross-device-round": bench_cross_device_round}
 
 
 def main(argv: list[str]) -> int:

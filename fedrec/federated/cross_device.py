@@ -39,7 +39,15 @@ class LocalTraining:
     optimizer: str = "sgd"  # sgd | adam: each user's local optimiser, fresh every round
     lr: float = 0.1
     local_epochs: int = 1  # steps per user (a user-vector user is one example)
-    chunk_size: int = 128  # users vectorised together
+    chunk_size: int | None = None  # users vectorised together; None: from memory_budget_gb
+    memory_budget_gb: float = 2.0  # for the per-user path: stacked parameters, grads, optimiser state
+
+    def chunk_for(self, n_params: int) -> int:
+        """Users per chunk so that per-user copies (params, grads, Adam moments, slack) fit the budget."""
+        if self.chunk_size:
+            return int(self.chunk_size)
+        copies = 4 + (2 if self.optimizer == "adam" else 0)
+        return max(1, int(self.memory_budget_gb * 2**30 // (copies * 4 * max(n_params, 1))))
 
     def __post_init__(self):
         if self.optimizer not in ("sgd", "adam"):
@@ -48,7 +56,7 @@ class LocalTraining:
             raise ConfigError(f"federation.local_lr: must be positive, got {self.lr}")
         if self.local_epochs < 1:
             raise ConfigError(f"train.local_epochs: must be >= 1, got {self.local_epochs}")
-        if self.chunk_size < 1:
+        if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"federation.chunk_size: must be >= 1, got {self.chunk_size}")
 
 
@@ -102,6 +110,7 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
     if local.optimizer == "sgd" and local.local_epochs == 1 and not per_user:
         return _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, round_, g0, private_names)
 
+    chunk = local.chunk_for(sum(v.numel() for v in g0.values()))
     f = _single_user_loss(wrapper, buffers, private_names)
     vgrad = vmap(grad(f, argnums=(0, 1), has_aux=False), in_dims=(0, 0, 0, 0), randomness="error")
     vloss = vmap(f, in_dims=(0, 0, 0, 0), randomness="error")
@@ -109,8 +118,8 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
     stacked: dict[str, list[torch.Tensor]] = {n: [] for n in gnames} if per_user else {}
     new_private: dict[str, list[torch.Tensor]] = {n: [] for n in private_names}
     loss_acc = 0.0
-    for start in range(0, len(users), local.chunk_size):
-        sl = slice(start, start + local.chunk_size)
+    for start in range(0, len(users), chunk):
+        sl = slice(start, start + chunk)
         u, x, w = users[sl], rows[sl], weights[sl]
         c = len(u)
         gp = {n: v.unsqueeze(0).expand(c, *v.shape).clone() for n, v in g0.items()}
@@ -178,8 +187,9 @@ def _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, ro
     buffers = {f"m.{k}": v for k, v in model.named_buffers()}
     gleaf = {n: v.clone().requires_grad_(True) for n, v in g0.items()}
     loss_acc = 0.0
-    for start in range(0, len(users), local.chunk_size):
-        sl = slice(start, start + local.chunk_size)
+    chunk = int(local.chunk_size or 1024)  # one mini-batch of users: memory as a centralised step
+    for start in range(0, len(users), chunk):
+        sl = slice(start, start + chunk)
         u, x, w = users[sl], rows[sl], weights[sl]
         # The chunk's private rows form a small table addressed by positions 0..c-1.
         pleaf = {n: private_rows[n][sl].clone().requires_grad_(True) for n in private_names}

@@ -88,7 +88,9 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
     else:
         raise ConfigError(f"federation.weighting: expected uniform or interactions, got {weighting!r}")
     local = LocalTraining(optimizer=str(fed.local_optimizer), lr=float(fed.local_lr),
-                          local_epochs=int(cfg.train.local_epochs), chunk_size=int(fed.chunk_size))
+                          local_epochs=int(cfg.train.local_epochs),
+                          chunk_size=int(fed.chunk_size) if fed.get("chunk_size") else None,
+                          memory_budget_gb=float(fed.get("memory_budget_gb", 2.0)))
     private_rows = {n: t[pos] for n, t in private_state.items()}
     upd = train_users(model, users, rows, weights, private_rows, local, seed, round_, per_user)
     new_private = {n: t.clone() for n, t in private_state.items()}
