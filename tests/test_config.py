@@ -17,7 +17,7 @@ OPTIONS = sorted((p.parent.name, p.stem) for p in Path(CONF_DIR).glob("*/*.yaml"
 # groups named in config.yaml's defaults list (override as group=name; others need +group=name)
 DEFAULT_GROUPS = {k for d in OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").defaults)
                   if isinstance(d, dict) for k in d}
-NOT_IMPLEMENTED = {("federation", "device")}
+NOT_IMPLEMENTED: set = set()
 
 
 def test_groups_found():
@@ -67,9 +67,10 @@ def test_model_option_builds(name):
         assert key in cfg.model.optim
 
 
-def test_federation_device_not_implemented():
-    with pytest.raises(ConfigError, match="federation=device"):
-        validate(compose(["federation=device"]))
+def test_federation_device_validates_upload():
+    validate(compose(["federation=device"]))
+    with pytest.raises(ConfigError, match=r"federation\.upload"):
+        validate(compose(["federation=device", "federation.upload=everything"]))
 
 
 @pytest.mark.parametrize("value", ["foo@20", "recall@7", "recall", "recall@", "ndcg@x", "@20", "Recall@20"])

@@ -1,86 +1,56 @@
-"""The same ServerApp/ClientApp under ``flwr run .`` (the supported Flower path), not only run_simulation.
+"""The same ServerApp/ClientApp outside ``run_simulation``: ``flwr run`` against real Flower processes.
 
-The test starts its own SuperLink in simulation mode on free loopback ports, points a private
-FLWR_HOME at it, runs two rounds with ``flwr run . --stream`` and stops the SuperLink it started
-(by its process id; never ``ray stop``).
+1. a SuperLink in simulation mode (Flower's supported local path);
+2. Flower's Deployment Engine: a SuperLink and two SuperNodes on loopback, each SuperNode hosting
+   one partition (``--node-config "partition-id=i num-partitions=2"``) — the multi-machine setup,
+   on one machine. Each test stops every process it started, by its id.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+from tests.flower_procs import BIN, flower_env, flwr_run, free_ports, processes, wait_port
+
+TINY = ("federation.num_nodes=2 federation.rounds=2 dataset.n_users=60 dataset.n_items=50 "
+        "model.dims=[16,32] model.steps=5 model.optim.batch_size=16")
+
+pytestmark = pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="Flower CLI not installed")
 
 
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
+def _check(run_dir, summary, mode):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2]
+    assert all(x["train"]["clients"] == 2 for x in lines)
+    assert summary["federation"] == mode and summary["test"]["ndcg@20"] > 0
 
 
-def _wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"SuperLink HTTP API on port {port} did not open")
+def test_flwr_run_simulation_superlink(tmp_path):
+    port, health = free_ports(2)  # Flower 1.42 serves Control, Fleet and Runtime APIs on one HTTP port
+    env = flower_env(tmp_path / "home", port)
+    with processes() as start:
+        start([str(BIN / "flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
+               "--host", "127.0.0.1", "--port", str(port), "--health-server-address", f"127.0.0.1:{health}",
+               "--database", str(tmp_path / "state.db")], env, tmp_path / "superlink.log")
+        wait_port(port)
+        summary = flwr_run(env, TINY, tmp_path / "run", ["--federation-config", "num-supernodes=2"])
+    _check(tmp_path / "run", summary, "silo")
 
 
-@pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink not installed")
-def test_flwr_run_two_rounds(tmp_path):
-    port, health = _free_ports(2)  # Flower 1.42 serves Control, Fleet and Runtime APIs on one HTTP port
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "test"\n\n[superlink.test]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FLWR_DISABLE_UPDATE_CHECK="1")
-    link = subprocess.Popen(
-        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--disable-runtime-dependency-installation",
-         "--host", "127.0.0.1", "--port", str(port), "--health-server-address", f"127.0.0.1:{health}",
-         "--database", str(tmp_path / "state.db")],
-        env=env, stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    run_dir = tmp_path / "run"
-    overrides = ("federation.num_nodes=2 federation.rounds=2 dataset.n_users=60 dataset.n_items=50 "
-                 "model.dims=[16,32] model.steps=5 model.optim.batch_size=16")
-    try:
-        _wait_port(port)
-        res = subprocess.run(
-            [str(BIN / "flwr"), "run", str(REPO), "test", "--stream",
-             "--federation-config", "num-supernodes=2",
-             "--run-config", f'overrides="{overrides}" run-dir="{run_dir}"'],
-            env=env, capture_output=True, text=True, timeout=400)
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        deadline = time.monotonic() + 60  # --stream may return just before the summary lands
-        while not (run_dir / "summary.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        assert [x["round"] for x in lines] == [1, 2]
-        assert all(x["train"]["clients"] == 2 for x in lines)
-        assert summary["federation"] == "silo" and summary["test"]["ndcg@20"] > 0
-    finally:
-        os.killpg(link.pid, signal.SIGTERM)  # the SuperLink and the simulation it spawned
-        try:
-            link.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(link.pid, signal.SIGKILL)
+@pytest.mark.parametrize("mode", ["device"])
+def test_deployment_engine_superlink_two_supernodes(tmp_path, mode):
+    link, link_health, n0, n0_health, n1, n1_health = free_ports(6)
+    env = flower_env(tmp_path / "home", link)
+    with processes() as start:
+        start([str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+               "--host", "127.0.0.1", "--port", str(link), "--health-server-address", f"127.0.0.1:{link_health}",
+               "--database", str(tmp_path / "state.db")], env, tmp_path / "superlink.log")
+        wait_port(link)
+        for pid, (port, health) in enumerate([(n0, n0_health), (n1, n1_health)]):
+            start([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
+                   "--host", "127.0.0.1", "--port", str(port), "--health-server-address", f"127.0.0.1:{health}",
+                   "--node-config", f"partition-id={pid} num-partitions=2"], env, tmp_path / f"supernode{pid}.log")
+        summary = flwr_run(env, f"{TINY} federation={mode} federation.user_fraction=0.5", tmp_path / "run")
+    _check(tmp_path / "run", summary, mode)

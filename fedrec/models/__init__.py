@@ -67,17 +67,22 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
     otherwise a truncated SVD of the training matrix — a documented stand-in so that L-DiffRec's
     item clustering works on every dataset.
     """
-    emb = data.item_emb
-    if emb is None:
+    def svd_embeddings() -> np.ndarray | None:
+        cached = getattr(data, "_svd_item_emb", None)
+        if cached is not None:
+            return cached
         from scipy.sparse.linalg import svds
 
         k = int(min(svd_dim, min(data.train.shape) - 1))
-        if k >= 1:
-            rng = np.random.default_rng(seed)
-            v0 = rng.standard_normal(min(data.train.shape))
-            _, s, vt = svds(data.train.astype(np.float64), k=k, v0=v0)
-            emb = (vt.T * s).astype(np.float32)
-    return DataShape(n_users=data.n_users, n_items=data.n_items, item_emb=emb)
+        if k < 1:
+            return None
+        v0 = np.random.default_rng(seed).standard_normal(min(data.train.shape))
+        _, s, vt = svds(data.train.astype(np.float64), k=k, v0=v0)
+        data._svd_item_emb = (vt.T * s).astype(np.float32)
+        return data._svd_item_emb
+
+    return DataShape(n_users=data.n_users, n_items=data.n_items, item_emb=data.item_emb,
+                     item_emb_fn=None if data.item_emb is not None else svd_embeddings)
 
 
 __all__ = ["Batch", "DataShape", "Recommender", "build_model", "model_config", "data_shape", "REGISTRY"]

@@ -18,8 +18,8 @@ interface. Sequence models use the same class with ``Batch.seq`` filled instead 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -28,11 +28,21 @@ from torch import nn
 
 @dataclass
 class DataShape:
-    """What a model may know about the dataset: its shape and item side information."""
+    """What a model may know about the dataset: its shape and item side information.
+
+    ``item_emb_fn`` computes item embeddings on first use (``item_embeddings()``) when the dataset
+    has none, so models that never use them never pay for them.
+    """
 
     n_users: int
     n_items: int
     item_emb: np.ndarray | None = None
+    item_emb_fn: Callable[[], np.ndarray | None] | None = field(default=None, repr=False)
+
+    def item_embeddings(self) -> np.ndarray | None:
+        if self.item_emb is None and self.item_emb_fn is not None:
+            self.item_emb = self.item_emb_fn()
+        return self.item_emb
 
 
 @dataclass

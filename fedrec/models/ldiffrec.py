@@ -86,9 +86,10 @@ class LDiffRec(Recommender):
             raise ConfigError(f"model.n_cate: must be in 1..{n}, got {cfg.n_cate}")
         latent = int(list(cfg.in_dims)[-1])
         if cfg.n_cate > 1:
-            if shape.item_emb is None:
+            emb = shape.item_embeddings()
+            if emb is None:
                 raise ConfigError("model.n_cate: > 1 needs item embeddings (dataset item_emb)")
-            labels = kmeans(shape.item_emb, cfg.n_cate, cfg.cluster_seed)
+            labels = kmeans(emb, cfg.n_cate, cfg.cluster_seed)
         else:
             labels = np.zeros(n, dtype=np.int64)
         groups = [np.flatnonzero(labels == j) for j in range(cfg.n_cate)]
