@@ -129,3 +129,34 @@ def test_device_mode_equals_one_flower_client_per_user(tiny_cfg, tmp_path, model
     for split in ("valid", "test"):
         for k, v in s_vec[split].items():
             assert v == pytest.approx(s_flat[split][k], abs=1e-4), (split, k)
+
+
+@pytest.mark.parametrize("name", ["diffrec", "bpr"])
+def test_personalised_scores(name):
+    """With a vanishing local rate the personalised scores are the global ones; with a real one they move."""
+    from fedrec.data.interactions import Interactions
+    from fedrec.eval import evaluate_model
+    from fedrec.eval.metrics import evaluate_scores
+    from fedrec.federated.cross_device import personalised_scorer
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(1)
+    n_users, n_items = 16, 25
+    m = lambda p: sp.csr_matrix((rng.random((n_users, n_items)) < p).astype(np.float32))  # noqa: E731
+    train, valid, test = m(0.25), m(0.05), m(0.05)
+    data = Interactions("t", train, valid, test, np.arange(n_users).astype(str), np.arange(n_items).astype(str))
+    torch.manual_seed(0)
+    model = build_model({"name": name, **MODELS[name]}, DataShape(n_users, n_items))
+    users = np.arange(n_users)
+    tiny = personalised_scorer(model, data, users, LocalTraining(lr=1e-12, local_epochs=2), 0, 5)
+    base = evaluate_model(model, data, [5, 10], users=users)
+    got = evaluate_scores(tiny, data, [5, 10], users=users)
+    for split in ("valid", "test"):
+        for k, v in base[split].items():
+            assert got[split][k] == pytest.approx(v, abs=1e-6)
+    moved = personalised_scorer(model, data, users, LocalTraining(lr=0.5, local_epochs=2), 0, 5)
+    x = torch.from_numpy(train.toarray())
+    from fedrec.models.base import Batch
+
+    model.eval()
+    assert not torch.allclose(moved(users, x), model.scores(Batch(users=torch.as_tensor(users), x=x)))

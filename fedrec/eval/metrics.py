@@ -98,23 +98,33 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
     """
     from fedrec.models.base import Batch
 
-    ks = check_ks(ks, data.n_items)
     was_training = model.training
     model.eval()
+    try:
+        return evaluate_scores(lambda rows, x: model.scores(Batch(users=torch.as_tensor(rows), x=x)),
+                               data, ks, batch_size, users, splits)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate_scores(score_fn, data, ks: list[int], batch_size: int = 1024,
+                    users: np.ndarray | None = None, splits=("valid", "test")) -> dict[str, dict]:
+    """Like ``evaluate_model`` for any ``score_fn(user_ids, train_rows) -> (B, n_items)`` scores."""
+    ks = check_ks(ks, data.n_items)
     if users is None:
         users = np.arange(data.n_users)
     acc = {s: RankingAccumulator(ks) for s in splits}
     for start in range(0, len(users), batch_size):
         rows = users[start:start + batch_size]
         x = dense_rows(data.train, rows)
-        scores = model.scores(Batch(users=torch.as_tensor(rows), x=x)).float()
+        scores = score_fn(rows, x).float()
         seen = x > 0  # validation masks training items; test also masks validation items
         for split in splits:
             mask = seen | (dense_rows(data.valid, rows) > 0) if split == "test" else seen
             target = dense_rows(getattr(data, split), rows)
             sums, n = topk_metric_sums(scores.masked_fill(mask, float("-inf")), target, ks)
             acc[split].add(sums, n)
-    model.train(was_training)
     out: dict[str, dict] = {s: acc[s].result() for s in splits}
     out["_sums"] = {s: {"sums": acc[s].sums, "users": acc[s].users} for s in splits}
     return out

@@ -60,7 +60,19 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     view, cfg, model, _ = _prepare(msg, context)
-    res = evaluate_model(model, view.data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=view.users)
+    steps = int(cfg.federation.get("personalize_steps", 0) or 0)
+    if steps > 0:  # personalised evaluation: a few local steps per user before scoring
+        from fedrec.eval.metrics import evaluate_scores
+        from fedrec.federated.cross_device import LocalTraining, personalised_scorer
+
+        fed = cfg.federation
+        local = LocalTraining(optimizer=str(fed.local_optimizer), lr=float(fed.local_lr), local_epochs=steps,
+                              memory_budget_gb=float(fed.get("memory_budget_gb", 2.0)))
+        score = personalised_scorer(model, view.data, view.users, local, int(cfg.seed),
+                                    10**6 + int(msg.content["config"]["fedrec-round"]))
+        res = evaluate_scores(score, view.data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=view.users)
+    else:
+        res = evaluate_model(model, view.data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=view.users)
     values: dict[str, float | int] = {"num-examples": max(1, len(view.users))}
     for split, agg in res["_sums"].items():
         values[f"{split}/users"] = agg["users"]

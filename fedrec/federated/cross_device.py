@@ -210,3 +210,60 @@ def _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, ro
     mean = {n: g0[n] - local.lr * grads[n] / wsum for n in g0}
     return UserUpdates(users=users, weights=weights, mean=mean, per_user=None,
                        private={n: torch.cat(v) for n, v in new_private.items()}, loss=loss_acc / wsum)
+
+
+def personalised_scorer(model: Recommender, data, users: np.ndarray, local: LocalTraining, seed: int,
+                        round_: int):
+    """Scores from per-user models: each user first takes ``local.local_epochs`` steps on its own data.
+
+    Returns ``score_fn(user_ids, rows)`` for ``evaluate_scores``; the personalised parameters never
+    leave the node and are discarded after scoring.
+    """
+    private_names = sorted(model.private_parameter_names())
+    params = dict(model.named_parameters())
+    counts = np.diff(data.train.indptr)[users]
+    trainable = users[counts > 0]
+    rows = torch.from_numpy(data.train[trainable].toarray().astype(np.float32))
+    private_rows = {n: params[n].detach()[trainable].clone() for n in private_names}
+    upd = train_users(model, trainable, rows, torch.ones(len(trainable)), private_rows, local, seed,
+                      round_, per_user=True)
+    where = {int(u): i for i, u in enumerate(trainable)}
+    wrapper = _Scores(model)
+    buffers = {f"m.{k}": v for k, v in model.named_buffers()}
+
+    def one(gparams, pparams, x):
+        state = {f"m.{k}": v for k, v in gparams.items()}
+        state.update({f"m.{k}": v.unsqueeze(0) for k, v in pparams.items()})
+        return functional_call(wrapper, {**state, **buffers}, (x.unsqueeze(0),))[0]
+
+    vscore = vmap(one, in_dims=(0, 0, 0), randomness="error")
+    chunk = local.chunk_for(sum(v[0].numel() for v in upd.per_user.values()))
+
+    @torch.no_grad()
+    def score(user_ids: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+        model.eval()
+        out = torch.empty(len(user_ids), x.shape[1])
+        has = np.array([int(u) in where for u in user_ids])
+        if (~has).any():  # users without training data keep the global model
+            from fedrec.models.base import Batch
+
+            out[torch.from_numpy(~has)] = model.scores(Batch(users=torch.as_tensor(user_ids[~has]), x=x[~has]))
+        idx = np.flatnonzero(has)
+        for start in range(0, len(idx), chunk):
+            sel = idx[start:start + chunk]
+            pos = [where[int(u)] for u in user_ids[sel]]
+            g = {n: v[pos] for n, v in upd.per_user.items()}
+            p = {n: v[pos] for n, v in upd.private.items()}
+            out[torch.from_numpy(sel)] = vscore(g, p, x[sel])
+        return out
+
+    return score
+
+
+class _Scores(torch.nn.Module):
+    def __init__(self, model: Recommender):
+        super().__init__()
+        self.m = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m.scores(Batch(users=torch.zeros(x.shape[0], dtype=torch.long), x=x))

@@ -33,9 +33,13 @@ def uses_client_evaluation(cfg, model) -> bool:
     mode = cfg.federation.get("evaluation", "auto")
     if mode not in ("auto", "server", "clients"):
         raise ConfigError(f"federation.evaluation: expected auto, server or clients, got {mode!r}")
-    if mode == "server" and model.private_parameter_names():
-        raise ConfigError("federation.evaluation: 'server' is impossible for a model with private parameters")
-    return mode == "clients" or (mode == "auto" and bool(model.private_parameter_names()))
+    personal = int(cfg.federation.get("personalize_steps", 0) or 0) > 0
+    if personal and cfg.federation.mode != "device":
+        raise ConfigError("federation.personalize_steps: personalised evaluation needs federation=device")
+    if mode == "server" and (model.private_parameter_names() or personal):
+        raise ConfigError("federation.evaluation: 'server' is impossible with private parameters or "
+                          "personalised evaluation (only the nodes hold them)")
+    return mode == "clients" or (mode == "auto" and (bool(model.private_parameter_names()) or personal))
 
 
 def _split_metrics(record: MetricRecord | None) -> dict:
