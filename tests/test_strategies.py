@@ -122,9 +122,12 @@ def test_bad_update_rejected_and_counted(bad):
     msgs = start_round(s, g)
     replies = [reply(msgs[0], *good[0]), reply(msgs[1], bad_arrays, bad_n), reply(msgs[2], *good[1])]
     got, _ = s.aggregate_train(1, replies)
-    assert s.last_train["rejected-updates"] == 1
+    if bad == "zero-examples":  # a node none of whose users trained: skipped, not an attack
+        assert s.last_train["empty-replies"] == 1 and s.last_train["rejected-updates"] == 0
+    else:
+        assert s.last_train["rejected-updates"] == 1
+        assert len(s.last_train["rejected-reasons"]) == 1
     assert s.last_train["clients"] == 2
-    assert len(s.last_train["rejected-reasons"]) == 1
     for k in SHAPES:
         np.testing.assert_array_equal(got[k].numpy(), want[k].numpy())
 
@@ -136,7 +139,7 @@ def test_all_updates_rejected_gives_no_arrays():
     bad = _bad_updates(rng)
     arrays, metrics = s.aggregate_train(1, [reply(m, *bad[k]) for m, k in zip(msgs, ["nan", "shape"])])
     assert arrays is None and metrics is None
-    assert s.last_train == {"clients": 0, "rejected-updates": 2,
+    assert s.last_train == {"clients": 0, "rejected-updates": 2, "empty-replies": 0,
                             "rejected-reasons": s.last_train["rejected-reasons"]}
 
 
@@ -352,4 +355,27 @@ def test_reply_without_arrays_is_rejected():
     no_arrays = Message(RecordDict({"metrics": MetricRecord({"num-examples": 3})}), reply_to=msgs[1])
     arrays, _ = s.aggregate_train(1, [reply(msgs[0], make_arrays(rng), 3), no_arrays])
     assert arrays is not None
+    assert s.last_train["rejected-updates"] == 1
+
+
+def test_per_user_upload_rejects_bad_users_and_averages_the_rest():
+    """A node's stacked per-user reply: NaN users are dropped, the rest weighted as flat clients."""
+    from flwr.app import Array
+
+    rng = np.random.default_rng(7)
+    s = fedavg()
+    msgs = start_round(s, make_arrays(rng))
+    per_user = {k: rng.standard_normal((3, *shape)).astype(np.float32) for k, shape in SHAPES.items()}
+    per_user["enc.bias"][1, 0] = np.nan  # user 1 is corrupt
+    w = np.array([1.0, 5.0, 3.0])
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in per_user.items()}),
+        "user-weights": ArrayRecord({"weights": Array(w)}),
+        "metrics": MetricRecord({"num-examples": float(w.sum()), "per-user": 1}),
+    })
+    got, _ = s.aggregate_train(1, [Message(content, reply_to=msgs[0])])
+    keep = np.array([0, 2])
+    for k in SHAPES:
+        want = (per_user[k][keep] * (w[keep] / w[keep].sum()).reshape(-1, *([1] * len(SHAPES[k])))).sum(0)
+        np.testing.assert_allclose(got[k].numpy(), want, rtol=1e-6)
     assert s.last_train["rejected-updates"] == 1
