@@ -20,4 +20,4 @@ run: $(VENV)/.installed
 	$(PY) -m simulations.run $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -q $(PYTEST_ARGS)

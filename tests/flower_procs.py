@@ -46,7 +46,9 @@ def flower_env(home: Path, link_port: int) -> dict:
     home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n')
-    return dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+    # Flower's processes start their helpers (flower-superexec, ...) by name: put this venv first.
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    return dict(os.environ, PATH=path, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                 FLWR_DISABLE_UPDATE_CHECK="1")
 
 
@@ -75,7 +77,7 @@ def processes():
                 os.killpg(p.pid, signal.SIGKILL)
 
 
-def flwr_run(env: dict, overrides: str, run_dir: Path, extra: list[str] = (), timeout: float = 400) -> dict:
+def flwr_run(env: dict, overrides: str, run_dir: Path, extra: list[str] = (), timeout: float = 300) -> dict:
     res = subprocess.run(
         [str(BIN / "flwr"), "run", str(REPO), "test", "--stream", *extra,
          "--run-config", f'overrides="{overrides}" run-dir="{run_dir}"'],
