@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from fedrec.errors import ConfigError
 from fedrec.eval import evaluate_model
 from fedrec.models import build_model, data_shape
 from fedrec.recorder import Recorder
@@ -33,9 +34,24 @@ def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> No
         recorder.load_state(resume["recorder"])
         start = resume["round"]
     ks = list(cfg.eval.ks)
+    private = None
+    if cfg.get("privacy") is not None and cfg.privacy.name == "dpsgd":
+        from fedrec.privacy.dpsgd import DPSGDTrainer, dpsgd_config
+
+        if resume is not None:
+            raise ConfigError("resume: resuming a DP-SGD run is not supported (the accountant's history "
+                              "would restart); start it again")
+        private = DPSGDTrainer(model, optimizer, rows, int(cfg.model.optim.batch_size), dpsgd_config(cfg.privacy),
+                               int(cfg.train.epochs), int(cfg.seed))
+        recorder.extra["privacy"] = {"mechanism": "dpsgd", "grad_sample_mode": private.mode,
+                                     "noise_multiplier": private.noise_multiplier, "delta": private.delta}
     for epoch in range(start + 1, cfg.train.epochs + 1):
         t0 = time.perf_counter()
-        stats = train_epoch(model, optimizer, rows, int(cfg.model.optim.batch_size), rng)
+        if private is not None:
+            stats = private.epoch()
+            recorder.extra["privacy"]["epsilon"] = stats["epsilon"]
+        else:
+            stats = train_epoch(model, optimizer, rows, int(cfg.model.optim.batch_size), rng)
         train_s = time.perf_counter() - t0
         evaluation = eval_s = None
         if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:

@@ -45,6 +45,15 @@ def validate(cfg: DictConfig) -> None:
     metric, _, k = str(cfg.train.select_metric).partition("@")
     if metric not in ("recall", "ndcg", "hr", "precision", "mrr") or not k.isdigit() or int(k) not in list(cfg.eval.ks):
         raise ConfigError(f"train.select_metric: {cfg.train.select_metric!r} must be <metric>@K with K in eval.ks")
+    privacy = cfg.get("privacy", {}).get("name", "none")
+    if privacy not in ("none", "dpsgd"):
+        raise ConfigError(f"privacy.name: unknown mechanism {privacy!r}; expected none or dpsgd")
+    if privacy == "dpsgd":
+        from fedrec.privacy.dpsgd import dpsgd_config
+
+        dpsgd_config(cfg.privacy)
+        if mode != "none":
+            raise ConfigError("privacy=dpsgd: local DP-SGD runs on the centralised trainer (federation=none) so far")
     if mode != "none":
         if int(cfg.federation.num_nodes) < 1:
             raise ConfigError(f"federation.num_nodes: must be >= 1, got {cfg.federation.num_nodes}")

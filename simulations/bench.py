@@ -12,6 +12,8 @@ diffrec-speed
     on the same data, model and thread count. Default data: ``dataset=diffrec-ml-1m-clean``.
     ``bench.repeats`` (2), ``bench.train_threads`` (1), ``bench.eval_threads`` (0 = torch default),
     ``bench.reference_eval`` (true).
+dp-step
+    DiffRec training step, plain AdamW vs DP-SGD with Opacus ghost clipping (``bench.steps``, 10).
 inference-steps
     Test metrics and evaluation seconds of a trained run for fewer-step (DDIM) inference.
     ``bench.run=<run folder>`` (required; uses its config and best checkpoint),
@@ -232,7 +234,66 @@ def bench_cross_device_round(overrides: list[str], opts: dict) -> None:
          ratio=round(statistics.median(t_dev) / statistics.median(t_cen), 2), peak_rss_gb=_peak_rss_gb())
 
 
-BENCHMARKS = {"diffrec-speed": bench_diffrec_speed, "inference-steps": bench_inference_steps,
+def bench_dp_step(overrides: list[str], opts: dict) -> None:
+    """DiffRec training step: plain AdamW vs DP-SGD (Opacus, ghost clipping), alternating, same batch size."""
+    from fedrec.config import compose
+    from fedrec.data import load_dataset
+    from fedrec.models import build_model, data_shape
+    from fedrec.privacy.dpsgd import DPSGDTrainer, dpsgd_config
+    from fedrec.train import TrainRows, make_optimizer
+
+    cfg = compose(["dataset=diffrec-ml-1m-clean", "model=diffrec", "federation=none", "privacy=dpsgd", *overrides])
+    data = load_dataset(cfg.dataset, int(cfg.seed))
+    rows = TrainRows(data.train, np.arange(data.n_users))
+    bs = int(cfg.model.optim.batch_size)
+    steps = int(opts.get("steps", 10))
+    torch.manual_seed(0)
+    plain = build_model(cfg.model, data_shape(data))
+    plain_opt = make_optimizer(plain, cfg.model.optim)
+    private = build_model(cfg.model, data_shape(data))
+    dp = DPSGDTrainer(private, make_optimizer(private, cfg.model.optim), rows, bs, dpsgd_config(cfg.privacy),
+                      int(cfg.train.epochs), int(cfg.seed))
+    rng = np.random.default_rng(0)
+
+    def plain_step():
+        b = rows.batch(rng.choice(len(rows), bs, replace=False))
+        loss = plain.loss(b).mean()
+        plain_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        plain_opt.step()
+
+    dp_iter = iter(dp.loader)
+    sizes = []
+
+    def dp_step():
+        nonlocal dp_iter
+        try:
+            (idx,) = next(dp_iter)
+        except StopIteration:
+            dp_iter = iter(dp.loader)
+            (idx,) = next(dp_iter)
+        sizes.append(len(idx))
+        b = rows.batch(idx.numpy())
+        loss = dp.criterion(dp.module(b.users, b.x)) if dp.criterion is not None else dp.module(b.users, b.x).mean()
+        loss.backward()
+        dp.optimizer.step()
+        dp.optimizer.zero_grad(set_to_none=True)
+
+    plain.train()
+    dp.module.train()
+    for fn in (plain_step, dp_step):  # warm-up
+        fn()
+    t_plain, t_dp = [], []
+    for _ in range(steps):
+        t_plain.append(_timed(plain_step))
+        t_dp.append(_timed(dp_step))
+    p, d = statistics.median(t_plain), statistics.median(t_dp)
+    emit(bench="dp-step", dataset=cfg.dataset.name, batch_size=bs, mean_dp_batch=round(float(np.mean(sizes)), 1),
+         grad_sample_mode=dp.mode, threads=torch.get_num_threads(), plain_step_s=round(p, 4), dp_step_s=round(d, 4),
+         ratio=round(d / p, 2))
+
+
+BENCHMARKS = {"dp-step": bench_dp_step, "diffrec-speed": bench_diffrec_speed, "inference-steps": bench_inference_steps,
               "cross-device": bench_cross_device, "cross-device-round": bench_cross_device_round}
 
 
