@@ -46,8 +46,17 @@ def validate(cfg: DictConfig) -> None:
     if metric not in ("recall", "ndcg", "hr", "precision", "mrr") or not k.isdigit() or int(k) not in list(cfg.eval.ks):
         raise ConfigError(f"train.select_metric: {cfg.train.select_metric!r} must be <metric>@K with K in eval.ks")
     privacy = cfg.get("privacy", {}).get("name", "none")
-    if privacy not in ("none", "dpsgd"):
-        raise ConfigError(f"privacy.name: unknown mechanism {privacy!r}; expected none or dpsgd")
+    if privacy not in ("none", "dpsgd", "user_dp"):
+        raise ConfigError(f"privacy.name: unknown mechanism {privacy!r}; expected none, dpsgd or user_dp")
+    if privacy == "user_dp":
+        from strategies.user_dp import user_dp_config
+
+        user_dp_config(cfg.privacy)
+        if mode != "device" or cfg.federation.get("sampling") != "poisson":
+            raise ConfigError("privacy=user_dp: needs federation=device with federation.sampling=poisson "
+                              "(each user a client, sampled independently for the amplification analysis)")
+        if cfg.strategy.name != "fedavg":
+            raise ConfigError("privacy=user_dp: implemented on FedAvg aggregation (strategy=fedavg)")
     if privacy == "dpsgd":
         from fedrec.privacy.dpsgd import dpsgd_config
 

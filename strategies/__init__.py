@@ -229,7 +229,7 @@ STRATEGIES = {"fedavg": FedrecFedAvg, "fedprox": FedrecFedProx, "fedadam": Fedre
 
 
 def build_strategy(cfg_strategy, *, num_nodes: int, fraction: float, seed: int, client_evaluation: bool,
-                   round_offset: int = 0) -> FedrecMixin:
+                   round_offset: int = 0, cls=None) -> FedrecMixin:
     """A configured strategy from ``conf/strategy/<name>.yaml`` (keys = the Flower constructor's)."""
     from omegaconf import OmegaConf
 
@@ -240,7 +240,7 @@ def build_strategy(cfg_strategy, *, num_nodes: int, fraction: float, seed: int, 
     if not 0 < fraction <= 1:
         raise ConfigError(f"federation.fraction: must be in (0, 1], got {fraction}")
     try:
-        strategy = STRATEGIES[name](fraction_evaluate=1.0 if client_evaluation else 0.0,
+        strategy = (cls or STRATEGIES[name])(fraction_evaluate=1.0 if client_evaluation else 0.0,
                                     evaluate_metrics_aggr_fn=exact_metric_mean, **params)
     except TypeError as e:
         raise ConfigError(f"strategy: {e}") from None

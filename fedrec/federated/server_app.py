@@ -63,8 +63,22 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
     client_eval = uses_client_evaluation(cfg, model)
     start = 0
     initial = global_arrays(model)
+    user_dp = cfg.get("privacy") is not None and cfg.privacy.name == "user_dp"
+    dp_cls = None
+    if user_dp:
+        from strategies.user_dp import UserDPFedAvg
+
+        dp_cls = UserDPFedAvg
     strategy = build_strategy(cfg.strategy, num_nodes=int(fed.num_nodes), fraction=float(fed.fraction),
-                              seed=int(cfg.seed), client_evaluation=client_eval)
+                              seed=int(cfg.seed), client_evaluation=client_eval, cls=dp_cls)
+    if user_dp:
+        from fedrec.federated.device_node import sampling_threshold
+        from strategies.user_dp import user_dp_config
+
+        strategy.setup_dp(user_dp_config(cfg.privacy), n_users=data.n_users,
+                          sample_rate=sampling_threshold(fed, data.n_users, int(cfg.seed), 1), seed=int(cfg.seed))
+        recorder.extra["privacy"] = {"mechanism": "user_dp", "noise_multiplier": float(cfg.privacy.noise_multiplier),
+                                     "delta": strategy.delta, "sample_rate": strategy.q, "epsilon": 0.0}
     if fed.mode == "device":
         from fedrec.federated.device_node import sampling_threshold
 
@@ -94,6 +108,8 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
             t0 = time.perf_counter()
             evaluation = evaluate_model(model, data, ks, int(cfg.eval.batch_size))
             eval_s = time.perf_counter() - t0
+        if user_dp:
+            recorder.extra["privacy"]["epsilon"] = strategy.epsilon()
         recorder.record(rnd, strategy.last_train, strategy.last_train_s, evaluation, eval_s,
                         lambda: {"arrays": arrays.to_torch_state_dict(), "strategy": strategy.state()})
         if evaluation is None:
@@ -103,9 +119,14 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
     if rounds - start <= 0:
         return
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    strategy.start(grid, initial, num_rounds=rounds - start, timeout=float(fed.get("round_timeout", 3600)),
-                   train_config=ConfigRecord({CONFIG_KEY: cfg_yaml}),
-                   evaluate_config=ConfigRecord({CONFIG_KEY: cfg_yaml}), evaluate_fn=evaluate_fn)
+    try:
+        strategy.start(grid, initial, num_rounds=rounds - start, timeout=float(fed.get("round_timeout", 3600)),
+                       train_config=ConfigRecord({CONFIG_KEY: cfg_yaml}),
+                       evaluate_config=ConfigRecord({CONFIG_KEY: cfg_yaml}), evaluate_fn=evaluate_fn)
+    except Exception as e:  # the privacy budget ends a run cleanly; every recorded round is kept
+        if type(e).__name__ != "PrivacyBudgetExhausted":
+            raise
+        recorder.extra["stopped"] = str(e)
 
 
 app = ServerApp()

@@ -45,6 +45,6 @@ def simulate(cfg, data, recorder: Recorder, resume: dict | None = None) -> None:
                    backend_config=backend_config, verbose_logging=bool(cfg.get("verbose", False)))
     if failure:
         raise failure[0]
-    if recorder.rounds_done < int(fed.rounds):
+    if recorder.rounds_done < int(fed.rounds) and "stopped" not in recorder.extra:
         raise RuntimeError(f"the federation stopped after round {recorder.rounds_done} of {fed.rounds}; "
                            "see the Flower log above")
