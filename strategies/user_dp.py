@@ -37,7 +37,8 @@ class PrivacyBudgetExhausted(Exception):
 
 @dataclass
 class UserDPConfig:
-    noise_multiplier: float = 1.0  # z: noise std / clipping bound
+    noise_multiplier: float | None = 1.0  # z: noise std / clipping bound (None: from target_epsilon)
+    target_epsilon: float | None = None  # calibrate z to reach this epsilon after all rounds (inf: z = 0)
     clip: float = 1.0  # C: initial per-user update bound
     adaptive_clip: bool = False
     target_quantile: float = 0.5  # gamma: share of users to leave unclipped
@@ -48,7 +49,11 @@ class UserDPConfig:
     accountant: str = "rdp"  # rdp | prv
 
     def __post_init__(self):
-        if self.noise_multiplier < 0:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ConfigError("privacy.noise_multiplier/target_epsilon: set exactly one of them")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            raise ConfigError(f"privacy.target_epsilon: must be positive, got {self.target_epsilon}")
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
             raise ConfigError(f"privacy.noise_multiplier: must be >= 0, got {self.noise_multiplier}")
         if self.clip <= 0:
             raise ConfigError(f"privacy.clip: must be positive, got {self.clip}")
@@ -72,9 +77,18 @@ def user_dp_config(cfg) -> UserDPConfig:
 class UserDPFedAvg(FedrecFedAvg):
     needs_per_user_updates = True
 
-    def setup_dp(self, cfg: UserDPConfig, *, n_users: int, sample_rate: float, seed: int) -> None:
-        from opacus.accountants import PRVAccountant, RDPAccountant
+    def setup_dp(self, cfg: UserDPConfig, *, n_users: int, sample_rate: float, seed: int, rounds: int = 1) -> None:
+        from dataclasses import replace
 
+        from opacus.accountants import PRVAccountant, RDPAccountant
+        from opacus.accountants.utils import get_noise_multiplier
+
+        delta = cfg.delta if cfg.delta is not None else 1.0 / n_users
+        if cfg.target_epsilon is not None:
+            z = 0.0 if math.isinf(cfg.target_epsilon) else get_noise_multiplier(
+                target_epsilon=cfg.target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=rounds,
+                accountant=cfg.accountant)
+            cfg = replace(cfg, noise_multiplier=float(z), target_epsilon=None)
         self.dp = cfg
         self.q = sample_rate
         self.n_users = n_users
@@ -93,6 +107,8 @@ class UserDPFedAvg(FedrecFedAvg):
         self.noise_rng = np.random.default_rng([seed, 7])
 
     def epsilon(self) -> float:
+        if self.dp.noise_multiplier == 0:
+            return math.inf
         if not self.accountant.history:
             return 0.0
         return float(self.accountant.get_epsilon(self.delta))

@@ -76,8 +76,9 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
         from strategies.user_dp import user_dp_config
 
         strategy.setup_dp(user_dp_config(cfg.privacy), n_users=data.n_users,
-                          sample_rate=sampling_threshold(fed, data.n_users, int(cfg.seed), 1), seed=int(cfg.seed))
-        recorder.extra["privacy"] = {"mechanism": "user_dp", "noise_multiplier": float(cfg.privacy.noise_multiplier),
+                          sample_rate=sampling_threshold(fed, data.n_users, int(cfg.seed), 1), seed=int(cfg.seed),
+                          rounds=int(fed.rounds))
+        recorder.extra["privacy"] = {"mechanism": "user_dp", "noise_multiplier": strategy.dp.noise_multiplier,
                                      "delta": strategy.delta, "sample_rate": strategy.q, "epsilon": 0.0}
     if fed.mode == "device":
         from fedrec.federated.device_node import sampling_threshold

@@ -20,6 +20,7 @@ otherwise; a model neither supports fails with an error naming the layer.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,7 @@ from fedrec.models.base import Batch, Recommender
 @dataclass
 class DPSGDConfig:
     noise_multiplier: float | None = 1.0  # sigma; null when target_epsilon is set
-    target_epsilon: float | None = None  # calibrate sigma to reach this epsilon after train.epochs
+    target_epsilon: float | None = None  # calibrate sigma to reach this epsilon after train.epochs (inf: no noise)
     max_grad_norm: float = 1.0  # per-user clipping bound C
     delta: float | None = None  # null: 1 / number of training users
     accountant: str = "prv"  # prv | rdp
@@ -142,7 +143,9 @@ class DPSGDTrainer:
                       poisson_sampling=True, grad_sample_mode=mode)
         if mode == "ghost":
             common["criterion"] = PerExampleLoss()
-        if cfg.target_epsilon is not None:
+        if cfg.target_epsilon is not None and math.isinf(cfg.target_epsilon):
+            out = self.engine.make_private(noise_multiplier=0.0, **common)  # epsilon = inf: clipping only
+        elif cfg.target_epsilon is not None:
             out = self.engine.make_private_with_epsilon(target_epsilon=cfg.target_epsilon, target_delta=self.delta,
                                                         epochs=epochs, **common)
         else:
@@ -182,4 +185,6 @@ class DPSGDTrainer:
                 "noise_multiplier": self.noise_multiplier}
 
     def epsilon(self) -> float:
+        if self.noise_multiplier == 0:
+            return math.inf
         return float(self.engine.get_epsilon(self.delta))

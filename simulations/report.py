@@ -1,0 +1,111 @@
+"""``python -m simulations.report <multirun dir>``: many run folders -> one table and a plot.
+
+Reads every ``*/summary.json`` with its ``config.yaml`` under the folder (a Hydra multirun), writes
+``report.csv`` and ``report.md`` (one row per run: mechanism, model, target and achieved epsilon,
+test metrics, wall time) and ``privacy_accuracy.png`` (epsilon vs test NDCG@20, one line per
+mechanism and model; the non-private point is drawn at the right edge, labelled inf) into the folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+COLUMNS = ["run", "mechanism", "model", "federation", "target_epsilon", "epsilon", "test_ndcg@20",
+           "test_recall@20", "valid_ndcg@20", "best_round", "rounds", "wall_s", "stopped"]
+
+
+def collect(root: Path) -> list[dict]:
+    rows = []
+    for summary_path in sorted(root.rglob("summary.json")):
+        run = summary_path.parent
+        s = json.loads(summary_path.read_text())
+        cfg = OmegaConf.load(run / "config.yaml")
+        priv = s.get("privacy") or {}
+        target = cfg.get("sweep", {}).get("epsilon", math.inf)
+        rows.append({
+            "run": str(run.relative_to(root)),
+            "mechanism": priv.get("mechanism", cfg.get("privacy", {}).get("name", "none")),
+            "model": s.get("model"), "federation": s.get("federation"),
+            "target_epsilon": float(target) if target is not None else math.inf,
+            "epsilon": float(priv["epsilon"]) if priv.get("epsilon") is not None else math.inf,
+            "test_ndcg@20": s["test"].get("ndcg@20"), "test_recall@20": s["test"].get("recall@20"),
+            "valid_ndcg@20": s["valid"].get("ndcg@20"), "best_round": s.get("best_round"),
+            "rounds": s.get("rounds"), "wall_s": round(float(s.get("wall_s", 0)), 1), "stopped": s.get("stopped", ""),
+        })
+    return rows
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "inf" if math.isinf(v) else f"{v:.4f}"
+    return "" if v is None else str(v)
+
+
+def write_table(rows: list[dict], root: Path) -> None:
+    rows = sorted(rows, key=lambda r: (r["mechanism"], r["model"], r["target_epsilon"]))
+    with open(root / "report.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r[k]) for k in COLUMNS})
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[k]) for k in COLUMNS) + " |" for r in rows]
+    (root / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], root: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = [r["target_epsilon"] for r in rows if not math.isinf(r["target_epsilon"])]
+    inf_x = (max(finite) * 2) if finite else 1.0
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["mechanism"], r["model"]), []).append(r)
+    for (mech, model), rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r["target_epsilon"])
+        xs = [inf_x if math.isinf(r["target_epsilon"]) else r["target_epsilon"] for r in rs]
+        ax.plot(xs, [r["test_ndcg@20"] for r in rs], marker="o", label=f"{mech} / {model}")
+    ax.set_xscale("log")
+    ticks = sorted(set(finite)) + [inf_x]
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{t:g}" for t in sorted(set(finite))] + ["inf"])
+    ax.set_xlabel("privacy budget epsilon (target)")
+    ax.set_ylabel("test NDCG@20")
+    ax.set_title("Privacy-accuracy trade-off")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = root / "privacy_accuracy.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m simulations.report <multirun dir>", file=sys.stderr)
+        return 2
+    root = Path(argv[0])
+    rows = collect(root) if root.is_dir() else []
+    if not rows:
+        print(f"error: {root}: no run folder with summary.json found", file=sys.stderr)
+        return 2
+    write_table(rows, root)
+    png = plot(rows, root)
+    print((root / "report.md").read_text())
+    print(f"table: {root / 'report.csv'}, {root / 'report.md'}; plot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
