@@ -18,6 +18,9 @@ OPTIONS = sorted((p.parent.name, p.stem) for p in Path(CONF_DIR).glob("*/*.yaml"
 DEFAULT_GROUPS = {k for d in OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").defaults)
                   if isinstance(d, dict) for k in d}
 NOT_IMPLEMENTED: set = set()
+# options that only validate together with others (the mechanism/ sweep points bundle them)
+COMPANIONS = {("privacy", "dpsgd"): ["federation=none"],
+              ("privacy", "user_dp"): ["federation=device", "federation.sampling=poisson"]}
 
 
 def test_groups_found():
@@ -40,7 +43,8 @@ def test_option_composes_and_validates(group, name):
         cfg = compose([f"{group}={name}" if group in DEFAULT_GROUPS else f"+{group}={name}"])
         validate(cfg)
         return
-    cfg = compose([f"{group}={name}" if group in DEFAULT_GROUPS else f"+{group}={name}"])
+    cfg = compose([f"{group}={name}" if group in DEFAULT_GROUPS else f"+{group}={name}",
+                   *COMPANIONS.get((group, name), [])])
     node = cfg[group]
     # the composed group is the file's content
     assert OmegaConf.to_container(node) == OmegaConf.to_container(OmegaConf.load(path))
@@ -107,3 +111,9 @@ def test_compose_is_repeatable():
     a = compose(["seed=3"])
     b = compose(["seed=3"])
     assert a == b and a.seed == 3
+
+
+@pytest.mark.parametrize("name,needs", [("dpsgd", "federation=none"), ("user_dp", "federation=device")])
+def test_privacy_mechanism_rejects_wrong_federation(name, needs):
+    with pytest.raises(ConfigError, match=f"privacy={name}"):
+        validate(compose([f"privacy={name}"]))
