@@ -89,7 +89,11 @@ class FedrecMixin:
         if self.user_threshold is not None:
             cfg["fedrec-user-threshold"] = float(self.user_threshold(rnd))
             cfg["fedrec-per-user"] = int(self.needs_per_user_updates or self.per_user_uploads)
+        if self.node_clip is not None:  # user-level DP: nodes clip each user's update and send the sum
+            cfg["fedrec-clip"] = float(self.node_clip)
         return cfg
+
+    node_clip = None  # set by user-level DP strategies
 
     per_user_uploads = False  # federation.upload=per_user forces per-user replies
 

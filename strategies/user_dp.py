@@ -3,7 +3,8 @@
 The privacy unit is the user; in cross-device mode every user is a client. Each round, in order:
 
 1. users are Poisson-sampled with probability q inside the nodes (``federation.sampling=poisson``);
-2. every sampled user's update (its trained model minus the global model) is clipped to L2 norm C;
+2. on its node, every sampled user's update (its trained model minus the global model) is clipped to
+   L2 norm C, and only the sum of clipped updates is uploaded (the server never sees one user's update);
 3. the clipped updates are summed, Gaussian noise N(0, (z C)^2) is added to each coordinate, and
    the sum is divided by the *expected* number of users q N (a fixed denominator, so one user
    changes the average by at most C / (q N));
@@ -75,7 +76,8 @@ def user_dp_config(cfg) -> UserDPConfig:
 
 
 class UserDPFedAvg(FedrecFedAvg):
-    needs_per_user_updates = True
+    """Nodes clip every sampled user's update to ``clip`` and upload only the sum of clipped updates
+    (as DP-FedAvg's clients clip locally); the server adds the noise and divides by q N."""
 
     def setup_dp(self, cfg: UserDPConfig, *, n_users: int, sample_rate: float, seed: int, rounds: int = 1) -> None:
         from dataclasses import replace
@@ -95,6 +97,7 @@ class UserDPFedAvg(FedrecFedAvg):
         self.expected_users = sample_rate * n_users
         self.delta = cfg.delta if cfg.delta is not None else 1.0 / n_users
         self.clip = cfg.clip
+        self.node_clip = self.clip
         self.sigma_b = cfg.count_noise if cfg.count_noise is not None else self.expected_users / 20.0
         z = cfg.noise_multiplier
         if cfg.adaptive_clip and z > 0:
@@ -137,27 +140,28 @@ class UserDPFedAvg(FedrecFedAvg):
         users = unclipped = rejected = 0
         for msg in replies:
             metrics = msg.content.metric_records.get("metrics")
-            arrays = msg.content.array_records.get(self.arrayrecord_key)
-            if metrics is None or float(metrics.get(self.weighted_by_key, 0)) == 0 or arrays is None:
+            if metrics is None or not int(metrics.get("clipped-sum", 0)):
+                rejected += 1  # DP needs clipped sums; anything else is dropped, not aggregated
                 continue
-            stacked = {k: a.numpy().astype(np.float64) for k, a in arrays.items()}
-            if set(stacked) != set(self._global) or not int(metrics.get("per-user", 0)):
+            rejected += int(metrics.get("rejected-users", 0))
+            if float(metrics.get(self.weighted_by_key, 0)) == 0:
+                continue
+            arrays = msg.content.array_records.get(self.arrayrecord_key)
+            sums = {k: a.numpy().astype(np.float64) for k, a in arrays.items()} if arrays is not None else {}
+            if set(sums) != set(self._global) or any(v.shape != self._global[k].shape for k, v in sums.items()) \
+                    or not all(np.isfinite(v).all() for v in sums.values()):
                 rejected += 1
                 continue
-            n = next(iter(stacked.values())).shape[0]
-            if any(v.shape != (n, *self._global[k].shape) for k, v in stacked.items()):
-                rejected += n
+            # a node's clipped sum over n users has norm <= n C; anything larger was not clipped
+            n = float(metrics[self.weighted_by_key])
+            norm = math.sqrt(sum(float((v ** 2).sum()) for v in sums.values()))
+            if norm > n * self.clip * (1 + 1e-4):
+                rejected += 1
                 continue
-            deltas = {k: v - self._global[k] for k, v in stacked.items()}
-            flat_sq = sum((d.reshape(n, -1) ** 2).sum(1) for d in deltas.values())
-            finite = np.isfinite(flat_sq)
-            rejected += int((~finite).sum())
-            norms = np.sqrt(np.where(finite, flat_sq, 0.0))
-            scale = np.where(finite, np.minimum(1.0, self.clip / np.maximum(norms, 1e-12)), 0.0)
-            for k, d in deltas.items():
-                total[k] += np.tensordot(scale, np.nan_to_num(d), axes=1)
-            users += int(finite.sum())
-            unclipped += int((finite & (norms <= self.clip)).sum())
+            for k, v in sums.items():
+                total[k] += v
+            users += int(n)
+            unclipped += int(metrics.get("unclipped-users", 0))
         z = self.dp.noise_multiplier
         std = self.z_update * self.clip
         new = {}
@@ -169,6 +173,7 @@ class UserDPFedAvg(FedrecFedAvg):
         if self.dp.adaptive_clip:
             b = (unclipped + (self.noise_rng.normal(0.0, self.sigma_b) if z > 0 else 0.0)) / self.expected_users
             self.clip *= math.exp(-self.dp.clip_lr * (b - self.dp.target_quantile))
+            self.node_clip = self.clip
         eps = self.epsilon()
         self.last_train = {"clients": sum(1 for m in replies if not m.has_error()), "users": users,
                            "rejected-updates": rejected, "clip": clip_used, "unclipped-share":
@@ -177,4 +182,4 @@ class UserDPFedAvg(FedrecFedAvg):
         return ArrayRecord({k: Array(v) for k, v in new.items()}), MetricRecord(
             {"users": float(users), "epsilon": eps})
 
-    STATE_ATTRS = FedrecFedAvg.STATE_ATTRS + ("clip", "accountant", "noise_rng")
+    STATE_ATTRS = FedrecFedAvg.STATE_ATTRS + ("clip", "node_clip", "accountant", "noise_rng")

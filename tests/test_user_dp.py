@@ -20,11 +20,18 @@ def _strategy(**dp):
     return s
 
 
-def _reply(to, stacked, weights):
+def _reply(to, stacked, clip, start):
+    """What a node sends under user-level DP: the sum of its users' clipped updates."""
+    import torch
+
+    from fedrec.federated.device_node import clipped_sum
+
+    sums, kept, unclipped, dropped = clipped_sum({k: torch.from_numpy(v.astype(np.float32)) for k, v in stacked.items()},
+                                                 {k: torch.from_numpy(v) for k, v in start.items()}, clip)
     return Message(RecordDict({
-        "arrays": ArrayRecord({k: Array(v.astype(np.float32)) for k, v in stacked.items()}),
-        "user-weights": ArrayRecord({"weights": Array(np.asarray(weights, np.float64))}),
-        "metrics": MetricRecord({"num-examples": float(np.sum(weights)), "per-user": 1}),
+        "arrays": ArrayRecord({k: Array(v.numpy()) for k, v in sums.items()}),
+        "metrics": MetricRecord({"num-examples": float(kept), "clipped-sum": 1, "unclipped-users": unclipped,
+                                 "rejected-users": dropped}),
     }), reply_to=to)
 
 
@@ -33,19 +40,36 @@ def test_clipped_noiseless_aggregate_matches_numpy():
     g = {"w": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
     s = _strategy(noise_multiplier=0.0, clip=0.5)
     msgs = list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in g.items()}), ConfigRecord(), FakeGrid(2)))
+    assert all(float(m.content["config"]["fedrec-clip"]) == 0.5 for m in msgs)
     users = [{k: g[k] + rng.standard_normal((5, *v.shape)) * 0.4 for k, v in g.items()} for _ in range(2)]
-    arrays, _ = s.aggregate_train(1, [_reply(m, u, np.ones(5)) for m, u in zip(msgs, users)])
-    # numpy reference: clip each user's delta to 0.5, sum, divide by q*N = 10
+    users[1]["w"][2, 0, 0] = np.nan  # a corrupt user is dropped on its node
+    arrays, _ = s.aggregate_train(1, [_reply(m, u, 0.5, g) for m, u in zip(msgs, users)])
+    # numpy reference: clip each finite user's delta to 0.5, sum, divide by q*N = 10
     total = {k: np.zeros_like(v, dtype=np.float64) for k, v in g.items()}
     for u in users:
         for i in range(5):
             d = {k: u[k][i].astype(np.float32).astype(np.float64) - g[k] for k in g}
             norm = math.sqrt(sum((v ** 2).sum() for v in d.values()))
+            if not np.isfinite(norm):
+                continue
             for k in g:
                 total[k] += d[k] * min(1.0, 0.5 / norm)
     for k in g:
         np.testing.assert_allclose(arrays[k].numpy(), g[k] + total[k] / 10.0, rtol=1e-5, atol=1e-6)
-    assert s.last_train["users"] == 10
+    assert s.last_train["users"] == 9 and s.last_train["rejected-updates"] == 1
+
+
+def test_unclipped_upload_is_rejected():
+    rng = np.random.default_rng(3)
+    g = {"w": np.zeros(4, np.float32)}
+    s = _strategy(noise_multiplier=0.0, clip=0.5)
+    msgs = list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in g.items()}), ConfigRecord(), FakeGrid(2)))
+    cheat = Message(RecordDict({"arrays": ArrayRecord({"w": Array(np.full(4, 10.0, np.float32))}),
+                                "metrics": MetricRecord({"num-examples": 2.0, "clipped-sum": 1})}), reply_to=msgs[0])
+    honest = _reply(msgs[1], {"w": rng.standard_normal((3, 4))}, 0.5, g)
+    arrays, _ = s.aggregate_train(1, [cheat, honest])
+    assert s.last_train["rejected-updates"] == 1 and s.last_train["users"] == 3
+    assert np.linalg.norm(arrays["w"].numpy()) <= 3 * 0.5 / 10 + 1e-6
 
 
 def _sgm_rdp(q: float, sigma: float, alpha: int) -> float:
@@ -95,5 +119,5 @@ def test_adaptive_clip_moves_towards_quantile():
     for r in range(1, 30):
         msgs = list(s.configure_train(r, ArrayRecord({k: Array(v) for k, v in g.items()}), ConfigRecord(), FakeGrid(2)))
         users = [{"w": rng.standard_normal((5, 8)) * 0.1} for _ in range(2)]  # norms ~ 0.28
-        s.aggregate_train(r, [_reply(m, u, np.ones(5)) for m, u in zip(msgs, users)])
+        s.aggregate_train(r, [_reply(m, u, s.node_clip, g) for m, u in zip(msgs, users)])
     assert 0.1 < s.clip < 1.0

@@ -88,8 +88,9 @@ def _train_device(msg: Message, context: Context, view, cfg, model) -> Message:
     params = dict(model.named_parameters())
     # Private tables are indexed by user; the node owns (and keeps) its users' rows only.
     private = {n: params[n].detach()[view.users].clone() for n in model.private_parameter_names()}
+    clip = float(conf["fedrec-clip"]) if "fedrec-clip" in conf else None
     result = device_round(model, cfg, view.data, view.users, private, int(conf["fedrec-round"]),
-                          float(conf["fedrec-user-threshold"]), bool(int(conf.get("fedrec-per-user", 0))))
+                          float(conf["fedrec-user-threshold"]), bool(int(conf.get("fedrec-per-user", 0))), clip)
     with torch.no_grad():
         for n, rows in result.private.items():
             params[n][view.users] = rows

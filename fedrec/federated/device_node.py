@@ -65,8 +65,24 @@ def cap_rows(rows: torch.Tensor, users: np.ndarray, cap: int | None, seed: int, 
     return rows * keep
 
 
+def clipped_sum(per_user: dict[str, torch.Tensor], start: dict[str, torch.Tensor], clip: float):
+    """Sum over users of (update clipped to L2 norm ``clip``); users with NaN/Inf updates are dropped.
+
+    Returns (sums, users kept, users whose update was within the bound, users dropped).
+    """
+    names = list(per_user)
+    n = per_user[names[0]].shape[0]
+    deltas = {k: (per_user[k] - start[k].unsqueeze(0)).double() for k in names}
+    sq = sum(d.reshape(n, -1).pow(2).sum(1) for d in deltas.values())
+    finite = torch.isfinite(sq)
+    norms = torch.sqrt(torch.where(finite, sq, torch.zeros_like(sq)))
+    scale = torch.where(finite, torch.clamp(clip / norms.clamp(min=1e-12), max=1.0), torch.zeros_like(sq))
+    sums = {k: torch.tensordot(scale, torch.nan_to_num(d), dims=1).float() for k, d in deltas.items()}
+    return sums, int(finite.sum()), int((finite & (norms <= clip)).sum()), int((~finite).sum())
+
+
 def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_state: dict[str, torch.Tensor],
-                 round_: int, threshold: float, per_user: bool) -> DeviceRound:
+                 round_: int, threshold: float, per_user: bool, clip: float | None = None) -> DeviceRound:
     fed, seed = cfg.federation, int(cfg.seed)
     counts = np.diff(data.train.indptr)[node_users]
     sampled = user_coins(seed, round_, node_users, STREAM_SAMPLE) <= threshold
@@ -92,7 +108,7 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
                           chunk_size=int(fed.chunk_size) if fed.get("chunk_size") else None,
                           memory_budget_gb=float(fed.get("memory_budget_gb", 2.0)))
     private_rows = {n: t[pos] for n, t in private_state.items()}
-    upd = train_users(model, users, rows, weights, private_rows, local, seed, round_, per_user)
+    upd = train_users(model, users, rows, weights, private_rows, local, seed, round_, per_user or clip is not None)
     new_private = {n: t.clone() for n, t in private_state.items()}
     for n, rows_n in upd.private.items():
         new_private[n][pos] = rows_n
@@ -101,7 +117,16 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
                "straggler-users": int(straggled.sum()), "empty-users": int(empty.sum()),
                "train-loss": upd.loss if len(users) else 0.0, "per-user": int(per_user)}
     content = RecordDict({"metrics": MetricRecord(metrics)})
-    if per_user:
+    if clip is not None:  # user-level DP: only the sum of clipped updates leaves the node
+        if len(users):
+            start = {n: p.detach() for n, p in model.named_parameters() if n in upd.per_user}
+            sums, kept, unclipped, dropped = clipped_sum(upd.per_user, start, clip)
+            content["arrays"] = ArrayRecord({n: Array(v.numpy()) for n, v in sums.items()})
+        else:
+            kept = unclipped = dropped = 0
+        content["metrics"] = MetricRecord(metrics | {"clipped-sum": 1, "per-user": 0, "num-examples": float(kept),
+                                                     "unclipped-users": unclipped, "rejected-users": dropped})
+    elif per_user:
         content["arrays"] = ArrayRecord({n: Array(v.detach().numpy()) for n, v in upd.per_user.items()})
         content["user-weights"] = ArrayRecord({"weights": Array(upd.weights.numpy().astype(np.float64))})
     elif upd.mean is not None:
