@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fedrec.config import validate
 from fedrec.errors import ConfigError

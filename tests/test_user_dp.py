@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from scipy import special, stats
 
 from strategies.user_dp import PrivacyBudgetExhausted, UserDPConfig, UserDPFedAvg

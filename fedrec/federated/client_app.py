@@ -9,7 +9,7 @@ global mean (needed for models with private parameters, which the server never s
 from __future__ import annotations
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrec.eval import evaluate_model
