@@ -41,9 +41,9 @@ def collect(root: Path) -> list[dict]:
     return rows
 
 
-def _fmt(v) -> str:
+def _fmt(v, key: str = "") -> str:
     if isinstance(v, float):
-        return "inf" if math.isinf(v) else f"{v:.4f}"
+        return "inf" if math.isinf(v) else (f"{v:.1f}" if key == "wall_s" else f"{v:.4f}")
     return "" if v is None else str(v)
 
 
@@ -53,9 +53,9 @@ def write_table(rows: list[dict], root: Path) -> None:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         for r in rows:
-            w.writerow({k: _fmt(r[k]) for k in COLUMNS})
+            w.writerow({k: _fmt(r[k], k) for k in COLUMNS})
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[k]) for k in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r[k], k) for k in COLUMNS) + " |" for r in rows]
     (root / "report.md").write_text("\n".join(lines) + "\n")
 
 
