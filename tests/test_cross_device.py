@@ -160,3 +160,18 @@ def test_personalised_scores(name):
 
     model.eval()
     assert not torch.allclose(moved(users, x), model.scores(Batch(users=torch.as_tensor(users), x=x)))
+
+
+@pytest.mark.parametrize("model,strategy", [("multvae", "fedavgm"), ("ldiffrec", "fedadam")])
+def test_device_mode_with_other_models_and_strategies(tiny_cfg, tmp_path, model, strategy):
+    """Every model trains cross-device under Flower's server-side optimisers, with stragglers and a cap."""
+    from fedrec.experiment import execute
+
+    cfg = tiny_cfg("federation=device", "federation.rounds=2", "federation.user_fraction=0.5",
+                   "federation.straggler_rate=0.3", "federation.max_user_interactions=5",
+                   "federation.weighting=interactions", f"strategy={strategy}", model=model)
+    summary = execute(cfg, tmp_path / "run", progress=False)
+    lines = _lines(tmp_path / "run")
+    assert all(x["train"]["sampled-users"] == 30 for x in lines)
+    assert all(x["train"]["straggler-users"] > 0 and x["train"]["rejected-updates"] == 0 for x in lines)
+    assert summary["strategy"] == strategy and summary["test"]["ndcg@20"] >= 0
