@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from fedrec.errors import ConfigError, FedrecInputError
+from fedrec.errors import ConfigError
+from simulations.cli import run_reporting_input_errors, split_options
 
 
 def emit(**fields) -> None:
@@ -301,14 +302,8 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] not in BENCHMARKS:
         print(f"usage: python -m simulations.bench NAME [overrides]; NAME in {sorted(BENCHMARKS)}", file=sys.stderr)
         return 2
-    opts = dict(a[len("bench."):].split("=", 1) for a in argv[1:] if a.startswith("bench."))
-    overrides = [a for a in argv[1:] if not a.startswith("bench.")]
-    try:
-        BENCHMARKS[argv[0]](overrides, opts)
-    except FedrecInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    overrides, opts = split_options(argv[1:], "bench")
+    return run_reporting_input_errors(lambda: BENCHMARKS[argv[0]](overrides, opts))
 
 
 if __name__ == "__main__":

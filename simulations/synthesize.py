@@ -26,7 +26,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from fedrec.errors import ConfigError, FedrecInputError
+from fedrec.errors import ConfigError
+from simulations.cli import run_reporting_input_errors, split_options
 
 
 def write_atomic(rows: sp.csr_matrix, item_ids: np.ndarray, folder: Path, name: str) -> Path:
@@ -67,68 +68,66 @@ def fit_and_evaluate(cfg, train_rows: sp.csr_matrix, data, eval_users: np.ndarra
 
 
 def main(argv: list[str]) -> int:
+    overrides, opts = split_options(argv, "synth")
+    return run_reporting_input_errors(lambda: synthesize(overrides, opts))
+
+
+def synthesize(overrides: list[str], opts: dict[str, str]) -> None:
     from fedrec.config import compose
     from fedrec.data import load_dataset
     from fedrec.privacy.audit import synthetic_mia
     from fedrec.privacy.sdrm import SDRM, SDRMConfig
 
-    opts = dict(a[len("synth."):].split("=", 1) for a in argv if a.startswith("synth."))
-    overrides = [a for a in argv if not a.startswith("synth.")]
-    try:
-        cfg = compose(["model=multvae", "federation=none", *overrides])
-        known = {f.name: f.type for f in fields(SDRMConfig)}
-        extra = {"member_share", "out", "train_on"}
-        unknown = sorted(set(opts) - set(known) - extra)
-        if unknown:
-            raise ConfigError(f"synth.{unknown[0]}: unknown key; known: {sorted(set(known) | extra)}")
-        gcfg = SDRMConfig(**{k: (json.loads(v) if known[k] not in ("str", str) else v)
-                             for k, v in opts.items() if k in known})
-        share = float(opts.get("member_share", 0.5))
-        if not 0 < share < 1:
-            raise ConfigError(f"synth.member_share: must be in (0, 1), got {share}")
-        seed = int(cfg.seed)
-        data = load_dataset(cfg.dataset, seed)
-        active = np.flatnonzero(np.diff(data.train.indptr) > 0)
-        perm = np.random.default_rng([seed, 11]).permutation(active)
-        cut = int(round(share * len(perm)))
-        members, nonmembers = np.sort(perm[:cut]), np.sort(perm[cut:])
-        out = Path(opts.get("out") or Path(cfg.paths.output_root) / "synthetic" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
-        emit = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
+    cfg = compose(["model=multvae", "federation=none", *overrides])
+    known = {f.name: f.type for f in fields(SDRMConfig)}
+    extra = {"member_share", "out", "train_on"}
+    unknown = sorted(set(opts) - set(known) - extra)
+    if unknown:
+        raise ConfigError(f"synth.{unknown[0]}: unknown key; known: {sorted(set(known) | extra)}")
+    gcfg = SDRMConfig(**{k: (json.loads(v) if known[k] not in ("str", str) else v)
+                         for k, v in opts.items() if k in known})
+    share = float(opts.get("member_share", 0.5))
+    if not 0 < share < 1:
+        raise ConfigError(f"synth.member_share: must be in (0, 1), got {share}")
+    seed = int(cfg.seed)
+    data = load_dataset(cfg.dataset, seed)
+    active = np.flatnonzero(np.diff(data.train.indptr) > 0)
+    perm = np.random.default_rng([seed, 11]).permutation(active)
+    cut = int(round(share * len(perm)))
+    members, nonmembers = np.sort(perm[:cut]), np.sort(perm[cut:])
+    out = Path(opts.get("out") or Path(cfg.paths.output_root) / "synthetic" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    emit = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
 
+    t0 = time.perf_counter()
+    gen = SDRM(gcfg, data.n_items, seed).fit(data.train[members])
+    synthetic = gen.sample(len(members))
+    emit(what="generator", model="sdrm", members=len(members), nonmembers=len(nonmembers),
+         synthetic_users=synthetic.shape[0], synthetic_interactions=int(synthetic.nnz),
+         real_member_interactions=int(data.train[members].nnz), fit_and_sample_s=round(time.perf_counter() - t0, 1))
+    name = f"{data.name}-synthetic"
+    path = write_atomic(synthetic, data.item_ids, out / name, name)
+    audit = synthetic_mia(data.train, members, nonmembers, synthetic)
+    emit(what="audit", **{f"{k}_{m}": v for k, d in audit.items() if isinstance(d, dict) for m, v in d.items()},
+         dcr_median_members=audit["dcr_median_members"], dcr_median_nonmembers=audit["dcr_median_nonmembers"])
+    results = {}
+    sets = {"real": data.train[members], "synthetic": synthetic,
+            "real+synthetic": sp.vstack([data.train[members], synthetic]).tocsr()}
+    wanted = str(opts.get("train_on", "real,synthetic,real+synthetic")).split(",")
+    sets = {k: v for k, v in sets.items() if k in wanted}
+    for label, rows in sets.items():
         t0 = time.perf_counter()
-        gen = SDRM(gcfg, data.n_items, seed).fit(data.train[members])
-        synthetic = gen.sample(len(members))
-        emit(what="generator", model="sdrm", members=len(members), nonmembers=len(nonmembers),
-             synthetic_users=synthetic.shape[0], synthetic_interactions=int(synthetic.nnz),
-             real_member_interactions=int(data.train[members].nnz), fit_and_sample_s=round(time.perf_counter() - t0, 1))
-        name = f"{data.name}-synthetic"
-        path = write_atomic(synthetic, data.item_ids, out / name, name)
-        audit = synthetic_mia(data.train, members, nonmembers, synthetic)
-        emit(what="audit", **{f"{k}_{m}": v for k, d in audit.items() if isinstance(d, dict) for m, v in d.items()},
-             dcr_median_members=audit["dcr_median_members"], dcr_median_nonmembers=audit["dcr_median_nonmembers"])
-        results = {}
-        sets = {"real": data.train[members], "synthetic": synthetic,
-                "real+synthetic": sp.vstack([data.train[members], synthetic]).tocsr()}
-        wanted = str(opts.get("train_on", "real,synthetic,real+synthetic")).split(",")
-        sets = {k: v for k, v in sets.items() if k in wanted}
-        for label, rows in sets.items():
-            t0 = time.perf_counter()
-            res = fit_and_evaluate(cfg, rows, data, nonmembers, seed)
-            results[label] = res
-            emit(what="utility", train_on=label, model=cfg.model.name, test_ndcg20=round(res["test"]["ndcg@20"], 5),
-                 test_recall20=round(res["test"]["recall@20"], 5), best_epoch=res["epoch"],
-                 seconds=round(time.perf_counter() - t0, 1))
-        if "real" in results:
-            emit(what="utility_ratio", synthetic_over_real_ndcg20=round(
-                results["synthetic"]["test"]["ndcg@20"] / results["real"]["test"]["ndcg@20"], 4))
-        report = {"dataset": data.name, "files": str(path), "members": len(members), "nonmembers": len(nonmembers),
-                  "generator": gcfg.__dict__, "audit": audit, "utility": results}
-        (out / "synthesis_report.json").write_text(json.dumps(report, indent=2, default=float))
-        print(f"synthetic users: {path}; report: {out / 'synthesis_report.json'}")
-    except FedrecInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        res = fit_and_evaluate(cfg, rows, data, nonmembers, seed)
+        results[label] = res
+        emit(what="utility", train_on=label, model=cfg.model.name, test_ndcg20=round(res["test"]["ndcg@20"], 5),
+             test_recall20=round(res["test"]["recall@20"], 5), best_epoch=res["epoch"],
+             seconds=round(time.perf_counter() - t0, 1))
+    if "real" in results:
+        emit(what="utility_ratio", synthetic_over_real_ndcg20=round(
+            results["synthetic"]["test"]["ndcg@20"] / results["real"]["test"]["ndcg@20"], 4))
+    report = {"dataset": data.name, "files": str(path), "members": len(members), "nonmembers": len(nonmembers),
+              "generator": gcfg.__dict__, "audit": audit, "utility": results}
+    (out / "synthesis_report.json").write_text(json.dumps(report, indent=2, default=float))
+    print(f"synthetic users: {path}; report: {out / 'synthesis_report.json'}")
 
 
 if __name__ == "__main__":

@@ -92,3 +92,22 @@ def test_sdrm_generates_the_real_sparsity_and_writes_atomic(tmp_path):
                                           "rating_threshold": None, "min_user_interactions": 1,
                                           "split": {"method": "ratio", "ratios": [1.0, 0.0, 0.0]}}), 0)
     assert back.train.nnz + back.valid.nnz + back.test.nnz == syn.nnz and path.exists()
+
+
+def test_synthesize_command_end_to_end(tmp_path, capsys):
+    import json
+
+    from simulations.synthesize import main
+
+    out = tmp_path / "release"
+    rc = main(["dataset.n_users=60", "dataset.n_items=40", "train.epochs=2", "train.eval_every=1",
+               "model.hidden_dims=[16]", "model.latent_dim=8", "synth.vae_epochs=2", "synth.diffusion_epochs=2",
+               "synth.latent_dim=8", "synth.vae_hidden=[16]", "synth.denoiser_hidden=16", "synth.diffusion_steps=10",
+               "synth.sampling_steps=3", f"synth.out={out}"])
+    assert rc == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert {x["what"] for x in lines} >= {"generator", "audit", "utility", "utility_ratio"}
+    report = json.loads((out / "synthesis_report.json").read_text())
+    assert (out / "synthetic-synthetic" / "synthetic-synthetic.inter").exists()
+    assert set(report["utility"]) == {"real", "synthetic", "real+synthetic"}
+    assert main(["synth.member_share=2"]) == 2

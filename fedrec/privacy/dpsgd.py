@@ -92,23 +92,11 @@ class PerExampleLoss(nn.Module):
         return per_example if self.reduction == "none" else per_example.mean()
 
 
-def _ghost_supported(module: nn.Module) -> str | None:
-    """The first trainable layer ghost clipping cannot handle, or None."""
-    from opacus.grad_sample import GradSampleModuleFastGradientClipping
-
+def _unsupported_layer(module: nn.Module, supported: dict) -> str | None:
+    """The first trainable layer whose type is not in Opacus's registry ``supported``, or None."""
     for name, sub in module.named_modules():
         own = [p for p in sub.parameters(recurse=False) if p.requires_grad]
-        if own and type(sub) not in GradSampleModuleFastGradientClipping.NORM_SAMPLERS:
-            return f"{name} ({type(sub).__name__})"
-    return None
-
-
-def _hooks_supported(module: nn.Module) -> str | None:
-    from opacus.grad_sample import GradSampleModule
-
-    for name, sub in module.named_modules():
-        own = [p for p in sub.parameters(recurse=False) if p.requires_grad]
-        if own and type(sub) not in GradSampleModule.GRAD_SAMPLERS:
+        if own and type(sub) not in supported:
             return f"{name} ({type(sub).__name__})"
     return None
 
@@ -124,14 +112,16 @@ class DPSGDTrainer:
         n = len(rows)
         self.delta = cfg.delta if cfg.delta is not None else 1.0 / n
         module = LossModule(model)
+        from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+
         mode = cfg.grad_sample_mode
         if mode in ("auto", "ghost"):
-            bad = _ghost_supported(module)
+            bad = _unsupported_layer(module, GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
             if bad and mode == "ghost":
                 raise ConfigError(f"privacy.grad_sample_mode: ghost clipping does not support layer {bad}")
             mode = "hooks" if bad else "ghost"
         if mode == "hooks":
-            bad = _hooks_supported(module)
+            bad = _unsupported_layer(module, GradSampleModule.GRAD_SAMPLERS)
             if bad:
                 raise ConfigError(f"privacy: Opacus cannot compute per-user gradients of layer {bad}")
         self.mode = mode
