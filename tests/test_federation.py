@@ -41,3 +41,19 @@ def test_silo_bpr_private_embeddings_client_evaluation(tiny_cfg, tmp_path):
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=False)
     assert "user_emb.weight" not in ckpt["arrays"] and "item_emb.weight" in ckpt["arrays"]
     assert 0 <= summary["test"]["recall@20"] <= 1 and summary["valid"]["ndcg@10"] >= 0
+
+
+def test_silo_resume_continues_after_last_checkpoint(tiny_cfg, tmp_path):
+    """A federated run killed after round 1 resumes from its checkpoint (global model, strategy state)."""
+    cfg = tiny_cfg("federation=silo", "federation.num_nodes=2", "federation.rounds=2", "strategy=fedavgm")
+    execute(cfg, tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    # simulate a kill during round 2: its checkpoint, metrics line and the summary never got written
+    (run / "summary.json").unlink()
+    (run / "checkpoints" / "round_00002.pt").unlink()
+    resumed = tiny_cfg("federation=silo", "federation.num_nodes=2", "federation.rounds=2", "strategy=fedavgm",
+                       "resume=true")
+    summary = execute(resumed, None, progress=False)
+    assert summary["run_dir"] == str(run)
+    assert [x["round"] for x in _lines(run)] == [1, 2]
+    assert summary["rounds"] == 2 and len(summary["timing"]["train_s"]) == 2
