@@ -8,7 +8,7 @@ ones.
 
 Implemented here: (1) fedrec's MultVAE trained on the real rows; (2) the latent means, standardised,
 modelled by a DDPM with eps-prediction (fedrec's diffusion core, cosine schedule, an MLP denoiser with
-timestep embedding) — the DDPM is the discrete-time score model; (3) generation by deterministic DDIM
+timestep embedding, three hidden layers per side) — the DDPM is the discrete-time score model; (3) generation by deterministic DDIM
 from pure noise, decoding, and binarising each synthetic user to a number of items k drawn from the real
 users' activity distribution: k items drawn without replacement from the softmax of the decoded
 scores (``binarize=sample``, the multinomial the MultVAE decoder models) or the k best (``topk``).
@@ -39,7 +39,8 @@ class SDRMConfig:
     batch_size: int = 128
     diffusion_steps: int = 200
     denoiser_hidden: int = 512
-    diffusion_epochs: int = 400
+    denoiser_layers: int = 3  # hidden layers on each side of the denoiser MLP's bottleneck
+    diffusion_epochs: int = 600
     diffusion_lr: float = 1e-3
     sampling_steps: int = 50  # DDIM steps at generation
     binarize: str = "sample"  # sample: k items drawn from softmax(logits) (Gumbel top-k); topk: the k best
@@ -52,7 +53,8 @@ class SDRM:
         self.vae = build_model({"name": "multvae", "hidden_dims": list(cfg.vae_hidden), "latent_dim": cfg.latent_dim,
                                 "total_anneal_steps": 2000}, DataShape(1, n_items))
         d, h = cfg.latent_dim, cfg.denoiser_hidden
-        self.denoiser = DenoiserMLP([d, h], [h, d], emb_size=16, dropout=0.0)
+        depth = max(1, int(cfg.denoiser_layers))
+        self.denoiser = DenoiserMLP([d] + [h] * depth, [h] * depth + [d], emb_size=16, dropout=0.0)
         self.diffusion = GaussianDiffusion(cfg.diffusion_steps, "cosine", mean_type="eps", reweight=False,
                                            importance_sampling=False, noise_scale=1.0)
         self.activity: np.ndarray | None = None
