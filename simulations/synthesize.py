@@ -2,7 +2,8 @@
 
 1. Split the real users with training data into members (the generator's training users) and
    held-out non-members (``synth.member_share``, default 0.5).
-2. Train SDRM (``fedrec/privacy/sdrm.py``) on the members and sample as many synthetic users.
+2. Train SDRM (``fedrec/privacy/sdrm.py``) on the members and sample ``synth.scale`` (default 3)
+   synthetic users per member.
 3. Write them as RecBole atomic files (``<out>/<dataset>-synthetic/<dataset>-synthetic.inter``; user
    ids ``syn_<n>``, the real item tokens) so any RecBole-compatible tool can read them.
 4. Utility: train the configured recommender (``model=``, a fold-in model such as MultVAE or DiffRec)
@@ -80,12 +81,15 @@ def synthesize(overrides: list[str], opts: dict[str, str]) -> None:
 
     cfg = compose(["model=multvae", "federation=none", *overrides])
     known = {f.name: f.type for f in fields(SDRMConfig)}
-    extra = {"member_share", "out", "train_on"}
+    extra = {"member_share", "out", "train_on", "scale"}
     unknown = sorted(set(opts) - set(known) - extra)
     if unknown:
         raise ConfigError(f"synth.{unknown[0]}: unknown key; known: {sorted(set(known) | extra)}")
     gcfg = SDRMConfig(**{k: (json.loads(v) if known[k] not in ("str", str) else v)
                          for k, v in opts.items() if k in known})
+    scale = float(opts.get("scale", 3.0))
+    if scale <= 0:
+        raise ConfigError(f"synth.scale: synthetic users per member must be positive, got {scale}")
     share = float(opts.get("member_share", 0.5))
     if not 0 < share < 1:
         raise ConfigError(f"synth.member_share: must be in (0, 1), got {share}")
@@ -100,7 +104,7 @@ def synthesize(overrides: list[str], opts: dict[str, str]) -> None:
 
     t0 = time.perf_counter()
     gen = SDRM(gcfg, data.n_items, seed).fit(data.train[members])
-    synthetic = gen.sample(len(members))
+    synthetic = gen.sample(max(1, int(round(scale * len(members)))))
     emit(what="generator", model="sdrm", members=len(members), nonmembers=len(nonmembers),
          synthetic_users=synthetic.shape[0], synthetic_interactions=int(synthetic.nnz),
          real_member_interactions=int(data.train[members].nnz), fit_and_sample_s=round(time.perf_counter() - t0, 1))

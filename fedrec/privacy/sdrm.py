@@ -44,6 +44,7 @@ class SDRMConfig:
     diffusion_lr: float = 1e-3
     sampling_steps: int = 50  # DDIM steps at generation
     binarize: str = "sample"  # sample: k items drawn from softmax(logits) (Gumbel top-k); topk: the k best
+    temperature: float = 1.25  # softmax temperature of the sampled binarisation (> 1: more diverse users)
 
 
 class SDRM:
@@ -103,7 +104,7 @@ class SDRM:
         k = torch.from_numpy(rng.choice(self.activity, size=n, replace=True).clip(1, self.n_items))
         if self.cfg.binarize == "sample":  # Gumbel top-k = k draws without replacement from softmax(logits)
             u = torch.rand(logits.shape, generator=g).clamp(1e-12, 1 - 1e-12)
-            logits = logits - torch.log(-torch.log(u))
+            logits = logits / float(self.cfg.temperature) - torch.log(-torch.log(u))
         top = torch.topk(logits, int(k.max()), dim=1).indices
         keep = torch.arange(top.shape[1])[None, :] < k[:, None]
         rows = np.repeat(np.arange(n), keep.sum(1).numpy())
