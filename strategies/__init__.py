@@ -61,6 +61,13 @@ def exact_metric_mean(contents: list[RecordDict], weighted_by_key: str) -> Metri
 
 
 class FedrecMixin:
+    #: set by the server in cross-device mode: round -> user-sampling threshold (device_node.py)
+    user_threshold = None
+    #: a strategy that must see every user's update (robust aggregation) sets True
+    needs_per_user_updates = False
+    per_user_uploads = False  # federation.upload=per_user forces per-user replies
+    node_clip = None  # user-level DP: the bound nodes clip each user's update to
+
     def setup(self, *, num_nodes: int, fraction: float, seed: int, round_offset: int = 0) -> None:
         self.num_nodes = num_nodes
         self.seed = seed
@@ -77,10 +84,6 @@ class FedrecMixin:
         self.last_eval: MetricRecord | None = None
         self.last_eval_s: float | None = None
 
-    #: set by the server in cross-device mode: round -> user-sampling threshold (device_node.py)
-    user_threshold = None
-    #: a strategy that must see every user's update (robust aggregation, DP clipping) sets True
-    needs_per_user_updates = False
 
     def _round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         cfg = ConfigRecord(dict(config))  # never write into the caller's record
@@ -93,9 +96,7 @@ class FedrecMixin:
             cfg["fedrec-clip"] = float(self.node_clip)
         return cfg
 
-    node_clip = None  # set by user-level DP strategies
 
-    per_user_uploads = False  # federation.upload=per_user forces per-user replies
 
     def combine_user_updates(self, arrays: dict[str, np.ndarray], weights: np.ndarray) -> dict[str, np.ndarray]:
         """Per-user updated parameters (U, ...) -> one array each; override for robust/DP rules."""

@@ -83,7 +83,7 @@ class _LossOf(torch.nn.Module):
         return self.m.loss(batch)
 
 
-def _single_user_loss(wrapper, buffers, private_names):
+def _single_user_loss(wrapper, buffers):
     def loss(gparams, pparams, x, rand):
         params = {f"m.{k}": v for k, v in gparams.items()}
         params.update({f"m.{k}": v.unsqueeze(0) for k, v in pparams.items()})  # one-row tables
@@ -111,7 +111,7 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
         return _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, round_, g0, private_names)
 
     chunk = local.chunk_for(sum(v.numel() for v in g0.values()))
-    f = _single_user_loss(wrapper, buffers, private_names)
+    f = _single_user_loss(wrapper, buffers)
     vgrad = vmap(grad(f, argnums=(0, 1), has_aux=False), in_dims=(0, 0, 0, 0), randomness="error")
     vloss = vmap(f, in_dims=(0, 0, 0, 0), randomness="error")
     mean = {n: torch.zeros_like(v) for n, v in g0.items()} if not per_user else None

@@ -53,6 +53,7 @@ def _split_metrics(record: MetricRecord | None) -> dict:
 
 def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None) -> None:
     from strategies import build_strategy
+    from strategies.user_dp import PrivacyBudgetExhausted
 
     from fedrec.experiment import quiet_flower
 
@@ -124,9 +125,7 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
         strategy.start(grid, initial, num_rounds=rounds - start, timeout=float(fed.get("round_timeout", 3600)),
                        train_config=ConfigRecord({CONFIG_KEY: cfg_yaml}),
                        evaluate_config=ConfigRecord({CONFIG_KEY: cfg_yaml}), evaluate_fn=evaluate_fn)
-    except Exception as e:  # the privacy budget ends a run cleanly; every recorded round is kept
-        if type(e).__name__ != "PrivacyBudgetExhausted":
-            raise
+    except PrivacyBudgetExhausted as e:  # the privacy budget ends a run cleanly; every recorded round is kept
         recorder.extra["stopped"] = str(e)
 
 
