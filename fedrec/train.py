@@ -39,6 +39,20 @@ class TrainRows:
         return Batch(users=torch.from_numpy(self.users[idx]), x=x)
 
 
+class DenseRows:
+    """Dense per-user input vectors (e.g. SDRM's latents) with the ``TrainRows`` interface."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+        self.users = np.arange(len(x))
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def batch(self, idx: np.ndarray) -> Batch:
+        return Batch(users=torch.from_numpy(self.users[idx]), x=self.x[idx])
+
+
 def make_optimizer(model: Recommender, optim_cfg: Any) -> torch.optim.Optimizer:
     lr, wd = float(optim_cfg.lr), float(optim_cfg.get("weight_decay", 0.0))
     if lr <= 0:

@@ -1,9 +1,13 @@
-"""``python -m simulations.synthesize [overrides] [synth.KEY=VALUE ...]``: release synthetic users.
+"""``python -m simulations.synthesize [Hydra overrides]``: release synthetic users and measure them.
+
+    python -m simulations.synthesize dataset=ml-100k                       # SDRM, MultVAE utility
+    python -m simulations.synthesize dataset=ml-100k generator=diffrec     # a zoo model as generator
+    python -m simulations.synthesize dataset=ml-100k generator.dp.target_epsilon=8  # DP-trained generator
 
 1. Split the real users with training data into members (the generator's training users) and
-   held-out non-members (``synth.member_share``, default 0.5).
-2. Train SDRM (``fedrec/privacy/sdrm.py``) on the members and sample ``synth.scale`` (default 3)
-   synthetic users per member.
+   held-out non-members (``release.member_share``, default 0.5).
+2. Train the generator (``generator=``, ``conf/generator/``: SDRM by default, or a zoo model) on the
+   members and sample ``release.scale`` (default 3) synthetic users per member.
 3. Write them as RecBole atomic files (``<out>/<dataset>-synthetic/<dataset>-synthetic.inter``; user
    ids ``syn_<n>``, the real item tokens) so any RecBole-compatible tool can read them.
 4. Utility: train the configured recommender (``model=``, a fold-in model such as MultVAE or DiffRec)
@@ -17,9 +21,9 @@ Prints one JSON object per line and writes ``synthesis_report.json`` beside the 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
-from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 
@@ -28,7 +32,7 @@ import scipy.sparse as sp
 import torch
 
 from fedrec.errors import ConfigError
-from simulations.cli import run_reporting_input_errors, split_options
+from simulations.cli import run_reporting_input_errors
 
 
 def write_atomic(rows: sp.csr_matrix, item_ids: np.ndarray, folder: Path, name: str) -> Path:
@@ -69,43 +73,49 @@ def fit_and_evaluate(cfg, train_rows: sp.csr_matrix, data, eval_users: np.ndarra
 
 
 def main(argv: list[str]) -> int:
-    overrides, opts = split_options(argv, "synth")
-    return run_reporting_input_errors(lambda: synthesize(overrides, opts))
+    return run_reporting_input_errors(lambda: synthesize(argv))
 
 
-def synthesize(overrides: list[str], opts: dict[str, str]) -> None:
+TRAINING_SETS = ("real", "synthetic", "real+synthetic")
+
+
+def synthesize(overrides: list[str]) -> None:
+    from omegaconf import OmegaConf
+
     from fedrec.config import compose
     from fedrec.data import load_dataset
     from fedrec.privacy.audit import synthetic_mia
-    from fedrec.privacy.sdrm import SDRM, SDRMConfig
+    from fedrec.privacy.generators import build_generator
 
-    cfg = compose(["model=multvae", "federation=none", *overrides])
-    known = {f.name: f.type for f in fields(SDRMConfig)}
-    extra = {"member_share", "out", "train_on", "scale"}
-    unknown = sorted(set(opts) - set(known) - extra)
-    if unknown:
-        raise ConfigError(f"synth.{unknown[0]}: unknown key; known: {sorted(set(known) | extra)}")
-    gcfg = SDRMConfig(**{k: (json.loads(v) if known[k] not in ("str", str) else v)
-                         for k, v in opts.items() if k in known})
-    scale = float(opts.get("scale", 3.0))
+    cfg = compose(["model=multvae", "federation=none", "generator=sdrm", *overrides])
+    rel = cfg.release
+    scale, share = float(rel.scale), float(rel.member_share)
     if scale <= 0:
-        raise ConfigError(f"synth.scale: synthetic users per member must be positive, got {scale}")
-    share = float(opts.get("member_share", 0.5))
+        raise ConfigError(f"release.scale: synthetic users per member must be positive, got {scale}")
     if not 0 < share < 1:
-        raise ConfigError(f"synth.member_share: must be in (0, 1), got {share}")
+        raise ConfigError(f"release.member_share: must be in (0, 1), got {share}")
+    wanted = [str(w) for w in rel.train_on]
+    bad = sorted(set(wanted) - set(TRAINING_SETS))
+    if bad:
+        raise ConfigError(f"release.train_on: unknown training set {bad[0]!r}; expected some of {list(TRAINING_SETS)}")
     seed = int(cfg.seed)
     data = load_dataset(cfg.dataset, seed)
+    gen = build_generator(cfg.generator, data.n_items, seed)  # config errors before any training
     active = np.flatnonzero(np.diff(data.train.indptr) > 0)
     perm = np.random.default_rng([seed, 11]).permutation(active)
     cut = int(round(share * len(perm)))
     members, nonmembers = np.sort(perm[:cut]), np.sort(perm[cut:])
-    out = Path(opts.get("out") or Path(cfg.paths.output_root) / "synthetic" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    out = Path(rel.out or Path(cfg.paths.output_root) / "synthetic" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     emit = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
 
     t0 = time.perf_counter()
-    gen = SDRM(gcfg, data.n_items, seed).fit(data.train[members])
+    gen.fit(data.train[members])
     synthetic = gen.sample(max(1, int(round(scale * len(members)))))
-    emit(what="generator", model="sdrm", members=len(members), nonmembers=len(nonmembers),
+    eps = gen.epsilon()
+    privacy = {"epsilon": eps if math.isfinite(eps) else "inf", "delta": gen.plan.delta if gen.plan else None,
+               "noise_multiplier": gen.plan.noise_multiplier if gen.plan else None}
+    emit(what="generator", generator=cfg.generator.name, model=getattr(gen, "name", None), **privacy,
+         members=len(members), nonmembers=len(nonmembers),
          synthetic_users=synthetic.shape[0], synthetic_interactions=int(synthetic.nnz),
          real_member_interactions=int(data.train[members].nnz), fit_and_sample_s=round(time.perf_counter() - t0, 1))
     name = f"{data.name}-synthetic"
@@ -116,7 +126,6 @@ def synthesize(overrides: list[str], opts: dict[str, str]) -> None:
     results = {}
     sets = {"real": data.train[members], "synthetic": synthetic,
             "real+synthetic": sp.vstack([data.train[members], synthetic]).tocsr()}
-    wanted = str(opts.get("train_on", "real,synthetic,real+synthetic")).split(",")
     sets = {k: v for k, v in sets.items() if k in wanted}
     for label, rows in sets.items():
         t0 = time.perf_counter()
@@ -125,11 +134,12 @@ def synthesize(overrides: list[str], opts: dict[str, str]) -> None:
         emit(what="utility", train_on=label, model=cfg.model.name, test_ndcg20=round(res["test"]["ndcg@20"], 5),
              test_recall20=round(res["test"]["recall@20"], 5), best_epoch=res["epoch"],
              seconds=round(time.perf_counter() - t0, 1))
-    if "real" in results:
+    if "real" in results and "synthetic" in results:
         emit(what="utility_ratio", synthetic_over_real_ndcg20=round(
             results["synthetic"]["test"]["ndcg@20"] / results["real"]["test"]["ndcg@20"], 4))
     report = {"dataset": data.name, "files": str(path), "members": len(members), "nonmembers": len(nonmembers),
-              "generator": gcfg.__dict__, "audit": audit, "utility": results}
+              "generator": OmegaConf.to_container(cfg.generator, resolve=True), "privacy": privacy,
+              "release": OmegaConf.to_container(rel, resolve=True), "audit": audit, "utility": results}
     (out / "synthesis_report.json").write_text(json.dumps(report, indent=2, default=float))
     print(f"synthetic users: {path}; report: {out / 'synthesis_report.json'}")
 

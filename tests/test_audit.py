@@ -101,13 +101,17 @@ def test_synthesize_command_end_to_end(tmp_path, capsys):
 
     out = tmp_path / "release"
     rc = main(["dataset.n_users=60", "dataset.n_items=40", "train.epochs=2", "train.eval_every=1",
-               "model.hidden_dims=[16]", "model.latent_dim=8", "synth.vae_epochs=2", "synth.diffusion_epochs=2",
-               "synth.latent_dim=8", "synth.vae_hidden=[16]", "synth.denoiser_hidden=16", "synth.diffusion_steps=10",
-               "synth.sampling_steps=3", f"synth.out={out}"])
+               "model.hidden_dims=[16]", "model.latent_dim=8", "generator.vae_epochs=2", "generator.diffusion_epochs=2",
+               "generator.latent_dim=8", "generator.vae_hidden=[16]", "generator.denoiser_hidden=16",
+               "generator.diffusion_steps=10", "generator.sampling_steps=3", f"release.out={out}"])
     assert rc == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert {x["what"] for x in lines} >= {"generator", "audit", "utility", "utility_ratio"}
     report = json.loads((out / "synthesis_report.json").read_text())
     assert (out / "synthetic-synthetic" / "synthetic-synthetic.inter").exists()
     assert set(report["utility"]) == {"real", "synthetic", "real+synthetic"}
-    assert main(["synth.member_share=2"]) == 2
+    assert report["privacy"]["epsilon"] == "inf"
+    for bad in (["release.member_share=2"], ["release.train_on=[fake]"], ["generator.temperature=-1"],
+                ["generator=diffrec", "generator.model.noise_scale=-1"]):
+        assert main(bad + [f"release.out={tmp_path / 'bad'}"]) == 2, bad
+        assert not (tmp_path / "bad").exists()

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from scipy import special, stats
 
 from strategies.user_dp import PrivacyBudgetExhausted, UserDPConfig, UserDPFedAvg
+from tests.dp_reference import epsilon_from_rdp, sgm_rdp
 from tests.test_strategies import FakeGrid, task_identity  # noqa: F401  (autouse fixture: Message() needs it)
 
 
@@ -72,31 +72,13 @@ def test_unclipped_upload_is_rejected():
     assert np.linalg.norm(arrays["w"].numpy()) <= 3 * 0.5 / 10 + 1e-6
 
 
-def _sgm_rdp(q: float, sigma: float, alpha: int) -> float:
-    """RDP of the Poisson-sampled Gaussian mechanism at integer order alpha from its definition
-    (Mironov et al. 2019): (1/(alpha-1)) log E_{z~N(0,s^2)}[((1-q) + q e^{(2z-1)/(2s^2)})^alpha],
-    integrated numerically on a fine grid in log space (independent of Opacus's series)."""
-    z = np.linspace(-40 * sigma, 40 * sigma + 4 * alpha, 400_001)
-    log_ratio = np.logaddexp(math.log(1 - q), math.log(q) + (2 * z - 1) / (2 * sigma ** 2))
-    log_f = stats.norm.logpdf(z, scale=sigma) + alpha * log_ratio
-    log_integral = special.logsumexp(log_f) + math.log(z[1] - z[0])
-    return log_integral / (alpha - 1)
-
-
 def test_epsilon_agrees_with_independent_rdp_within_one_percent():
     s = _strategy(noise_multiplier=1.1, clip=1.0)
     steps = 50
     for _ in range(steps):
         s.accountant.step(noise_multiplier=1.1, sample_rate=0.1)
     ours = s.epsilon()
-    delta = 1.0 / 100
-    # the same RDP-to-(eps, delta) conversion as Opacus (Balle et al. 2020), over integer orders
-    best = math.inf
-    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # the same grid of orders as Opacus
-    for a in orders:
-        rdp = steps * _sgm_rdp(0.1, 1.1, a)
-        eps = rdp + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1)
-        best = min(best, eps)
+    best = epsilon_from_rdp(lambda a: steps * sgm_rdp(0.1, 1.1, a), 1.0 / 100)
     assert ours == pytest.approx(best, rel=0.01)
 
 

@@ -60,6 +60,18 @@ def build_model(cfg: Any, shape: DataShape) -> Recommender:
     return cls(mcfg, shape)
 
 
+def svd_item_embeddings(matrix, svd_dim: int = 64, seed: int = 0) -> np.ndarray | None:
+    """Item embeddings from a truncated SVD of a user x item matrix (item side scaled by the singular values)."""
+    from scipy.sparse.linalg import svds
+
+    k = int(min(svd_dim, min(matrix.shape) - 1))
+    if k < 1:
+        return None
+    v0 = np.random.default_rng(seed).standard_normal(min(matrix.shape))
+    _, s, vt = svds(matrix.astype(np.float64), k=k, v0=v0)
+    return (vt.T * s).astype(np.float32)
+
+
 def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
     """The model-visible shape of an ``Interactions``.
 
@@ -68,21 +80,12 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
     item clustering works on every dataset.
     """
     def svd_embeddings() -> np.ndarray | None:
-        cached = getattr(data, "_svd_item_emb", None)
-        if cached is not None:
-            return cached
-        from scipy.sparse.linalg import svds
-
-        k = int(min(svd_dim, min(data.train.shape) - 1))
-        if k < 1:
-            return None
-        v0 = np.random.default_rng(seed).standard_normal(min(data.train.shape))
-        _, s, vt = svds(data.train.astype(np.float64), k=k, v0=v0)
-        data._svd_item_emb = (vt.T * s).astype(np.float32)
+        if getattr(data, "_svd_item_emb", None) is None:
+            data._svd_item_emb = svd_item_embeddings(data.train, svd_dim, seed)
         return data._svd_item_emb
 
     return DataShape(n_users=data.n_users, n_items=data.n_items, item_emb=data.item_emb,
                      item_emb_fn=None if data.item_emb is not None else svd_embeddings)
 
 
-__all__ = ["Batch", "DataShape", "Recommender", "build_model", "model_config", "data_shape", "REGISTRY"]
+__all__ = ["Batch", "DataShape", "Recommender", "build_model", "model_config", "data_shape", "svd_item_embeddings", "REGISTRY"]

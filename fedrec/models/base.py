@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedrec.errors import ConfigError
+
 
 @dataclass
 class DataShape:
@@ -91,6 +93,16 @@ class Recommender(nn.Module):
         does not override this cannot train cross-device.
         """
         raise NotImplementedError(f"model {self.name!r} does not provide explicit randomness")
+
+    def generate(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Item logits (n, n_items) of ``n`` new users drawn from the model's prior (synthetic release):
+        a release samples each user's items proportionally to exp(logit / temperature).
+
+        Diffusion models reverse their chain from pure noise; a model without a prior over users
+        cannot generate.
+        """
+        raise ConfigError(f"generator.model: {self.name!r} has no prior over users to sample from; "
+                          "use a generative model (diffrec, ldiffrec, multvae)")
 
     def on_epoch_end(self) -> None:
         """Called by trainers after each local epoch (L-DiffRec anneals its loss weight per epoch)."""

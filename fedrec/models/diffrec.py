@@ -84,3 +84,10 @@ class DiffRec(Recommender):
         c = self.cfg
         return self.diffusion.reverse(self.denoiser, batch.x, c.sampling_steps, c.inference_steps,
                                       c.sampling_noise)
+
+    def generate(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Log of the generated x0 (a 0/1-scale vector, clamped to [1e-6, 1]): release samples items
+        proportionally to x0^(1/temperature)."""
+        n_items = self.denoiser.out_layers[-1].out_features
+        x0 = self.diffusion.generate(self.denoiser, (n, n_items), generator, self.cfg.inference_steps)
+        return torch.log(x0.clamp(1e-6, 1.0))

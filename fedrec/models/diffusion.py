@@ -202,6 +202,29 @@ class GaussianDiffusion(nn.Module):
         return out if self.mean_type == "x0" else self.predict_x0_from_eps(x_t, t, out)
 
     # ----------------------------------------------------------------- reverse process
+    def check_reaches_noise(self, what: str = "model", tol: float = 0.05) -> None:
+        """Generation starts from N(0, I): x_T must carry (almost) no signal, sqrt(alpha_bar_T) <= tol."""
+        signal = float(self.sqrt_ac[-1]) if self.noise_scale > 0 else 1.0
+        if signal > tol:
+            raise ConfigError(f"{what}.noise_*: the schedule keeps sqrt(alpha_bar_T) = {signal:.3f} of the signal at "
+                              f"step T, so samples from pure noise are meaningless; use a generative schedule "
+                              f"(e.g. noise_schedule=cosine, noise_scale=1) reaching <= {tol}")
+
+    @torch.no_grad()
+    def generate(self, denoise: Denoiser, shape: tuple[int, int], generator: torch.Generator,
+                 inference_steps: int | None = None, what: str = "model") -> torch.Tensor:
+        """Samples x_0 by reversing the chain from x_T ~ N(0, I).
+
+        All T steps: ancestral DDPM sampling (posterior mean plus posterior noise); fewer: DDIM (eta=0).
+        Every draw comes from ``generator``.
+        """
+        self.check_reaches_noise(what)
+        x_t = torch.randn(shape, generator=generator)
+        with torch.random.fork_rng():  # reverse() draws the posterior noise from the global generator
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            return self.reverse(denoise, x_t, 0, inference_steps, sampling_noise=True)
+
+
     @torch.no_grad()
     def reverse(self, denoise: Denoiser, x_start: torch.Tensor, sampling_steps: int = 0,
                 inference_steps: int | None = None, sampling_noise: bool = False) -> torch.Tensor:

@@ -204,7 +204,14 @@ class LDiffRec(Recommender):
         c = self.cfg
         _, z, _ = self.encode(batch.x)
         z = self.diffusion.reverse(self.denoiser, z, c.sampling_steps, c.inference_steps, c.sampling_noise)
-        pred = self.decode(z)
+        return self._item_order(self.decode(z))
+
+    def generate(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        latent = self.denoiser.out_layers[-1].out_features
+        z = self.diffusion.generate(self.denoiser, (n, latent), generator, self.cfg.inference_steps)
+        return self._item_order(self.decode(z))
+
+    def _item_order(self, pred: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(pred)
         out[:, self.category_map] = pred
         return out

@@ -114,3 +114,7 @@ class MultVAE(Recommender):
     def scores(self, batch: Batch) -> torch.Tensor:
         mu, _ = self.encode(batch.x)
         return self.decoder(mu)
+
+    def generate(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Decoded samples of the N(0, I) prior (a VAE baseline generator, not a diffusion model)."""
+        return self.decoder(torch.randn(n, self.latent_dim, generator=generator))

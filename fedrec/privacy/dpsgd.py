@@ -57,8 +57,8 @@ class DPSGDConfig:
             raise ConfigError(f"privacy.delta: must be in (0, 1), got {self.delta}")
 
 
-def dpsgd_config(cfg) -> DPSGDConfig:
-    """The typed config from ``conf/privacy/dpsgd.yaml`` (unknown keys name themselves)."""
+def dpsgd_config(cfg, where: str = "privacy") -> DPSGDConfig:
+    """The typed config from ``conf/privacy/dpsgd.yaml`` or a generator's ``dp`` block (unknown keys name themselves)."""
     from omegaconf import OmegaConf
 
     raw = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
@@ -66,8 +66,11 @@ def dpsgd_config(cfg) -> DPSGDConfig:
     known = set(DPSGDConfig.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"privacy.{unknown[0]}: unknown key; known: {sorted(known)}")
-    return DPSGDConfig(**raw)
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key; known: {sorted(known)}")
+    try:
+        return DPSGDConfig(**raw)
+    except ConfigError as e:  # name the block the value came from
+        raise ConfigError(str(e).replace("privacy.", f"{where}.", 1)) from None
 
 
 class LossModule(nn.Module):

@@ -12,8 +12,10 @@ timestep embedding, three hidden layers per side) — the DDPM is the discrete-t
 from pure noise, decoding, and binarising each synthetic user to a number of items k drawn from the real
 users' activity distribution: k items drawn without replacement from the softmax of the decoded
 scores (``binarize=sample``, the multinomial the MultVAE decoder models) or the k best (``topk``).
-Deviations: a single latent resolution (the paper's multi-resolution variant is not built); no DP
-training of the generator yet.
+Deviations: a single latent resolution (the paper's multi-resolution variant is not built). Both
+stages are trained through fedrec's per-user losses, so ``generator.dp`` trains them with DP-SGD
+(``generators.py``); under DP the latents are not standardised (their mean and spread would be
+released unaccounted).
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from fedrec.errors import ConfigError
 from fedrec.models import DataShape, build_model
-from fedrec.models.base import Batch
+from fedrec.models.base import Batch, Recommender
 from fedrec.models.denoiser import DenoiserMLP
 from fedrec.models.diffusion import GaussianDiffusion
+from fedrec.privacy.generators import SyntheticGenerator
+from fedrec.train import DenseRows, TrainRows
 
 
 @dataclass
@@ -43,69 +48,65 @@ class SDRMConfig:
     diffusion_epochs: int = 600
     diffusion_lr: float = 1e-3
     sampling_steps: int = 50  # DDIM steps at generation
-    binarize: str = "sample"  # sample: k items drawn from softmax(logits) (Gumbel top-k); topk: the k best
-    temperature: float = 1.25  # softmax temperature of the sampled binarisation (> 1: more diverse users)
+    latent_sampling: str = "mean"  # mean: model the posterior means; posterior: a fresh z ~ q(z|x) per step
+
+    def __post_init__(self) -> None:
+        if self.latent_sampling not in ("mean", "posterior"):
+            raise ConfigError(f"generator.latent_sampling: expected mean or posterior, got {self.latent_sampling!r}")
 
 
-class SDRM:
-    def __init__(self, cfg: SDRMConfig, n_items: int, seed: int = 0):
-        self.cfg, self.n_items, self.seed = cfg, n_items, seed
-        torch.manual_seed(seed)
-        self.vae = build_model({"name": "multvae", "hidden_dims": list(cfg.vae_hidden), "latent_dim": cfg.latent_dim,
-                                "total_anneal_steps": 2000}, DataShape(1, n_items))
+class LatentDDPM(Recommender):
+    """SDRM's score model: eps-prediction DDPM over (standardised) user latents, one latent per user."""
+
+    name = "sdrm_latent"
+
+    def __init__(self, cfg: SDRMConfig):
+        super().__init__()
+        self.posterior = cfg.latent_sampling == "posterior"
         d, h = cfg.latent_dim, cfg.denoiser_hidden
         depth = max(1, int(cfg.denoiser_layers))
         self.denoiser = DenoiserMLP([d] + [h] * depth, [h] * depth + [d], emb_size=16, dropout=0.0)
         self.diffusion = GaussianDiffusion(cfg.diffusion_steps, "cosine", mean_type="eps", reweight=False,
                                            importance_sampling=False, noise_scale=1.0)
-        self.activity: np.ndarray | None = None
 
-    def _batches(self, n: int, rng: np.random.Generator):
-        order = rng.permutation(n)
-        for s in range(0, n, self.cfg.batch_size):
-            yield order[s:s + self.cfg.batch_size]
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """``batch.x`` = [mean, std] of each user's (standardised) latent posterior."""
+        mean, std = batch.x.chunk(2, dim=1)
+        z = mean + std * torch.randn_like(std) if self.posterior else mean
+        return self.diffusion.training_loss(self.denoiser, z, record=False)["loss"]
 
-    def fit(self, rows: sp.csr_matrix) -> "SDRM":
-        rng = np.random.default_rng(self.seed)
-        x = torch.from_numpy(rows.toarray().astype(np.float32))
-        self.activity = np.asarray(rows.sum(1)).ravel().astype(int)
-        self.activity = self.activity[self.activity > 0]
-        opt = torch.optim.Adam(self.vae.parameters(), lr=self.cfg.vae_lr)
-        self.vae.train()
-        for _ in range(self.cfg.vae_epochs):
-            for idx in self._batches(len(x), rng):
-                loss = self.vae.loss(Batch(users=torch.as_tensor(idx), x=x[idx])).mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        self.vae.eval()
+
+class SDRM(SyntheticGenerator):
+    name = "sdrm"
+
+    def __init__(self, cfg: SDRMConfig, n_items: int, seed: int = 0, **common):
+        super().__init__(n_items, seed, **common)
+        self.cfg = cfg
+
+    def stages(self) -> list[tuple[int, int]]:
+        return [(self.cfg.batch_size, self.cfg.vae_epochs), (self.cfg.batch_size, self.cfg.diffusion_epochs)]
+
+    def _fit(self, rows: sp.csr_matrix) -> None:
+        c = self.cfg
+        self.vae = build_model({"name": "multvae", "hidden_dims": list(c.vae_hidden), "latent_dim": c.latent_dim,
+                                "total_anneal_steps": 2000}, DataShape(rows.shape[0], self.n_items))
+        real = TrainRows(rows, np.arange(rows.shape[0]))
+        self.train_stage(self.vae, torch.optim.Adam(self.vae.parameters(), lr=c.vae_lr), real, c.batch_size,
+                         c.vae_epochs)
         with torch.no_grad():
-            mu, _ = self.vae.encode(x)
-        self.mean, self.std = mu.mean(0), mu.std(0).clamp(min=1e-6)
-        z = (mu - self.mean) / self.std
-        opt = torch.optim.Adam(self.denoiser.parameters(), lr=self.cfg.diffusion_lr)
-        self.denoiser.train()
-        for _ in range(self.cfg.diffusion_epochs):
-            for idx in self._batches(len(z), rng):
-                loss = self.diffusion.training_loss(self.denoiser, z[idx], record=False)["loss"].mean()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        self.denoiser.eval()
-        return self
+            enc = [self.vae.encode(real.batch(np.arange(s, min(s + 1024, len(real)))).x) for s in range(0, len(real), 1024)]
+        mu = torch.cat([m for m, _ in enc])
+        sd = torch.cat([torch.exp(0.5 * lv) for _, lv in enc])
+        if self.plan is None:
+            self.mean, self.std = mu.mean(0), mu.std(0).clamp(min=1e-6)
+        else:
+            self.mean, self.std = torch.zeros(c.latent_dim), torch.ones(c.latent_dim)
+        self.latent = LatentDDPM(c)
+        latents = torch.cat([(mu - self.mean) / self.std, sd / self.std], dim=1)
+        self.train_stage(self.latent, torch.optim.Adam(self.latent.parameters(), lr=c.diffusion_lr),
+                         DenseRows(latents), c.batch_size, c.diffusion_epochs)
 
-    @torch.no_grad()
-    def sample(self, n: int, seed: int | None = None) -> sp.csr_matrix:
-        g = torch.Generator().manual_seed(self.seed + 1 if seed is None else seed)
-        noise = torch.randn(n, self.cfg.latent_dim, generator=g)
-        z = self.diffusion.reverse(self.denoiser, noise, 0, self.cfg.sampling_steps)
-        logits = self.vae.decoder(z * self.std + self.mean)
-        rng = np.random.default_rng(self.seed + 2 if seed is None else seed + 1)
-        k = torch.from_numpy(rng.choice(self.activity, size=n, replace=True).clip(1, self.n_items))
-        if self.cfg.binarize == "sample":  # Gumbel top-k = k draws without replacement from softmax(logits)
-            u = torch.rand(logits.shape, generator=g).clamp(1e-12, 1 - 1e-12)
-            logits = logits / float(self.cfg.temperature) - torch.log(-torch.log(u))
-        top = torch.topk(logits, int(k.max()), dim=1).indices
-        keep = torch.arange(top.shape[1])[None, :] < k[:, None]
-        rows = np.repeat(np.arange(n), keep.sum(1).numpy())
-        return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, top[keep].numpy())), shape=(n, self.n_items))
+    def scores(self, n: int, g: torch.Generator) -> torch.Tensor:
+        z = self.latent.diffusion.generate(self.latent.denoiser, (n, self.cfg.latent_dim), g, self.cfg.sampling_steps,
+                                           what="generator")
+        return self.vae.decoder(z * self.std + self.mean)
