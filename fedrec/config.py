@@ -46,8 +46,17 @@ def validate(cfg: DictConfig) -> None:
     if metric not in ("recall", "ndcg", "hr", "precision", "mrr") or not k.isdigit() or int(k) not in list(cfg.eval.ks):
         raise ConfigError(f"train.select_metric: {cfg.train.select_metric!r} must be <metric>@K with K in eval.ks")
     privacy = cfg.get("privacy", {}).get("name", "none")
-    if privacy not in ("none", "dpsgd", "user_dp"):
-        raise ConfigError(f"privacy.name: unknown mechanism {privacy!r}; expected none, dpsgd or user_dp")
+    if privacy not in ("none", "dpsgd", "user_dp", "node_dp"):
+        raise ConfigError(f"privacy.name: unknown mechanism {privacy!r}; expected none, dpsgd, user_dp or node_dp")
+    if privacy == "node_dp":
+        from strategies.node_dp import node_dp_config
+
+        node_dp_config(cfg.privacy)
+        if mode != "silo" or float(cfg.federation.fraction) != 1.0:
+            raise ConfigError("privacy=node_dp: needs federation=silo with federation.fraction=1.0 (every node "
+                              "every round: the accounting takes no amplification by sampling)")
+        if cfg.strategy.name != "fedavg":
+            raise ConfigError("privacy=node_dp: Flower's DP wrapper is used on FedAvg aggregation (strategy=fedavg)")
     if privacy == "user_dp":
         from strategies.user_dp import user_dp_config
 

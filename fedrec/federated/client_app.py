@@ -53,7 +53,9 @@ def train(msg: Message, context: Context) -> Message:
     losses = [train_epoch(model, optimizer, rows, int(cfg.model.optim.batch_size), rng, prox)["loss"]
               for _ in range(int(cfg.train.local_epochs))] if len(rows) else [float("nan")]
     context.state[LOCAL_STATE_KEY] = local_state(model)
-    metrics = MetricRecord({"num-examples": len(rows), "train-loss": float(losses[-1]) if len(rows) else 0.0})
+    # unit-weight: the equal weight node-level DP averages by (strategies/node_dp.py)
+    metrics = MetricRecord({"num-examples": len(rows), "unit-weight": 1.0,
+                            "train-loss": float(losses[-1]) if len(rows) else 0.0})
     return Message(RecordDict({"arrays": global_arrays(model), "metrics": metrics}), reply_to=msg)
 
 

@@ -70,8 +70,22 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
         from strategies.user_dp import UserDPFedAvg
 
         dp_cls = UserDPFedAvg
-    strategy = build_strategy(cfg.strategy, num_nodes=int(fed.num_nodes), fraction=float(fed.fraction),
+    node_dp = cfg.get("privacy") is not None and cfg.privacy.name == "node_dp"
+    strategy_cfg = cfg.strategy
+    if node_dp:  # equal node weights, as node-level DP's sensitivity C / n_nodes assumes
+        from strategies.node_dp import UNIT_WEIGHT
+
+        strategy_cfg = OmegaConf.to_container(cfg.strategy, resolve=True) | {"weighted_by_key": UNIT_WEIGHT}
+    strategy = build_strategy(strategy_cfg, num_nodes=int(fed.num_nodes), fraction=float(fed.fraction),
                               seed=int(cfg.seed), client_evaluation=client_eval, cls=dp_cls)
+    runner = strategy  # what runs the rounds: the strategy, or Flower's DP wrapper around it
+    if node_dp:
+        from strategies.node_dp import NodeDPFedAvg, node_dp_config
+
+        runner = NodeDPFedAvg(strategy, node_dp_config(cfg.privacy), int(fed.num_nodes), int(fed.rounds))
+        recorder.extra["privacy"] = {"mechanism": "node_dp", "noise_multiplier": runner.noise_multiplier,
+                                     "clipping_norm": runner.clipping_norm, "delta": runner.cfg.delta,
+                                     "accountant": "flower-rdp", "epsilon": 0.0}
     if user_dp:
         from fedrec.federated.device_node import sampling_threshold
         from strategies.user_dp import user_dp_config
@@ -110,8 +124,8 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
             t0 = time.perf_counter()
             evaluation = evaluate_model(model, data, ks, int(cfg.eval.batch_size))
             eval_s = time.perf_counter() - t0
-        if user_dp:
-            recorder.extra["privacy"]["epsilon"] = strategy.epsilon()
+        if user_dp or node_dp:
+            recorder.extra["privacy"]["epsilon"] = runner.epsilon()
         recorder.record(rnd, strategy.last_train, strategy.last_train_s, evaluation, eval_s,
                         lambda: {"arrays": arrays.to_torch_state_dict(), "strategy": strategy.state()})
         if evaluation is None:
@@ -122,7 +136,7 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
         return
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     try:
-        strategy.start(grid, initial, num_rounds=rounds - start, timeout=float(fed.get("round_timeout", 3600)),
+        runner.start(grid, initial, num_rounds=rounds - start, timeout=float(fed.get("round_timeout", 3600)),
                        train_config=ConfigRecord({CONFIG_KEY: cfg_yaml}),
                        evaluate_config=ConfigRecord({CONFIG_KEY: cfg_yaml}), evaluate_fn=evaluate_fn)
     except PrivacyBudgetExhausted as e:  # the privacy budget ends a run cleanly; every recorded round is kept

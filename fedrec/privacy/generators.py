@@ -22,7 +22,6 @@ The member count is treated as public (it sets sampling rates and the release si
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import numpy as np
@@ -32,23 +31,11 @@ import torch
 from fedrec.errors import ConfigError
 from fedrec.models import DataShape, build_model
 from fedrec.models.base import Recommender
+from fedrec.privacy.accounting import calibrate_noise, composed_epsilon
 from fedrec.privacy.dpsgd import DPSGDConfig, DPSGDTrainer
 from fedrec.train import TrainRows, make_optimizer, train_epoch
 
 HISTOGRAM = (1.0, 1)  # (sample rate, steps) of the activity histogram: one Gaussian mechanism on everyone
-
-
-def composed_epsilon(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:
-    """Epsilon of a sequence of (noise multiplier, sample rate, steps) subsampled Gaussian mechanisms."""
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    if any(sigma == 0 for sigma, _, _ in history):
-        return math.inf
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    acc.history = list(history)
-    with warnings.catch_warnings(), np.errstate(divide="ignore"):  # PRV's log(1 - q) at q = 1
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(acc.get_epsilon(delta))
 
 
 class PrivacyPlan:
@@ -68,23 +55,10 @@ class PrivacyPlan:
         elif math.isinf(dp.target_epsilon):
             self.noise_multiplier = 0.0  # clipping only
         else:
-            self.noise_multiplier = self.calibrate(float(dp.target_epsilon))
+            self.noise_multiplier = calibrate_noise(self.epsilon_at, float(dp.target_epsilon), "generator.dp.target_epsilon")
 
     def epsilon_at(self, sigma: float) -> float:
         return composed_epsilon([(sigma, q, s) for q, s in self.mechanisms], self.delta, self.dp.accountant)
-
-    def calibrate(self, target: float) -> float:
-        """Smallest shared multiplier (to 0.1%) whose composed epsilon is <= target."""
-        lo, hi = 0.05, 1.0
-        while self.epsilon_at(hi) > target:
-            lo, hi = hi, hi * 2
-            if hi > 1e5:
-                raise ConfigError(f"generator.dp.target_epsilon: {target} is out of reach with these stages")
-        while hi / lo > 1.001:
-            mid = math.sqrt(lo * hi)
-            lo, hi = (lo, mid) if self.epsilon_at(mid) <= target else (mid, hi)
-        return hi
-
 
 class ActivityDistribution:
     """Items per synthetic user: the members' activities, or under DP a noisy log-binned histogram."""

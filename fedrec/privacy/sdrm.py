@@ -49,8 +49,11 @@ class SDRMConfig:
     diffusion_lr: float = 1e-3
     sampling_steps: int = 50  # DDIM steps at generation
     latent_sampling: str = "mean"  # mean: model the posterior means; posterior: a fresh z ~ q(z|x) per step
+    ema: float = 0.0  # per-epoch exponential moving average of the denoiser's weights, used to sample (0: off)
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"generator.ema: must be in [0, 1), got {self.ema}")
         if self.latent_sampling not in ("mean", "posterior"):
             raise ConfigError(f"generator.latent_sampling: expected mean or posterior, got {self.latent_sampling!r}")
 
@@ -68,6 +71,21 @@ class LatentDDPM(Recommender):
         self.denoiser = DenoiserMLP([d] + [h] * depth, [h] * depth + [d], emb_size=16, dropout=0.0)
         self.diffusion = GaussianDiffusion(cfg.diffusion_steps, "cosine", mean_type="eps", reweight=False,
                                            importance_sampling=False, noise_scale=1.0)
+        self.ema = float(cfg.ema)
+        self.averaged = [p.detach().clone() for p in self.denoiser.parameters()] if self.ema > 0 else None
+
+    def on_epoch_end(self) -> None:
+        if self.averaged is not None:
+            with torch.no_grad():
+                for avg, p in zip(self.averaged, self.denoiser.parameters()):
+                    avg.mul_(self.ema).add_(p.detach(), alpha=1 - self.ema)
+
+    def use_average(self) -> None:
+        """Sample with the averaged weights (post-processing of the trained ones: no privacy cost)."""
+        if self.averaged is not None:
+            with torch.no_grad():
+                for avg, p in zip(self.averaged, self.denoiser.parameters()):
+                    p.copy_(avg)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """``batch.x`` = [mean, std] of each user's (standardised) latent posterior."""
@@ -105,6 +123,7 @@ class SDRM(SyntheticGenerator):
         latents = torch.cat([(mu - self.mean) / self.std, sd / self.std], dim=1)
         self.train_stage(self.latent, torch.optim.Adam(self.latent.parameters(), lr=c.diffusion_lr),
                          DenseRows(latents), c.batch_size, c.diffusion_epochs)
+        self.latent.use_average()
 
     def scores(self, n: int, g: torch.Generator) -> torch.Tensor:
         z = self.latent.diffusion.generate(self.latent.denoiser, (n, self.cfg.latent_dim), g, self.cfg.sampling_steps,
