@@ -77,3 +77,19 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"federation.num_nodes: must be >= 1, got {cfg.federation.num_nodes}")
         if int(cfg.federation.rounds) < 1:
             raise ConfigError(f"federation.rounds: must be >= 1, got {cfg.federation.rounds}")
+
+
+def typed_block(cls, cfg, where: str):
+    """``cls(**block)`` for a config block (minus its ``name``); unknown keys and bad values name ``where``."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    raw.pop("name", None)
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key; known: {sorted(known)}")
+    try:
+        return cls(**raw)
+    except ConfigError as e:  # the dataclasses name their keys privacy.*: name the block they came from
+        raise ConfigError(str(e).replace("privacy.", f"{where}.", 1)) from None

@@ -54,15 +54,9 @@ class NodeDPConfig:
 
 
 def node_dp_config(cfg) -> NodeDPConfig:
-    from omegaconf import OmegaConf
+    from fedrec.config import typed_block
 
-    raw = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    raw.pop("name", None)
-    known = set(NodeDPConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"privacy.{unknown[0]}: unknown key; known: {sorted(known)}")
-    return NodeDPConfig(**raw)
+    return typed_block(NodeDPConfig, cfg, "privacy")
 
 
 def flower_accountant(n_nodes: int, delta: float, max_epsilon: float | None = None):

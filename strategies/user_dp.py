@@ -65,14 +65,9 @@ class UserDPConfig:
 
 
 def user_dp_config(cfg) -> UserDPConfig:
-    from omegaconf import OmegaConf
+    from fedrec.config import typed_block
 
-    raw = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    raw.pop("name", None)
-    unknown = sorted(set(raw) - set(UserDPConfig.__dataclass_fields__))
-    if unknown:
-        raise ConfigError(f"privacy.{unknown[0]}: unknown key; known: {sorted(UserDPConfig.__dataclass_fields__)}")
-    return UserDPConfig(**raw)
+    return typed_block(UserDPConfig, cfg, "privacy")
 
 
 class UserDPFedAvg(FedrecFedAvg):

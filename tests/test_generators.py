@@ -139,3 +139,15 @@ def test_posterior_latent_sampling_trains_and_samples():
     assert gen.sample(10).shape == (10, 60)
     with pytest.raises(ConfigError, match="generator.latent_sampling"):
         SDRMConfig(latent_sampling="prior")
+
+
+def test_dp_trained_zoo_generator_reports_its_composed_epsilon():
+    cfg = _generator_cfg("diffrec", dims=[16], steps=20, inference_steps=5)
+    cfg["epochs"] = 2
+    cfg["model"]["optim"]["batch_size"] = 20
+    cfg["dp"]["noise_multiplier"] = 1.5
+    gen = build_generator(cfg, 60, seed=0).fit(_clustered(n=60))
+    # one DP-SGD stage (rate 1/3, 6 steps) and the activity histogram, both at multiplier 1.5
+    reference = epsilon_from_rdp(lambda a: 6 * sgm_rdp(1 / 3, 1.5, a) + sgm_rdp(1.0, 1.5, a), gen.plan.delta)
+    assert gen.epsilon() == pytest.approx(reference, rel=0.01)
+    assert gen.sample(10).shape == (10, 60)

@@ -58,19 +58,10 @@ class DPSGDConfig:
 
 
 def dpsgd_config(cfg, where: str = "privacy") -> DPSGDConfig:
-    """The typed config from ``conf/privacy/dpsgd.yaml`` or a generator's ``dp`` block (unknown keys name themselves)."""
-    from omegaconf import OmegaConf
+    """The typed config from ``conf/privacy/dpsgd.yaml`` or a generator's ``dp`` block."""
+    from fedrec.config import typed_block
 
-    raw = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
-    raw.pop("name", None)
-    known = set(DPSGDConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key; known: {sorted(known)}")
-    try:
-        return DPSGDConfig(**raw)
-    except ConfigError as e:  # name the block the value came from
-        raise ConfigError(str(e).replace("privacy.", f"{where}.", 1)) from None
+    return typed_block(DPSGDConfig, cfg, where)
 
 
 class LossModule(nn.Module):

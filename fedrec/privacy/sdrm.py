@@ -41,6 +41,8 @@ class SDRMConfig:
     latent_dim: int = 64
     vae_epochs: int = 100
     vae_lr: float = 1e-3
+    vae_anneal_cap: float = 0.2  # MultVAE's KL weight cap beta
+    vae_anneal_steps: int = 200  # updates over which beta rises to the cap
     batch_size: int = 128
     diffusion_steps: int = 200
     denoiser_hidden: int = 512
@@ -107,7 +109,8 @@ class SDRM(SyntheticGenerator):
     def _fit(self, rows: sp.csr_matrix) -> None:
         c = self.cfg
         self.vae = build_model({"name": "multvae", "hidden_dims": list(c.vae_hidden), "latent_dim": c.latent_dim,
-                                "total_anneal_steps": 2000}, DataShape(rows.shape[0], self.n_items))
+                                "anneal_cap": c.vae_anneal_cap, "total_anneal_steps": c.vae_anneal_steps},
+                               DataShape(rows.shape[0], self.n_items))
         real = TrainRows(rows, np.arange(rows.shape[0]))
         self.train_stage(self.vae, torch.optim.Adam(self.vae.parameters(), lr=c.vae_lr), real, c.batch_size,
                          c.vae_epochs)
