@@ -20,7 +20,8 @@ DEFAULT_GROUPS = {k for d in OmegaConf.to_container(OmegaConf.load(CONF_DIR / "c
 NOT_IMPLEMENTED: set = set()
 # options that only validate together with others (the mechanism/ sweep points bundle them)
 COMPANIONS = {("privacy", "dpsgd"): ["federation=none"],
-              ("privacy", "user_dp"): ["federation=device", "federation.sampling=poisson"]}
+              ("privacy", "user_dp"): ["federation=device", "federation.sampling=poisson"],
+              ("privacy", "node_dp"): ["federation=silo"]}
 
 
 def test_groups_found():
@@ -46,8 +47,19 @@ def test_option_composes_and_validates(group, name):
     cfg = compose([f"{group}={name}" if group in DEFAULT_GROUPS else f"+{group}={name}",
                    *COMPANIONS.get((group, name), [])])
     node = cfg[group]
-    # the composed group is the file's content
-    assert OmegaConf.to_container(node) == OmegaConf.to_container(OmegaConf.load(path))
+    # the composed group is the file's content (plus what its own defaults list pulls in)
+    own = OmegaConf.to_container(OmegaConf.load(path))
+    nested = own.pop("defaults", [])
+    composed = OmegaConf.to_container(node)
+    for d in nested:
+        if isinstance(d, dict):
+            (sub, choice), = d.items()
+            assert composed.pop(sub) == OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / sub / f"{choice}.yaml"))
+    assert composed == own
+    if group == "generator":
+        from fedrec.privacy.generators import build_generator
+
+        assert build_generator(node, 50, 0).dp is None  # builds; DP is off by default
     if (group, name) in NOT_IMPLEMENTED:
         return
     validate(cfg)

@@ -60,6 +60,7 @@ class PrivacyPlan:
     def epsilon_at(self, sigma: float) -> float:
         return composed_epsilon([(sigma, q, s) for q, s in self.mechanisms], self.delta, self.dp.accountant)
 
+
 class ActivityDistribution:
     """Items per synthetic user: the members' activities, or under DP a noisy log-binned histogram."""
 
