@@ -89,6 +89,15 @@ def typed_block(cls, cfg, where: str):
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}: unknown key; known: {sorted(known)}")
+    import dataclasses
+
+    for f in dataclasses.fields(cls):  # numbers given as text on the command line ("inf", "1e-3") become floats
+        if f.name in raw and raw[f.name] is not None and str(f.type).startswith("float"):
+            try:
+                value = raw[f.name]
+                raw[f.name] = float(value.replace(".inf", "inf") if isinstance(value, str) else value)  # YAML's .inf
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}.{f.name}: expected a number, got {raw[f.name]!r}") from None
     try:
         return cls(**raw)
     except ConfigError as e:  # the dataclasses name their keys privacy.*: name the block they came from

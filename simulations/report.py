@@ -1,6 +1,9 @@
 """``python -m simulations.report <multirun dir>``: many run folders -> one table and a plot.
 
-Reads every ``*/summary.json`` with its ``config.yaml`` under the folder (a Hydra multirun), writes
+Reads every ``*/summary.json`` with its ``config.yaml`` under the folder (a Hydra multirun of
+``simulations.run``), and every ``*/synthesis_report.json`` (a multirun of ``simulations.synthesize``:
+mechanism ``synthetic:<generator>``, the utility model trained on the synthetic users only, evaluated on
+the real held-out users), writes
 ``report.csv`` and ``report.md`` (one row per run: mechanism, model, target and achieved epsilon,
 test metrics, wall time) and ``privacy_accuracy.png`` (epsilon vs test NDCG@20, one line per
 mechanism and model; the non-private point is drawn at the right edge, labelled inf) into the folder.
@@ -37,6 +40,23 @@ def collect(root: Path) -> list[dict]:
             "test_ndcg@20": s["test"].get("ndcg@20"), "test_recall@20": s["test"].get("recall@20"),
             "valid_ndcg@20": s["valid"].get("ndcg@20"), "best_round": s.get("best_round"),
             "rounds": s.get("rounds"), "wall_s": round(float(s.get("wall_s", 0)), 1), "stopped": s.get("stopped", ""),
+        })
+    for report_path in sorted(root.rglob("synthesis_report.json")):
+        r = json.loads(report_path.read_text())
+        gen, syn = r["generator"], r["utility"].get("synthetic")
+        if syn is None:
+            continue
+        target = (gen.get("dp") or {}).get("target_epsilon")
+        eps = r["privacy"]["epsilon"]
+        rows.append({
+            "run": str(report_path.parent.relative_to(root)),
+            "mechanism": f"synthetic:{gen.get('model', {}).get('name') if gen['name'] == 'zoo' else gen['name']}",
+            "model": r.get("utility_model"), "federation": "none",
+            "target_epsilon": float(target) if target is not None else math.inf,
+            "epsilon": math.inf if eps == "inf" else float(eps),
+            "test_ndcg@20": syn["test"].get("ndcg@20"), "test_recall@20": syn["test"].get("recall@20"),
+            "valid_ndcg@20": syn["valid"].get("ndcg@20"), "best_round": syn.get("epoch"),
+            "rounds": r.get("utility_epochs"), "wall_s": float(r.get("wall_s", 0)), "stopped": "",
         })
     return rows
 

@@ -3,6 +3,12 @@
     python -m simulations.synthesize dataset=ml-100k                       # SDRM, MultVAE utility
     python -m simulations.synthesize dataset=ml-100k generator=diffrec     # a zoo model as generator
     python -m simulations.synthesize dataset=ml-100k generator.dp.target_epsilon=8  # DP-trained generator
+    python -m simulations.synthesize -m dataset=ml-100k generator.dp.target_epsilon=1,2,4,8,.inf
+    python -m simulations.report outputs/multirun/<time>                  # the sweep's table and plot
+
+The primary config is ``conf/synthesize.yaml`` (``conf/config.yaml`` with MultVAE as the utility model,
+no federation, SDRM, 100 utility epochs); the release goes to the Hydra run folder
+(``outputs/synthetic/<time>``, or ``release.out``).
 
 1. Split the real users with training data into members (the generator's training users) and
    held-out non-members (``release.member_share``, default 0.5).
@@ -22,11 +28,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
+import hydra
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -73,21 +81,44 @@ def fit_and_evaluate(cfg, train_rows: sp.csr_matrix, data, eval_users: np.ndarra
 
 
 def main(argv: list[str]) -> int:
-    return run_reporting_input_errors(lambda: synthesize(argv))
+    """Plain entry (tests): compose ``conf/synthesize.yaml`` with ``argv`` and release."""
+    return run_reporting_input_errors(lambda: synthesize(compose_synthesize(argv)))
+
+
+def compose_synthesize(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fedrec.config import CONF_DIR
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="synthesize", overrides=list(overrides))
+
+
+@hydra.main(config_path="../conf", config_name="synthesize", version_base="1.3")
+def hydra_main(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    rc = run_reporting_input_errors(lambda: synthesize(cfg, default_out=out))
+    if rc:
+        if out.exists() and {p.name for p in out.iterdir()} <= {"synthesize.log"}:
+            shutil.rmtree(out, ignore_errors=True)  # bad input leaves no folder behind
+        sys.exit(rc)
 
 
 TRAINING_SETS = ("real", "synthetic", "real+synthetic")
 
 
-def synthesize(overrides: list[str]) -> None:
+def synthesize(cfg, default_out: Path | None = None) -> None:
     from omegaconf import OmegaConf
 
-    from fedrec.config import compose
     from fedrec.data import load_dataset
     from fedrec.privacy.audit import synthetic_mia
     from fedrec.privacy.generators import build_generator
 
-    cfg = compose(["model=multvae", "federation=none", "generator=sdrm", *overrides])
     rel = cfg.release
     scale, share = float(rel.scale), float(rel.member_share)
     if scale <= 0:
@@ -105,10 +136,10 @@ def synthesize(overrides: list[str]) -> None:
     perm = np.random.default_rng([seed, 11]).permutation(active)
     cut = int(round(share * len(perm)))
     members, nonmembers = np.sort(perm[:cut]), np.sort(perm[cut:])
-    out = Path(rel.out or Path(cfg.paths.output_root) / "synthetic" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    out = Path(rel.out or default_out or Path(cfg.paths.output_root) / "synthetic" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     emit = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
 
-    t0 = time.perf_counter()
+    t0 = t_start = time.perf_counter()
     gen.fit(data.train[members])
     synthetic = gen.sample(max(1, int(round(scale * len(members)))))
     eps = gen.epsilon()
@@ -137,7 +168,9 @@ def synthesize(overrides: list[str]) -> None:
     if "real" in results and "synthetic" in results:
         emit(what="utility_ratio", synthetic_over_real_ndcg20=round(
             results["synthetic"]["test"]["ndcg@20"] / results["real"]["test"]["ndcg@20"], 4))
-    report = {"dataset": data.name, "files": str(path), "members": len(members), "nonmembers": len(nonmembers),
+    report = {"dataset": data.name, "seed": seed, "utility_model": cfg.model.name, "files": str(path),
+              "members": len(members), "nonmembers": len(nonmembers), "wall_s": round(time.perf_counter() - t_start, 1),
+              "utility_epochs": int(cfg.train.epochs),
               "generator": OmegaConf.to_container(cfg.generator, resolve=True), "privacy": privacy,
               "release": OmegaConf.to_container(rel, resolve=True), "audit": audit, "utility": results}
     (out / "synthesis_report.json").write_text(json.dumps(report, indent=2, default=float))
@@ -145,4 +178,4 @@ def synthesize(overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    hydra_main()

@@ -115,3 +115,32 @@ def test_synthesize_command_end_to_end(tmp_path, capsys):
                 ["generator=diffrec", "generator.model.noise_scale=-1"]):
         assert main(bad + [f"release.out={tmp_path / 'bad'}"]) == 2, bad
         assert not (tmp_path / "bad").exists()
+
+
+def test_synthetic_release_sweep_one_command_then_report(tmp_path):
+    """`python -m simulations.synthesize -m ...` sweeps the generator's epsilon; the report tabulates it."""
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    tiny = ["dataset.n_users=60", "dataset.n_items=40", "train.epochs=2", "model.hidden_dims=[16]",
+            "model.latent_dim=8", "generator.vae_epochs=2", "generator.diffusion_epochs=2", "generator.latent_dim=8",
+            "generator.vae_hidden=[16]", "generator.denoiser_hidden=16", "generator.diffusion_steps=10",
+            "generator.sampling_steps=3", "generator.batch_size=30", "release.train_on=[synthetic]"]
+    env = dict(os.environ, HYDRA_FULL_ERROR="1")
+    sweep = tmp_path / "sweep"
+    subprocess.run([sys.executable, "-m", "simulations.synthesize", "-m", *tiny,
+                    "generator.dp.target_epsilon=2,inf", f"hydra.sweep.dir={sweep}"],
+                   check=True, env=env, capture_output=True, text=True, timeout=600)
+    subprocess.run([sys.executable, "-m", "simulations.report", str(sweep)], check=True, env=env,
+                   capture_output=True, text=True, timeout=120)
+    rows = list(csv.DictReader(open(sweep / "report.csv")))
+    assert [r["mechanism"] for r in rows] == ["synthetic:sdrm"] * 2
+    assert sorted(r["target_epsilon"] for r in rows) == ["2.0000", "inf"]
+    finite = next(r for r in rows if r["target_epsilon"] == "2.0000")
+    assert 0 < float(finite["epsilon"]) <= 2.0 and (sweep / "privacy_accuracy.png").exists()
+    bad = subprocess.run([sys.executable, "-m", "simulations.synthesize", "release.member_share=3",
+                          f"hydra.run.dir={tmp_path / 'bad'}"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: release.member_share")
+    assert not (tmp_path / "bad").exists()
