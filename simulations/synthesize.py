@@ -103,9 +103,9 @@ def hydra_main(cfg) -> None:
 
     out = Path(HydraConfig.get().runtime.output_dir)
     rc = run_reporting_input_errors(lambda: synthesize(cfg, default_out=out))
+    if out.exists() and {p.name for p in out.iterdir()} <= {"synthesize.log"}:
+        shutil.rmtree(out, ignore_errors=True)  # bad input, or the release went to release.out: no stray folder
     if rc:
-        if out.exists() and {p.name for p in out.iterdir()} <= {"synthesize.log"}:
-            shutil.rmtree(out, ignore_errors=True)  # bad input leaves no folder behind
         sys.exit(rc)
 
 

@@ -21,6 +21,7 @@ otherwise; a model neither supports fails with an error naming the layer.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +30,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedrec.errors import ConfigError
 from fedrec.models.base import Batch, Recommender
+
+
+# Opacus's notices on every run: secure_mode is off on purpose (a simulator's noise need not resist
+# floating-point attacks on the RNG; deployments would turn it on), and ghost clipping's backward hooks
+# fire on module outputs by design. Neither says anything about a given run.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 
 @dataclass
