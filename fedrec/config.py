@@ -70,8 +70,9 @@ def validate(cfg: DictConfig) -> None:
         from fedrec.privacy.dpsgd import dpsgd_config
 
         dpsgd_config(cfg.privacy)
-        if mode != "none":
-            raise ConfigError("privacy=dpsgd: local DP-SGD runs on the centralised trainer (federation=none) so far")
+        if mode == "device":
+            raise ConfigError("privacy=dpsgd: DP-SGD runs centralised (federation=none) or inside silos "
+                              "(federation=silo); with one client per user use privacy=user_dp")
     if mode != "none":
         if int(cfg.federation.num_nodes) < 1:
             raise ConfigError(f"federation.num_nodes: must be >= 1, got {cfg.federation.num_nodes}")

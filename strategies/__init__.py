@@ -177,11 +177,16 @@ class FedrecMixin:
         arrays, metrics = super().aggregate_train(self.round_offset + server_round, good) if good else (None, None)
         self.last_train = dict(metrics or {}) | {"clients": len(good), "rejected-updates": rejected,
                                                  "empty-replies": empty}
-        for key in ("sampled-users", "trained-users", "dropped-users", "straggler-users", "empty-users"):
-            vals = [float(m.content["metrics"][key]) for m in replies
+        def reported(key: str) -> list[float]:
+            return [float(m.content["metrics"][key]) for m in replies
                     if m.content.metric_records.get("metrics") is not None and key in m.content["metrics"]]
-            if vals:
-                self.last_train[key] = sum(vals)
+
+        for key in ("sampled-users", "trained-users", "dropped-users", "straggler-users", "empty-users"):
+            if reported(key):
+                self.last_train[key] = sum(reported(key))
+        for key in ("dp-epsilon", "dp-noise-multiplier"):  # per-silo DP-SGD: the weakest silo's guarantee
+            if reported(key):
+                self.last_train[key] = max(reported(key))
         if reasons:
             self.last_train["rejected-reasons"] = sorted(set(reasons))[:5]
         self.last_train_s = time.perf_counter() - self._t_train

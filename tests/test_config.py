@@ -125,7 +125,12 @@ def test_compose_is_repeatable():
     assert a == b and a.seed == 3
 
 
-@pytest.mark.parametrize("name,needs", [("dpsgd", "federation=none"), ("user_dp", "federation=device")])
-def test_privacy_mechanism_rejects_wrong_federation(name, needs):
+@pytest.mark.parametrize("name,federation", [("dpsgd", "device"), ("user_dp", "silo"), ("node_dp", "device")])
+def test_privacy_mechanism_rejects_wrong_federation(name, federation):
     with pytest.raises(ConfigError, match=f"privacy={name}"):
-        validate(compose([f"privacy={name}"]))
+        validate(compose([f"privacy={name}", f"federation={federation}"]))
+
+
+def test_dpsgd_validates_centralised_and_in_silos():
+    for federation in ("none", "silo"):
+        validate(compose(["privacy=dpsgd", f"federation={federation}"]))

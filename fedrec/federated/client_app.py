@@ -20,6 +20,7 @@ from fedrec.train import TrainRows, make_optimizer, train_epoch
 
 CONFIG_KEY = "fedrec-config"
 LOCAL_STATE_KEY = "fedrec-local"
+DPSGD_KEY = "fedrec-dpsgd"  # the node's DP-SGD accountant history (sigma, q, steps) across rounds
 
 app = ClientApp()
 
@@ -48,15 +49,40 @@ def train(msg: Message, context: Context) -> Message:
         return _train_device(msg, context, view, cfg, model)
     rows = TrainRows(view.data.train, view.users)
     optimizer = make_optimizer(model, cfg.model.optim)
-    mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    prox = (mu, {k: v.detach().clone() for k, v in global_arrays(model).to_torch_state_dict().items()}) if mu > 0 else None
-    losses = [train_epoch(model, optimizer, rows, int(cfg.model.optim.batch_size), rng, prox)["loss"]
-              for _ in range(int(cfg.train.local_epochs))] if len(rows) else [float("nan")]
+    extra: dict[str, float] = {}
+    if cfg.privacy.name == "dpsgd" and len(rows):
+        losses, extra = _train_dpsgd(model, optimizer, rows, cfg, context, seed=int(rng.integers(2**31)))
+    else:
+        mu = float(msg.content["config"].get("proximal-mu", 0.0))
+        prox = (mu, {k: v.detach().clone() for k, v in global_arrays(model).to_torch_state_dict().items()}) if mu > 0 else None
+        losses = [train_epoch(model, optimizer, rows, int(cfg.model.optim.batch_size), rng, prox)["loss"]
+                  for _ in range(int(cfg.train.local_epochs))] if len(rows) else [float("nan")]
     context.state[LOCAL_STATE_KEY] = local_state(model)
     # unit-weight: the equal weight node-level DP averages by (strategies/node_dp.py)
     metrics = MetricRecord({"num-examples": len(rows), "unit-weight": 1.0,
-                            "train-loss": float(losses[-1]) if len(rows) else 0.0})
+                            "train-loss": float(losses[-1]) if len(rows) else 0.0, **extra})
     return Message(RecordDict({"arrays": global_arrays(model), "metrics": metrics}), reply_to=msg)
+
+
+def _train_dpsgd(model, optimizer, rows, cfg, context: Context, seed: int) -> tuple[list[float], dict[str, float]]:
+    """Local DP-SGD for this round; the node keeps its accountant history between rounds."""
+    import math
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from fedrec.privacy.dpsgd import dpsgd_config, local_dpsgd_round
+
+    history = [tuple(h) for h in context.state[DPSGD_KEY]["history"].numpy().tolist()] \
+        if DPSGD_KEY in context.state else []
+    out = local_dpsgd_round(model, optimizer, rows, int(cfg.model.optim.batch_size), dpsgd_config(cfg.privacy),
+                            int(cfg.federation.rounds), int(cfg.train.local_epochs), history,
+                            seed=seed)
+    context.state[DPSGD_KEY] = ArrayRecord({"history": Array(np.asarray(out["history"], dtype=np.float64))})
+    extra = {"dp-noise-multiplier": out["noise_multiplier"], "dp-delta": out["delta"]}
+    if math.isfinite(out["epsilon"]):
+        extra["dp-epsilon"] = out["epsilon"]
+    return out["losses"], extra
 
 
 @app.evaluate()

@@ -14,6 +14,8 @@ metric sums exactly (``federation.evaluation: auto|server|clients``).
 
 from __future__ import annotations
 
+import math
+
 import time
 
 import torch
@@ -95,6 +97,13 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
                           rounds=int(fed.rounds))
         recorder.extra["privacy"] = {"mechanism": "user_dp", "noise_multiplier": strategy.dp.noise_multiplier,
                                      "delta": strategy.delta, "sample_rate": strategy.q, "epsilon": 0.0}
+    silo_dpsgd = cfg.get("privacy") is not None and cfg.privacy.name == "dpsgd"
+    if silo_dpsgd:
+        if resume is not None:
+            raise ConfigError("resume: resuming a DP-SGD run is not supported (the silos' accountant histories "
+                              "would restart); start it again")
+        recorder.extra["privacy"] = {"mechanism": "dpsgd", "scope": "each silo's users (epsilon: the largest over silos)",
+                                     "epsilon": 0.0}
     if fed.mode == "device":
         from fedrec.federated.device_node import sampling_threshold
 
@@ -126,6 +135,11 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
             eval_s = time.perf_counter() - t0
         if user_dp or node_dp:
             recorder.extra["privacy"]["epsilon"] = runner.epsilon()
+        if silo_dpsgd:  # a silo at noise multiplier 0 reports no epsilon: infinite
+            lt = strategy.last_train
+            noisy = float(lt.get("dp-noise-multiplier", 0.0)) > 0 and "dp-epsilon" in lt
+            recorder.extra["privacy"]["epsilon"] = float(lt["dp-epsilon"]) if noisy else math.inf
+            recorder.extra["privacy"]["noise_multiplier"] = float(lt.get("dp-noise-multiplier", 0.0))
         recorder.record(rnd, strategy.last_train, strategy.last_train_s, evaluation, eval_s,
                         lambda: {"arrays": arrays.to_torch_state_dict(), "strategy": strategy.state()})
         if evaluation is None:

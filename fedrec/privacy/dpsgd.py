@@ -179,3 +179,35 @@ class DPSGDTrainer:
         if self.noise_multiplier == 0:
             return math.inf
         return float(self.engine.get_epsilon(self.delta))
+
+
+def local_dpsgd_round(model: Recommender, optimizer: torch.optim.Optimizer, rows, batch_size: int, cfg: DPSGDConfig,
+                      rounds: int, local_epochs: int, history: list[tuple[float, float, int]], seed: int) -> dict:
+    """One federated round of DP-SGD inside a silo; the silo's accountant ``history`` carries across rounds.
+
+    The privacy unit is a user of this silo. ``target_epsilon`` calibrates the multiplier for the whole
+    run (``rounds`` x ``local_epochs`` epochs at this silo's Poisson rate), so every silo meets it for its
+    own users; delta defaults to 1 / the silo's users.
+    """
+    from dataclasses import replace
+
+    from fedrec.privacy.accounting import calibrate_noise, composed_epsilon
+
+    n = len(rows)
+    steps = math.ceil(n / batch_size)
+    delta = cfg.delta if cfg.delta is not None else 1.0 / n
+    if cfg.target_epsilon is None:
+        sigma = float(cfg.noise_multiplier)
+    elif math.isinf(cfg.target_epsilon):
+        sigma = 0.0
+    else:
+        total = [(1.0 / steps, rounds * local_epochs * steps)]
+        sigma = calibrate_noise(lambda s: composed_epsilon([(s, q, k) for q, k in total], delta, cfg.accountant),
+                                float(cfg.target_epsilon), "privacy.target_epsilon")
+    trainer = DPSGDTrainer(model, optimizer, rows, batch_size,
+                           replace(cfg, noise_multiplier=sigma, target_epsilon=None, delta=delta), local_epochs, seed)
+    losses = [trainer.epoch()["loss"] for _ in range(local_epochs)]
+    trainer.module._close()  # the model leaves the round without Opacus's hooks
+    history = list(history) + [tuple(h) for h in trainer.engine.accountant.history]
+    return {"losses": losses, "history": history, "noise_multiplier": sigma, "delta": delta,
+            "epsilon": composed_epsilon(history, delta, cfg.accountant)}
