@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
 from fedrec.errors import ConfigError
+from fedrec.privacy.accounting import check_noise_or_target
 from strategies.user_dp import PrivacyBudgetExhausted
 
 UNIT_WEIGHT = "unit-weight"  # every node reports 1.0 under this key: equal weights in the average
@@ -39,12 +40,7 @@ class NodeDPConfig:
     max_epsilon: float | None = None
 
     def __post_init__(self):
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ConfigError("privacy.noise_multiplier/target_epsilon: set exactly one of them")
-        if self.noise_multiplier is not None and self.noise_multiplier < 0:
-            raise ConfigError(f"privacy.noise_multiplier: must be >= 0, got {self.noise_multiplier}")
-        if self.target_epsilon is not None and self.target_epsilon <= 0:
-            raise ConfigError(f"privacy.target_epsilon: must be positive, got {self.target_epsilon}")
+        check_noise_or_target(self.noise_multiplier, self.target_epsilon)
         if self.clipping_norm <= 0:
             raise ConfigError(f"privacy.clipping_norm: must be positive, got {self.clipping_norm}")
         if not 0 < self.delta < 1:

@@ -29,6 +29,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, MetricRecord
 
 from fedrec.errors import ConfigError
+from fedrec.privacy.accounting import check_noise_or_target
 from strategies import ClientFailure, FedrecFedAvg
 
 
@@ -50,12 +51,7 @@ class UserDPConfig:
     accountant: str = "rdp"  # rdp | prv
 
     def __post_init__(self):
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ConfigError("privacy.noise_multiplier/target_epsilon: set exactly one of them")
-        if self.target_epsilon is not None and self.target_epsilon <= 0:
-            raise ConfigError(f"privacy.target_epsilon: must be positive, got {self.target_epsilon}")
-        if self.noise_multiplier is not None and self.noise_multiplier < 0:
-            raise ConfigError(f"privacy.noise_multiplier: must be >= 0, got {self.noise_multiplier}")
+        check_noise_or_target(self.noise_multiplier, self.target_epsilon)
         if self.clip <= 0:
             raise ConfigError(f"privacy.clip: must be positive, got {self.clip}")
         if self.accountant not in ("rdp", "prv"):

@@ -39,3 +39,13 @@ def calibrate_noise(epsilon_at: Callable[[float], float], target: float, where: 
         mid = math.sqrt(lo * hi)
         lo, hi = (lo, mid) if epsilon_at(mid) <= target else (mid, hi)
     return hi
+
+
+def check_noise_or_target(noise_multiplier: float | None, target_epsilon: float | None) -> None:
+    """The rule every DP block shares: exactly one of a fixed multiplier (>= 0) or a target epsilon (> 0)."""
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ConfigError("privacy.noise_multiplier/target_epsilon: set exactly one of them")
+    if noise_multiplier is not None and noise_multiplier < 0:
+        raise ConfigError(f"privacy.noise_multiplier: must be >= 0, got {noise_multiplier}")
+    if target_epsilon is not None and target_epsilon <= 0:
+        raise ConfigError(f"privacy.target_epsilon: must be positive, got {target_epsilon}")

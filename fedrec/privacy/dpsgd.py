@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedrec.errors import ConfigError
 from fedrec.models.base import Batch, Recommender
+from fedrec.privacy.accounting import check_noise_or_target
 
 
 # Opacus's notices on every run: secure_mode is off on purpose (a simulator's noise need not resist
@@ -55,12 +56,7 @@ class DPSGDConfig:
             raise ConfigError(f"privacy.grad_sample_mode: expected auto, ghost or hooks, got {self.grad_sample_mode!r}")
         if self.max_grad_norm <= 0:
             raise ConfigError(f"privacy.max_grad_norm: must be positive, got {self.max_grad_norm}")
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ConfigError("privacy.noise_multiplier/target_epsilon: set exactly one of them")
-        if self.noise_multiplier is not None and self.noise_multiplier < 0:
-            raise ConfigError(f"privacy.noise_multiplier: must be >= 0, got {self.noise_multiplier}")
-        if self.target_epsilon is not None and self.target_epsilon <= 0:
-            raise ConfigError(f"privacy.target_epsilon: must be positive, got {self.target_epsilon}")
+        check_noise_or_target(self.noise_multiplier, self.target_epsilon)
         if self.delta is not None and not 0 < self.delta < 1:
             raise ConfigError(f"privacy.delta: must be in (0, 1), got {self.delta}")
 
