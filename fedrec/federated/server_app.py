@@ -15,7 +15,6 @@ metric sums exactly (``federation.evaluation: auto|server|clients``).
 from __future__ import annotations
 
 import math
-
 import time
 
 import torch
