@@ -48,36 +48,40 @@ def validate(cfg: DictConfig) -> None:
     privacy = cfg.get("privacy", {}).get("name", "none")
     if privacy not in ("none", "dpsgd", "user_dp", "node_dp"):
         raise ConfigError(f"privacy.name: unknown mechanism {privacy!r}; expected none, dpsgd, user_dp or node_dp")
-    if privacy == "node_dp":
-        from strategies.node_dp import node_dp_config
-
-        node_dp_config(cfg.privacy)
-        if mode != "silo" or float(cfg.federation.fraction) != 1.0:
-            raise ConfigError("privacy=node_dp: needs federation=silo with federation.fraction=1.0 (every node "
-                              "every round: the accounting takes no amplification by sampling)")
-        if cfg.strategy.name != "fedavg":
-            raise ConfigError("privacy=node_dp: Flower's DP wrapper is used on FedAvg aggregation (strategy=fedavg)")
-    if privacy == "user_dp":
-        from strategies.user_dp import user_dp_config
-
-        user_dp_config(cfg.privacy)
-        if mode != "device" or cfg.federation.get("sampling") != "poisson":
-            raise ConfigError("privacy=user_dp: needs federation=device with federation.sampling=poisson "
-                              "(each user a client, sampled independently for the amplification analysis)")
-        if cfg.strategy.name != "fedavg":
-            raise ConfigError("privacy=user_dp: implemented on FedAvg aggregation (strategy=fedavg)")
-    if privacy == "dpsgd":
-        from fedrec.privacy.dpsgd import dpsgd_config
-
-        dpsgd_config(cfg.privacy)
-        if mode == "device":
-            raise ConfigError("privacy=dpsgd: DP-SGD runs centralised (federation=none) or inside silos "
-                              "(federation=silo); with one client per user use privacy=user_dp")
+    if privacy != "none":
+        _validate_privacy(cfg, privacy, mode)
     if mode != "none":
         if int(cfg.federation.num_nodes) < 1:
             raise ConfigError(f"federation.num_nodes: must be >= 1, got {cfg.federation.num_nodes}")
         if int(cfg.federation.rounds) < 1:
             raise ConfigError(f"federation.rounds: must be >= 1, got {cfg.federation.rounds}")
+
+
+def _validate_privacy(cfg: DictConfig, privacy: str, mode: str) -> None:
+    """The mechanism's own block, then the federation and aggregation its analysis assumes."""
+    from fedrec.privacy.dpsgd import DPSGDConfig
+    from strategies.node_dp import NodeDPConfig
+    from strategies.user_dp import UserDPConfig
+
+    fed = cfg.federation
+    # mechanism -> (typed block, does the federation fit?, what it needs, why FedAvg (None: any strategy))
+    rules = {
+        "dpsgd": (DPSGDConfig, mode != "device",
+                  "federation=none or federation=silo (DP-SGD centralised or inside silos); with one client per "
+                  "user use privacy=user_dp", None),
+        "user_dp": (UserDPConfig, mode == "device" and fed.get("sampling") == "poisson",
+                    "federation=device with federation.sampling=poisson (each user a client, sampled "
+                    "independently for the amplification analysis)", "implemented on FedAvg aggregation"),
+        "node_dp": (NodeDPConfig, mode == "silo" and float(fed.get("fraction", 1.0)) == 1.0,
+                    "federation=silo with federation.fraction=1.0 (every node every round: the accounting takes "
+                    "no amplification by sampling)", "Flower's DP wrapper is used on FedAvg aggregation"),
+    }
+    block, fits, needs, fedavg_only = rules[privacy]
+    typed_block(block, cfg.privacy, "privacy")
+    if not fits:
+        raise ConfigError(f"privacy={privacy}: needs {needs}")
+    if fedavg_only and cfg.strategy.name != "fedavg":
+        raise ConfigError(f"privacy={privacy}: {fedavg_only} (strategy=fedavg)")
 
 
 def typed_block(cls, cfg, where: str):
