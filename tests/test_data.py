@@ -118,7 +118,7 @@ def pairs(m):
     return set(zip(c.row.tolist(), c.col.tolist()))
 
 
-@pytest.mark.parametrize("method", ["ratio", "temporal", "loo"])
+@pytest.mark.parametrize("method", ["ratio", "temporal", "temporal_global", "loo"])
 def test_split_invariants(method):
     users, items, ts, nu, ni = random_interactions()
     s = split_interactions(users, items, ts, nu, ni, method, [0.8, 0.1, 0.1], seed=1)
@@ -163,22 +163,103 @@ def test_ratio_counts_small_users():
     assert (tr[9], va[9], te[9]) == (8, 1, 1)  # n = 10
 
 
+def recbole_counts(tot, ratios):
+    """RecBole 1.2's ``Dataset._calcu_split_ids`` as counts, one user at a time (the reference)."""
+    ratios = [r / sum(ratios) for r in ratios]
+    cnt = [int(r * tot) for r in ratios]
+    cnt[0] = tot - sum(cnt[1:])
+    for i in range(1, len(ratios)):
+        if cnt[0] <= 1:
+            break
+        if 0 < ratios[-i] * tot < 1:
+            cnt[-i] += 1
+            cnt[0] -= 1
+    return tuple(cnt)
+
+
+@pytest.mark.parametrize("ratios", [(0.8, 0.1, 0.1), (0.7, 0.2, 0.1), (0.6, 0.2, 0.2), (0.7, 0.01, 0.29),
+                                    (0.98, 0.01, 0.01), (0.9, 0.0, 0.1)])
+def test_ratio_counts_match_recbole(ratios):
+    n = np.arange(1, 400)
+    got = np.stack(ratio_counts(n, ratios), axis=1)
+    np.testing.assert_array_equal(got, [recbole_counts(int(k), ratios) for k in n])
+
+
+def test_ratio_counts_truncate_like_recbole():
+    # 0.29 * 100 is 28.999999999999996 in floats; RecBole's int() keeps 28 test items.
+    assert [int(c[0]) for c in ratio_counts([100], (0.7, 0.01, 0.29))] == [71, 1, 28]
+
+
+def first_times(users, items, ts):
+    """Earliest time of each unique (user, item) pair, and that row's index (the tie-break)."""
+    first = {}
+    for row, (u, i, t) in enumerate(zip(users, items, ts)):
+        key = (int(u), int(i))
+        if key not in first or t < first[key][0]:
+            first[key] = (t, row)
+    return first
+
+
+def user_timeline(first, u):
+    """User ``u``'s items, earliest first; equal times in input-row order."""
+    mine = {i: v for (uu, i), v in first.items() if uu == u}
+    return sorted(mine, key=mine.get)
+
+
 def test_loo_latest_is_test():
     users, items, ts, nu, ni = random_interactions()
+    ts = np.floor(ts / 50)  # many equal timestamps: the tie-break matters
     s = split_interactions(users, items, ts, nu, ni, "loo", [0.8, 0.1, 0.1], seed=0)
-    # Latest time of each unique pair per user.
-    first = {}
-    for u, i, t in zip(users, items, ts):
-        first[(int(u), int(i))] = min(first.get((int(u), int(i)), np.inf), t)
+    first = first_times(users, items, ts)
+    sizes = set()
     for u in range(nu):
-        mine = {i: t for (uu, i), t in first.items() if uu == u}
-        test_items = s.test[u].indices
-        if len(mine) < 3:
-            assert len(test_items) == 0 and s.train[u].nnz == len(mine)
-            continue
-        ranked = sorted(mine, key=mine.get)
-        assert test_items.tolist() == [ranked[-1]]
-        assert s.valid[u].indices.tolist() == [ranked[-2]]
+        ranked = user_timeline(first, u)
+        sizes.add(min(len(ranked), 3))
+        n_valid = 1 if len(ranked) >= 3 else 0
+        n_test = 1 if len(ranked) >= 2 else 0
+        assert s.test[u].indices.tolist() == ranked[len(ranked) - n_test:]
+        assert s.valid[u].indices.tolist() == ranked[len(ranked) - n_test - n_valid:len(ranked) - n_test]
+        assert sorted(s.train[u].indices.tolist()) == sorted(ranked[:len(ranked) - n_test - n_valid])
+    assert sizes == {1, 2, 3}  # the data has users of each kind
+
+
+def test_loo_small_users_like_recbole():
+    # Users with 1, 2, 3 interactions; user 2's last two share a time: row order breaks the tie.
+    users = np.array([0, 1, 1, 2, 2, 2])
+    items = np.array([0, 1, 0, 2, 0, 1])
+    ts = np.array([5.0, 2.0, 1.0, 1.0, 3.0, 3.0])
+    s = split_interactions(users, items, ts, 3, 3, "loo", [0.8, 0.1, 0.1], seed=0)
+    assert dense(s.train).tolist() == [[1, 0, 0], [1, 0, 0], [0, 0, 1]]
+    assert dense(s.valid).tolist() == [[0, 0, 0], [0, 0, 0], [1, 0, 0]]
+    assert dense(s.test).tolist() == [[0, 0, 0], [0, 1, 0], [0, 1, 0]]
+
+
+def test_temporal_is_per_user_chronological():
+    users, items, ts, nu, ni = random_interactions(n_users=80)
+    ts = np.floor(ts / 50)  # many equal timestamps
+    s = split_interactions(users, items, ts, nu, ni, "temporal", [0.8, 0.1, 0.1], seed=0)
+    assert s.kept_users.tolist() == list(range(nu))
+    first = first_times(users, items, ts)
+    for u in range(nu):
+        ranked = user_timeline(first, u)
+        n_tr, n_va, n_te = recbole_counts(len(ranked), [0.8, 0.1, 0.1])
+        assert sorted(s.train[u].indices.tolist()) == sorted(ranked[:n_tr])
+        assert sorted(s.valid[u].indices.tolist()) == sorted(ranked[n_tr:n_tr + n_va])
+        assert sorted(s.test[u].indices.tolist()) == sorted(ranked[n_tr + n_va:])
+        assert s.test[u].nnz == n_te
+
+
+def test_temporal_hand_example():
+    # User 0: ten items given in reverse time order; user 1: three items, two at the same time.
+    users = np.array([0] * 10 + [1, 1, 1])
+    items = np.array(list(range(10)) + [4, 2, 3])
+    ts = np.array([float(100 - k) for k in range(10)] + [7.0, 7.0, 1.0])
+    s = split_interactions(users, items, ts, 2, 10, "temporal", [0.8, 0.1, 0.1], seed=0)
+    assert s.train[0].indices.tolist() == [2, 3, 4, 5, 6, 7, 8, 9]  # the 8 earliest
+    assert s.valid[0].indices.tolist() == [1] and s.test[0].indices.tolist() == [0]  # then 9th, 10th
+    # User 1: 3 (t=1) train; 4 and 2 tie at t=7: the earlier row (item 4) is valid, item 2 test.
+    assert s.train[1].indices.tolist() == [3]
+    assert s.valid[1].indices.tolist() == [4] and s.test[1].indices.tolist() == [2]
 
 
 def test_temporal_global_cut_and_empty_users():
@@ -186,11 +267,11 @@ def test_temporal_global_cut_and_empty_users():
     users = np.array([0, 0, 0, 1, 1, 1, 0, 1, 2, 2])
     items = np.arange(10)
     ts = np.arange(10, dtype=float)
-    s = split_interactions(users, items, ts, 3, 10, "temporal", [0.6, 0.2, 0.2], seed=0)
+    s = split_interactions(users, items, ts, 3, 10, "temporal_global", [0.6, 0.2, 0.2], seed=0)
     assert s.kept_users.tolist() == [0, 1]
     assert s.train.nnz == 6 and pairs(s.valid) == {(0, 6), (1, 7)} and s.test.nnz == 0
     users, items, ts, nu, ni = random_interactions()
-    s = split_interactions(users, items, ts, nu, ni, "temporal", [0.8, 0.1, 0.1], seed=0)
+    s = split_interactions(users, items, ts, nu, ni, "temporal_global", [0.8, 0.1, 0.1], seed=0)
     assert s.train_timestamps.max() <= ts.max()
 
 
@@ -198,8 +279,9 @@ def test_split_bad_args():
     users, items, ts, nu, ni = random_interactions()
     with pytest.raises(ConfigError, match=r"dataset\.split\.method"):
         split_interactions(users, items, ts, nu, ni, "random", [0.8, 0.1, 0.1], 0)
-    with pytest.raises(ConfigError, match=r"dataset\.split\.method=loo.*timestamps"):
-        split_interactions(users, items, None, nu, ni, "loo", [0.8, 0.1, 0.1], 0)
+    for method in ("loo", "temporal", "temporal_global"):
+        with pytest.raises(ConfigError, match=rf"dataset\.split\.method={method}: needs interaction timestamps"):
+            split_interactions(users, items, None, nu, ni, method, [0.8, 0.1, 0.1], 0)
 
 
 # --------------------------------------------------------------------------- atomic
@@ -285,6 +367,50 @@ def test_atomic_presplit_used_exactly(tmp_path):
     assert dense(d.valid).tolist() == [[0, 0, 1], [1, 0, 0], [0, 0, 0]]
     assert dense(d.test).tolist() == [[0, 0, 1], [0, 0, 0], [1, 0, 0]]  # overlap with valid kept as given
     assert d.train_timestamps.tolist() == [1, 2, 3, 4, 5]
+
+
+def presplit_extra_dir(tmp_path):
+    """Pre-split files with ids outside train: user d and item w only in valid, user e and item v
+    only in test, user f only in test with a low rating on item u (seen nowhere else)."""
+    h = "user_id:token\titem_id:token\trating:float\ttimestamp:float"
+    write(tmp_path / "toy.train.inter", [h, "a\tx\t5\t1", "a\ty\t5\t2", "b\ty\t5\t3", "b\tz\t5\t4",
+                                         "c\tz\t1\t5"])
+    write(tmp_path / "toy.valid.inter", [h, "a\tz\t5\t6", "d\tw\t5\t7"])
+    write(tmp_path / "toy.test.inter", [h, "c\tx\t5\t8", "e\tv\t5\t9", "f\tu\t2\t9"])
+    return tmp_path
+
+
+def test_presplit_ids_over_all_files(tmp_path):
+    d = load_dataset(cfg(path=str(presplit_extra_dir(tmp_path))), seed=0)
+    assert d.user_ids.tolist() == ["a", "b", "c", "d", "e", "f"]
+    assert d.item_ids.tolist() == ["u", "v", "w", "x", "y", "z"]
+    assert dense(d.train).tolist() == [[0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 1],
+                                       [0] * 6, [0] * 6, [0] * 6]
+    assert pairs(d.valid) == {(0, 5), (3, 2)}
+    assert pairs(d.test) == {(2, 3), (4, 1), (5, 0)}
+    s = d.summary()
+    assert (s["users"], s["items"], s["train"], s["valid"], s["test"]) == (6, 6, 5, 2, 3)
+    assert s["users_without_train"] == 3 and s["items_without_train"] == 3  # d, e, f; u, v, w
+
+
+def test_presplit_threshold_keeps_evaluated_users(tmp_path):
+    # Threshold 4: c's only training row goes but c keeps its test item; f has no positive left
+    # anywhere and is dropped; item u stays in the catalogue (the files name it).
+    d = load_dataset(cfg(path=str(presplit_extra_dir(tmp_path)), rating_threshold=4), seed=0)
+    assert d.user_ids.tolist() == ["a", "b", "c", "d", "e"]
+    assert d.item_ids.tolist() == ["u", "v", "w", "x", "y", "z"]
+    assert d.train[2].nnz == 0 and d.test[2].indices.tolist() == [3]
+    s = d.summary()
+    assert (s["users"], s["train"], s["valid"], s["test"]) == (5, 4, 2, 2)
+    assert s["users_without_train"] == 3 and s["items_without_train"] == 3  # c, d, e; u, v, w
+
+
+def test_summary_counts_ratio_split():
+    d = load_dataset(synth_cfg(n_users=50, n_items=300, mean_interactions=8), seed=0)
+    s = d.summary()
+    assert s["users_without_train"] == 0  # every user keeps a training item
+    trained = set(d.train.indices.tolist())
+    assert s["items_without_train"] == d.n_items - len(trained) > 0
 
 
 # --------------------------------------------------------------------------- movielens
@@ -414,23 +540,11 @@ def test_header_without_id(tmp_path, field):
         load_dataset(cfg(path=str(atomic_dir(tmp_path, [header] + INTER[1:]))), 0)
 
 
-def test_presplit_unknown_user(tmp_path):
-    presplit_dir(tmp_path, test_lines=["zed\tx\t5\t9"])
-    with pytest.raises(DataError, match=r"toy\.test\.inter: line 2: user_id 'zed' never appears in .*toy\.train\.inter"):
-        load_dataset(cfg(path=str(tmp_path)), 0)
-
-
-def test_presplit_unknown_item(tmp_path):
-    presplit_dir(tmp_path, test_lines=["a\tx\t5\t9", "a\tnew\t5\t9"])
-    with pytest.raises(DataError, match=r"toy\.test\.inter: line 3: item_id 'new' never appears"):
-        load_dataset(cfg(path=str(tmp_path)), 0)
-
-
-def test_presplit_empty_user(tmp_path):
-    # c's only training row has rating 1: with threshold 4 c has no training data but a test item.
+def test_presplit_no_training_rows(tmp_path):
     presplit_dir(tmp_path)
-    with pytest.raises(DataError, match=r"toy\.test\.inter: line 3: user 'c' has no training interactions.*empty user"):
-        load_dataset(cfg(path=str(tmp_path), rating_threshold=4), 0)
+    msg = r"toy\.train\.inter: no training interactions with rating >= 6 \(dataset\.rating_threshold\)$"
+    with pytest.raises(DataError, match=msg):
+        load_dataset(cfg(path=str(tmp_path), rating_threshold=6), 0)
 
 
 def test_diffrec_unknown_item(tmp_path):
@@ -505,6 +619,35 @@ def test_bad_config_values(tmp_path, key, value):
         load_dataset(cfg(path=str(atomic_dir(tmp_path)), **{key: value}), 0)
 
 
+@pytest.mark.parametrize("key,value,match", [
+    ("rating_threshold", "${nope}", r"^dataset\.rating_threshold: cannot be read \(InterpolationKeyError: .*'nope'"),
+    ("rating_threshold", "???", r"^dataset\.rating_threshold: mandatory value '\?\?\?' is not set$"),
+    ("min_user_interactions", "${oc.env:FEDREC_NO_SUCH_VARIABLE}", r"^dataset\.min_user_interactions: cannot be read"),
+    ("split", "ratio", r"^dataset\.split='ratio': expected a mapping"),
+    ("split", {"method": "${nope}", "ratios": [0.8, 0.1, 0.1]}, r"^dataset\.split\.method: cannot be read"),
+    ("split", {"method": "ratio", "ratios": 0.8}, r"^dataset\.split\.ratios=0\.8: expected three numbers"),
+])
+def test_unreadable_option_is_config_error(tmp_path, key, value, match):
+    c = cfg(path=str(atomic_dir(tmp_path)))
+    c[key] = value
+    with pytest.raises(ConfigError, match=match) as exc:
+        load_dataset(c, 0)
+    assert "\n" not in str(exc.value)
+
+
+def test_unreadable_synthetic_option_is_config_error():
+    with pytest.raises(ConfigError, match=r"^dataset\.n_users: cannot be read \(InterpolationKeyError"):
+        load_dataset(synth_cfg(n_users="${nope}"), 0)
+
+
+def test_absent_options_take_defaults(tmp_path):
+    # Only the required keys, in struct mode as Hydra gives them: everything else defaults.
+    c = OmegaConf.create({"name": "toy", "kind": "atomic", "path": str(atomic_dir(tmp_path))})
+    OmegaConf.set_struct(c, True)
+    d = load_dataset(c, seed=0)
+    assert d.n_users == 3 and d.train.nnz + d.valid.nnz + d.test.nnz == 7  # no threshold: u3 kept
+
+
 def test_unknown_split_method(tmp_path):
     with pytest.raises(ConfigError, match=r"dataset\.split\.method='random'"):
         load_dataset(cfg(path=str(atomic_dir(tmp_path)), split={"method": "random"}), 0)
@@ -554,3 +697,15 @@ def test_real_diffrec_ml1m_clean():
     assert (d.n_users, d.n_items) == (5949, 2810)
     assert (d.train.nnz, d.valid.nnz, d.test.nnz) == (403277, 110722, 57532)
     assert d.item_emb.shape == (2810, 64)
+
+
+def test_real_ml100k_per_user_splits():
+    c = real_cfg("ml-100k")
+    temporal = load_dataset(OmegaConf.merge(c, {"split": {"method": "temporal"}}), seed=0)
+    loo = load_dataset(OmegaConf.merge(c, {"split": {"method": "loo"}}), seed=0)
+    counts = [np.diff(m.indptr) for m in (temporal.train, temporal.valid, temporal.test)]
+    n = sum(counts)
+    for got, want in zip(counts, ratio_counts(n, (0.8, 0.1, 0.1))):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.diff(loo.test.indptr), (n >= 2).astype(int))
+    np.testing.assert_array_equal(np.diff(loo.valid.indptr), (n >= 3).astype(int))

@@ -54,6 +54,12 @@ class Interactions:
         )
 
     def summary(self) -> dict:
+        """Sizes, plus the users and items that have no training interaction.
+
+        Pre-split benchmark files can hold users who are only evaluated, and any split can leave
+        items that are only ever ranked (all their interactions in valid/test); counting them
+        puts that next to the results.
+        """
         return {
             "dataset": self.name,
             "users": self.n_users,
@@ -61,4 +67,6 @@ class Interactions:
             "train": int(self.train.nnz),
             "valid": int(self.valid.nnz),
             "test": int(self.test.nnz),
+            "users_without_train": int((np.diff(self.train.indptr) == 0).sum()),
+            "items_without_train": int(self.n_items - len(np.unique(self.train.indices))),
         }

@@ -4,7 +4,10 @@ Four kinds of source, one output shape (binary float32 CSR train/valid/test, int
 ``0..n-1``, original tokens kept in ``user_ids``/``item_ids``):
 
 * ``atomic``    -- RecBole atomic files ``<name>.inter`` (+ optional ``.item``/``.user``), or the
-  pre-split ``<name>.{train,valid,test}.inter`` benchmark files, which are used exactly as given.
+  pre-split ``<name>.{train,valid,test}.inter`` benchmark files, which are used exactly as given
+  (no filter, no split). As in RecBole their ids are built over all three files: items seen only
+  in valid/test stay in the catalogue, users without training rows stay and are evaluated;
+  :meth:`Interactions.summary` counts both.
 * ``movielens`` -- the raw GroupLens files (``u.data`` for ML-100K, ``ratings.dat`` for ML-1M).
 * ``diffrec``   -- the DiffRec paper's ``{train,valid,test}_list.npy`` splits (+ ``item_emb.npy``),
   used exactly as given so results are comparable with the paper.
@@ -17,7 +20,9 @@ user filter), drop items left without positives (DiffRec's convention), then spl
 
 Parsing is plain ``str.split`` plus numpy conversions (no pandas): ML-100K loads in well under a
 second. Every problem with the input is a one-line :class:`DataError` naming the file and the
-1-based line (or array row), or a :class:`ConfigError` naming the config key.
+1-based line (or array row), or a :class:`ConfigError` naming the config key. An option that is
+absent (or null) takes its default; one that cannot be read (an interpolation that does not
+resolve, a mandatory ``???``, a ``split`` that is not a mapping) is a ConfigError, never a default.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from fedrec.data.interactions import Interactions
+from fedrec.data.options import get_option as _get
 from fedrec.data.splits import SPLIT_METHODS, check_ratios, dedupe, split_interactions, to_csr
 from fedrec.data.synthetic import generate_synthetic
 from fedrec.errors import ConfigError, DataError
@@ -51,17 +57,6 @@ class DataPathError(DataError, ConfigError):
 # --------------------------------------------------------------------------- config access
 
 
-def _get(cfg, key: str, default=None):
-    """``cfg.key`` for a DictConfig, a dict or a plain object; ``default`` when missing or null."""
-    if cfg is None:
-        return default
-    try:
-        value = cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
-    except Exception:  # KeyError, AttributeError, omegaconf's missing-key / '???' errors
-        return default
-    return default if value is None else value
-
-
 def _common_options(cfg) -> dict:
     kind = _get(cfg, "kind")
     if kind not in KINDS:
@@ -81,12 +76,12 @@ def _common_options(cfg) -> dict:
     if isinstance(min_u, bool) or not isinstance(min_u, (int, np.integer)) or min_u < 0:
         raise ConfigError(f"dataset.min_user_interactions={min_u!r}: expected a non-negative integer") from None
     split = _get(cfg, "split")
-    method = _get(split, "method", "ratio")
+    method = _get(split, "method", "ratio", where="dataset.split")
     if method not in SPLIT_METHODS:
         raise ConfigError(
             f"dataset.split.method={method!r}: unknown split method (expected one of {', '.join(SPLIT_METHODS)})"
         ) from None
-    ratios = check_ratios(list(_get(split, "ratios", [0.8, 0.1, 0.1])))
+    ratios = check_ratios(_get(split, "ratios", [0.8, 0.1, 0.1], where="dataset.split"))
     return {"kind": kind, "name": name, "threshold": thr, "min_user": int(min_u), "method": method, "ratios": ratios}
 
 
@@ -327,44 +322,43 @@ def _atomic_side_info(data: Interactions, folder: Path, name: str) -> None:
                 data.user_features[c] = np.where(pos >= 0, vals[np.maximum(pos, 0)], np.nan).astype(np.float32)
 
 
+def _joint_codes(tokens: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One vocabulary over several token arrays (RecBole remaps all benchmark files together)."""
+    vocab, codes = _vocab(np.concatenate(tokens))
+    return vocab, np.split(codes, np.cumsum([len(t) for t in tokens])[:-1])
+
+
 def _load_atomic_presplit(opts: dict, paths: list[Path]) -> Interactions:
-    """RecBole's pre-split benchmark files, used as given: vocabulary from the train file."""
+    """RecBole's pre-split benchmark files, used as given.
+
+    As in RecBole, user and item ids are built over all three files: an item that occurs only
+    in valid/test is in the catalogue (rankable, never trained on), and a user with valid/test
+    rows but no (positive) training row is kept; :meth:`Interactions.summary` counts both.
+    Only users left with no positive row in any file (all rows below ``rating_threshold``) are
+    dropped: they have nothing to train on or be evaluated on.
+    """
     tables = [_read_atomic(p, required=("user_id", "item_id")) for p in paths]
     parsed = [_atomic_interactions(t) for t in tables]
-    user_vocab, _ = _vocab(parsed[0][0])
-    item_vocab, _ = _vocab(parsed[0][1])
+    user_vocab, user_codes = _joint_codes([p[0] for p in parsed])
+    item_vocab, item_codes = _joint_codes([p[1] for p in parsed])
     n_items = len(item_vocab)
     coded = []
-    for t, (users, items, ratings, ts) in zip(tables, parsed):
-        u, i = _lookup(user_vocab, users), _lookup(item_vocab, items)
-        for ids, tok, field in ((u, users, "user_id"), (i, items, "item_id")):
-            bad = np.flatnonzero(ids < 0)
-            if len(bad):
-                raise DataError(
-                    f"{t.path}: line {t.linenos[bad[0]]}: {field} {str(tok[bad[0]])!r} never appears in {paths[0]}"
-                ) from None
+    for t, (_, _, ratings, ts), u, i in zip(tables, parsed, user_codes, item_codes):
         mask = _threshold_mask(ratings, opts["threshold"], t.path)
-        line = t.linenos
         if mask is not None:
-            u, i, line = u[mask], i[mask], line[mask]
+            u, i = u[mask], i[mask]
             ts = None if ts is None else ts[mask]
-        coded.append((u, i, ts, line))
-    has_train = np.bincount(coded[0][0], minlength=len(user_vocab)) > 0
-    for t, (u, _, _, line) in zip(tables[1:], coded[1:]):
-        bad = np.flatnonzero(~has_train[u])
-        if len(bad):
-            raise DataError(
-                f"{t.path}: line {line[bad[0]]}: user {str(user_vocab[u[bad[0]]])!r} has no training interactions "
-                f"in {paths[0]} (empty user)"
-            ) from None
-    # Users whose train rows were all below the threshold and who have nothing else are dropped.
-    kept = np.flatnonzero(has_train)
-    if len(kept) == 0:
-        raise DataError(f"{paths[0]}: no users with training interactions") from None
+        coded.append((u, i, ts))
+    if len(coded[0][0]) == 0:
+        thr = opts["threshold"]
+        kept_by = "" if thr is None else f" with rating >= {thr:g} (dataset.rating_threshold)"
+        raise DataError(f"{paths[0]}: no training interactions{kept_by}") from None
+    has_row = np.bincount(np.concatenate([u for u, _, _ in coded]), minlength=len(user_vocab)) > 0
+    kept = np.flatnonzero(has_row)
     remap = np.full(len(user_vocab), -1, dtype=np.int64)
     remap[kept] = np.arange(len(kept))
     mats, train_ts = [], None
-    for k, (u, i, ts, _) in enumerate(coded):
+    for k, (u, i, ts) in enumerate(coded):
         u, i, ts = dedupe(remap[u], i, ts, n_items)
         mat, ts = to_csr(u, i, len(kept), n_items, ts)
         mats.append(mat)

@@ -1,18 +1,29 @@
 """Split one user-item interaction list into train/valid/test CSR matrices.
 
-Three protocols, all vectorised (argsort/lexsort over the whole list, no loop over users) so a
-million interactions split in well under a second:
+Four protocols, all vectorised (argsort/lexsort over the whole list, no loop over users) so a
+million interactions split in well under a second. Names follow RecBole's ``eval_args``:
 
 * ``ratio``    -- per user, a seeded random permutation of the user's items cut by ``ratios``
-  (RecBole's ``RS`` ordering). Counts follow RecBole's rule: valid/test get ``floor(r * n)``,
-  bumped to 1 when ``r * n`` is fractional and below 1 while train keeps more than one item, so
-  every user keeps at least one training item.
-* ``temporal`` -- one global time cut: all interactions sorted by timestamp, cut at the
+  (RecBole's ``RO`` + ``RS`` grouped by user).
+* ``temporal`` -- per user, the user's interactions in time order cut by ``ratios``: the earliest
+  ~80% train, the next ~10% valid, the latest ~10% test (RecBole's ``TO`` + ``RS`` grouped by user).
+* ``temporal_global`` -- one global time cut: all interactions sorted by timestamp, cut at the
   ``ratios`` quantiles. Users whose interactions all fall after the train cut would have no
-  training history ("empty users"); like RecBole they are dropped from every split, and
+  training history ("empty users"); they are dropped from every split, and
   :attr:`Split.kept_users` says which users remain.
-* ``loo``      -- leave-one-out by time: a user's latest item goes to test, the second latest to
-  valid, the rest to train; users with fewer than 3 interactions keep everything in train.
+* ``loo``      -- leave-one-out by time, RecBole's ``LS: valid_and_test``: a user with 3 or more
+  interactions puts the latest in test, the second latest in valid and the rest in train; a user
+  with 2 puts the earlier in train and the later in test (no valid item); a user with 1 keeps
+  it in train. ``ratios`` are not used.
+
+Per-user counts for ``ratio`` and ``temporal`` follow RecBole's ``_calcu_split_ids`` exactly
+(:func:`ratio_counts`): ratios are normalised by their sum, valid and test get
+``int(r * n)`` (truncated, no tolerance for float error), train the rest; then test, and after it
+valid, are bumped to one item when ``0 < r * n < 1`` as long as train keeps more than one.
+Every user therefore keeps at least one training item.
+
+Time order ties (equal timestamps) are broken by the interaction's position in the input list,
+earliest row first -- the order a stable sort on the timestamp gives, as RecBole's ``TO`` does.
 
 Duplicated (user, item) pairs collapse to one interaction (the earliest one) before splitting,
 because the feedback is binary.
@@ -28,7 +39,8 @@ import scipy.sparse as sp
 
 from fedrec.errors import ConfigError
 
-SPLIT_METHODS = ("ratio", "temporal", "loo")
+SPLIT_METHODS = ("ratio", "temporal", "temporal_global", "loo")
+TIMED_METHODS = ("temporal", "temporal_global", "loo")
 
 
 class Split(NamedTuple):
@@ -37,8 +49,8 @@ class Split(NamedTuple):
     test: sp.csr_matrix
     # Timestamp of each stored training entry, aligned with ``train.data``; None without timestamps.
     train_timestamps: np.ndarray | None
-    # Original row indices (into ``0..n_users-1``) of the rows kept; all users unless ``temporal``
-    # dropped empty users. The matrices have ``len(kept_users)`` rows.
+    # Original row indices (into ``0..n_users-1``) of the rows kept; all users unless
+    # ``temporal_global`` dropped empty users. The matrices have ``len(kept_users)`` rows.
     kept_users: np.ndarray
 
 
@@ -103,12 +115,17 @@ def _group_positions(sorted_users: np.ndarray, n_users: int) -> tuple[np.ndarray
 
 
 def ratio_counts(n: np.ndarray, ratios: Sequence[float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-user (train, valid, test) counts for ``n`` interactions, RecBole's rounding rule."""
+    """Per-user (train, valid, test) counts for ``n`` interactions, RecBole's rounding rule.
+
+    Mirrors ``Dataset._calcu_split_ids`` of RecBole 1.2, vectorised over users, including its
+    plain truncation: with ratios ``[0.7, 0.01, 0.29]`` and ``n = 100`` test gets
+    ``int(28.999999999999996) = 28`` items, as in RecBole.
+    """
     n = np.asarray(n, dtype=np.int64)
-    _, rv, rt = ratios
-    # The epsilon stops 0.7 * 10 = 6.9999... style float error from losing an item.
-    n_valid = np.floor(rv * n + 1e-9).astype(np.int64)
-    n_test = np.floor(rt * n + 1e-9).astype(np.int64)
+    total = float(sum(ratios))
+    rv, rt = ratios[1] / total, ratios[2] / total
+    n_valid = np.trunc(rv * n).astype(np.int64)
+    n_test = np.trunc(rt * n).astype(np.int64)
     n_train = n - n_valid - n_test
     # Test first, then valid, as RecBole does: a split with a non-zero ratio that rounds to zero
     # gets one item as long as train keeps more than one.
@@ -119,12 +136,50 @@ def ratio_counts(n: np.ndarray, ratios: Sequence[float]) -> tuple[np.ndarray, np
     return n_train, n_valid, n_test
 
 
+def _cut_by_ratio(order: np.ndarray, users: np.ndarray, n_users: int, ratios) -> np.ndarray:
+    """Part (0 train, 1 valid, 2 test) of each row, cutting each user's rows in ``order``.
+
+    ``order`` must group the rows by user; inside a group it is the order the cut follows
+    (random for ``ratio``, chronological for ``temporal``).
+    """
+    pos, size = _group_positions(users[order], n_users)
+    n_tr, n_va, _ = ratio_counts(size, ratios)
+    part = np.empty(len(order), dtype=np.int8)
+    part[order] = np.where(pos < n_tr, 0, np.where(pos < n_tr + n_va, 1, 2))
+    return part
+
+
+def _leave_one_out(order: np.ndarray, users: np.ndarray, n_users: int) -> np.ndarray:
+    """Part of each row for RecBole's ``LS: valid_and_test`` over the user-grouped, timed ``order``.
+
+    RecBole leaves ``min(2, n - 1)`` items out and fills the parts from the end: test always
+    gets the latest item once ``n >= 2``, valid the second latest only once ``n >= 3``.
+    """
+    pos, size = _group_positions(users[order], n_users)
+    from_end = size - 1 - pos
+    part = np.zeros(len(order), dtype=np.int8)
+    part[order] = np.where((from_end == 0) & (size >= 2), 2, np.where((from_end == 1) & (size >= 3), 1, 0))
+    return part
+
+
+def _global_time_cut(timestamps: np.ndarray, ratios) -> np.ndarray:
+    """Part of each row for one global cut at the ``ratios`` quantiles of time."""
+    nnz = len(timestamps)
+    order = np.argsort(timestamps, kind="stable")  # ties: earlier input row first
+    c1 = int(round(ratios[0] * nnz))
+    c2 = int(round((ratios[0] + ratios[1]) * nnz))
+    part = np.zeros(nnz, dtype=np.int8)
+    part[order[c1:c2]] = 1
+    part[order[c2:]] = 2
+    return part
+
+
 def split_interactions(users, items, timestamps, n_users: int, n_items: int, method: str,
                        ratios: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> Split:
     """Split interactions (internal ids) into binary train/valid/test matrices of one shape.
 
     Returns a :class:`Split` (unpacks as ``train, valid, test, train_timestamps, kept_users``).
-    ``timestamps`` may be None for ``ratio``; ``temporal`` and ``loo`` need them.
+    ``timestamps`` may be None for ``ratio``; the other methods need them.
     """
     if method not in SPLIT_METHODS:
         raise ConfigError(
@@ -135,35 +190,27 @@ def split_interactions(users, items, timestamps, n_users: int, n_items: int, met
     items = np.asarray(items, dtype=np.int64)
     if timestamps is not None:
         timestamps = np.asarray(timestamps)
-    elif method in ("temporal", "loo"):
+    elif method in TIMED_METHODS:
         raise ConfigError(
             f"dataset.split.method={method}: needs interaction timestamps, but the data has none (use ratio)"
         ) from None
     users, items, timestamps = dedupe(users, items, timestamps, n_items)
     nnz = len(users)
-    part = np.zeros(nnz, dtype=np.int8)  # 0 train, 1 valid, 2 test
-
     if method == "ratio":
         rng = np.random.default_rng(seed)
-        order = np.lexsort((rng.random(nnz), users))  # grouped by user, random inside a group
-        pos, size = _group_positions(users[order], n_users)
-        n_tr, n_va, _ = ratio_counts(size, ratios)
-        part[order] = np.where(pos < n_tr, 0, np.where(pos < n_tr + n_va, 1, 2))
-    elif method == "loo":
+        part = _cut_by_ratio(np.lexsort((rng.random(nnz), users)), users, n_users, ratios)
+    elif method == "temporal_global":
+        part = _global_time_cut(timestamps, ratios)
+    else:
+        # Per user by time; the row index as last key is the stable tie-break on equal times.
         order = np.lexsort((np.arange(nnz), timestamps, users))
-        pos, size = _group_positions(users[order], n_users)
-        from_end = size - 1 - pos
-        p = np.where(from_end == 0, 2, np.where(from_end == 1, 1, 0))
-        part[order] = np.where(size < 3, 0, p)
-    else:  # temporal
-        order = np.argsort(timestamps, kind="stable")
-        c1 = int(round(ratios[0] * nnz))
-        c2 = int(round((ratios[0] + ratios[1]) * nnz))
-        part[order[c1:c2]] = 1
-        part[order[c2:]] = 2
+        if method == "temporal":
+            part = _cut_by_ratio(order, users, n_users, ratios)
+        else:
+            part = _leave_one_out(order, users, n_users)
 
     kept_users = np.arange(n_users, dtype=np.int64)
-    if method == "temporal":
+    if method == "temporal_global":
         has_train = np.bincount(users[part == 0], minlength=n_users) > 0
         kept_users = np.flatnonzero(has_train)
         remap = np.full(n_users, -1, dtype=np.int64)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedrec.data.options import get_option
 from fedrec.errors import ConfigError
 
 # Generator defaults: 600 users x 400 items with 8 strong clusters trains a DiffRec in seconds.
@@ -50,21 +51,8 @@ class SyntheticRaw:
     genre_names: np.ndarray  # (n_genres,) str
 
 
-def _param(cfg, key):
-    if cfg is None:
-        return DEFAULTS[key]
-    if isinstance(cfg, dict):
-        value = cfg.get(key)
-    else:
-        try:
-            value = getattr(cfg, key)
-        except Exception:  # missing key on a struct DictConfig or a plain object
-            value = None
-    return DEFAULTS[key] if value is None else value
-
-
 def _check(cfg) -> dict:
-    p = {k: _param(cfg, k) for k in DEFAULTS}
+    p = {k: get_option(cfg, k, default) for k, default in DEFAULTS.items()}
     ints = ("n_users", "n_items", "n_clusters", "n_genres", "min_interactions")
     for k in ints:
         try:
