@@ -24,6 +24,8 @@ from fedrec.models import build_model, data_shape
 from fedrec.recorder import Recorder
 from fedrec.runs import RunFolder, find_resumable
 
+log = logging.getLogger("fedrec")
+
 
 def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
@@ -38,11 +40,18 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
         torch.set_num_threads(int(cfg.threads))
     data = load_dataset(cfg.dataset, int(cfg.seed))
     check_ks(cfg.eval.ks, data.n_items)
+    from fedrec.privacy.public_only import enforce_public_only
+
+    for note in enforce_public_only(cfg, data):  # before the model is built: it changes cfg.model
+        log.warning("note: %s", note)
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model, data_shape(data, seed=int(cfg.seed)))  # rejects bad model configs now
     make_optimizer(model, cfg.model.optim)  # ... and bad rates
     if int(cfg.model.optim.batch_size) < 1:
         raise ConfigError(f"model.optim.batch_size: must be >= 1, got {cfg.model.optim.batch_size}")
+    from fedrec.federated.validation import check_run
+
+    check_run(cfg, data, model)  # strategy, sampling, local training, partition: before any file
 
     resume = None
     root = Path(cfg.paths.output_root)

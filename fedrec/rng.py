@@ -88,3 +88,28 @@ class UserRandom:
 
     def keep_mask(self, stream: int, n: int, p_drop: float) -> torch.Tensor:
         return bernoulli_keep(self.keys(stream), n, p_drop)
+
+
+# --------------------------------------------------------------------------- keyed stateful streams
+# Stateful draws (a silo's mini-batch order, torch's dropout and diffusion noise, Opacus's Poisson
+# sampling and noise, the server's node sampling and DP noise) come from generators seeded by a key
+# (seed, node or user, round, purpose), never from one generator shared across nodes or rounds.
+PURPOSE_TRAIN = 1  # torch's global generator during a node's local training (noise, timesteps, dropout)
+PURPOSE_SHUFFLE = 2  # mini-batch order
+PURPOSE_DP_SAMPLING = 3  # Opacus's Poisson sampling of users
+PURPOSE_DP_NOISE = 4  # Opacus's Gaussian noise on the clipped gradient sum
+PURPOSE_NODE_SAMPLING = 5  # which silos train in a round (server)
+PURPOSE_SERVER_NOISE = 6  # the server's DP noise (node-level DP through Flower's wrapper)
+
+
+def stream_seed(*key: int) -> int:
+    """A 63-bit seed for the stream named by ``key`` (e.g. seed, node, round, purpose)."""
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+def numpy_stream(*key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+
+
+def torch_stream(*key: int) -> torch.Generator:
+    return torch.Generator().manual_seed(stream_seed(*key))

@@ -6,8 +6,11 @@
    in simulation round 1 can start before all nodes registered and train on ``min_train_nodes``
    only. We require ``min_available_nodes = num_nodes`` and sample exactly
    ``ceil(fraction * num_nodes)`` nodes, so every round has the configured number of clients.
-2. **Reproducible sampling.** Node sampling uses Python's ``random``; it is re-seeded from
-   (seed, round) each round, so a resumed run samples the same nodes.
+2. **Reproducible sampling.** Which silos train in round r depends only on (seed, round) and the
+   partitions the nodes host, never on Flower's random node ids: before the first round the server
+   asks every node for its ``partition-id`` (a query message), then samples partitions from a stream
+   keyed by (seed, round). Replies are aggregated in partition order, so float sums do not depend
+   on the order in which replies arrive; a resumed run samples and sums as the original did.
 3. **Bad uploads never reach aggregation.** Replies whose arrays have other names or shapes than
    the global model, or contain NaN/Inf, or carry no examples, are dropped and counted
    (``rejected-updates``); a client that *raised* fails the run with its error message.
@@ -18,17 +21,18 @@ Client-side evaluation replies carry metric *sums* and user counts; they are com
 from __future__ import annotations
 
 import math
-import random
 import time
 from typing import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fedrec.errors import ConfigError
+from fedrec.federated import protocol as P
 from fedrec.federated.arrays import check_update
+from fedrec.rng import PURPOSE_NODE_SAMPLING, numpy_stream
 
 
 class _Reply:
@@ -66,7 +70,13 @@ class FedrecMixin:
     #: a strategy that must see every user's update (robust aggregation) sets True
     needs_per_user_updates = False
     per_user_uploads = False  # federation.upload=per_user forces per-user replies
+    #: per-user replies come in pages of this many users (None: one reply per node); see device_node.py
+    page_size: int | None = None
     node_clip = None  # user-level DP: the bound nodes clip each user's update to
+    #: rounds with evaluation on the nodes (client evaluation); None: every round
+    evaluates_in = None
+    #: extra keys of every round's config record (run id, node-state hint), set by the server
+    round_extras: dict = {}
 
     def setup(self, *, num_nodes: int, fraction: float, seed: int, round_offset: int = 0) -> None:
         self.num_nodes = num_nodes
@@ -83,25 +93,97 @@ class FedrecMixin:
         self.last_train_s: float | None = None
         self.last_eval: MetricRecord | None = None
         self.last_eval_s: float | None = None
-
+        self._partition_of: dict[int, int] | None = None  # Flower node id -> partition id
 
     def _round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         cfg = ConfigRecord(dict(config))  # never write into the caller's record
         rnd = self.round_offset + server_round
-        cfg["fedrec-round"] = rnd
+        cfg[P.ROUND] = rnd
+        for key, value in self.round_extras.items():
+            cfg[key] = value
         if self.user_threshold is not None:
-            cfg["fedrec-user-threshold"] = float(self.user_threshold(rnd))
-            cfg["fedrec-per-user"] = int(self.needs_per_user_updates or self.per_user_uploads)
+            cfg[P.USER_THRESHOLD] = float(self.user_threshold(rnd))
+            cfg[P.PER_USER] = int(self.needs_per_user_updates or self.per_user_uploads)
+            if cfg[P.PER_USER] and self.pages_fold():
+                cfg[P.PAGE], cfg[P.PAGE_SIZE] = 0, int(self.page_size)
         if self.node_clip is not None:  # user-level DP: nodes clip each user's update and send the sum
-            cfg["fedrec-clip"] = float(self.node_clip)
+            cfg[P.CLIP] = float(self.node_clip)
         return cfg
 
+    # ----------------------------------------------------------------- which silos train
+    def partitions(self, grid: Grid) -> dict[int, int]:
+        """Node id -> partition id, asked once of every node (all ``num_nodes`` must be connected)."""
+        if self._partition_of is None:
+            from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+            _, node_ids = sample_nodes(grid, self.num_nodes, self.num_nodes)  # waits until all connected
+            query = [Message(RecordDict({"config": ConfigRecord({P.QUERY_PARTITION: 1})}),
+                             message_type=MessageType.QUERY, dst_node_id=int(nid)) for nid in node_ids]
+            replies = list(grid.send_and_receive(query, timeout=float(getattr(self, "query_timeout", 600))))
+            self._raise_on_errors(replies)
+            found = {int(m.metadata.src_node_id): int(m.content["metrics"][P.PARTITION_ID]) for m in replies}
+            pids = sorted(found.values())
+            if pids != list(range(self.num_nodes)):
+                raise ConfigError(f"federation.num_nodes: the connected nodes host partitions {pids}, expected "
+                                  f"0..{self.num_nodes - 1} once each (check each SuperNode's partition-id)")
+            self._partition_of = found
+        return self._partition_of
+
+    def sampled_partitions(self, rnd: int) -> np.ndarray:
+        """The partitions training in global round ``rnd``: a function of (seed, round) only."""
+        if self.sample_size >= self.num_nodes:
+            return np.arange(self.num_nodes)
+        rng = numpy_stream(self.seed, rnd, PURPOSE_NODE_SAMPLING)
+        return np.sort(rng.choice(self.num_nodes, self.sample_size, replace=False))
+
+    def _messages(self, record: RecordDict, partitions, grid: Grid, message_type: str) -> list[Message]:
+        node_of = {pid: nid for nid, pid in self.partitions(grid).items()}
+        return [Message(content=record, message_type=message_type, dst_node_id=int(node_of[int(p)])) for p in partitions]
+
+    @staticmethod
+    def _in_partition_order(replies: list[Message]) -> list[Message]:
+        """Replies sorted by the partition they came from: sums then do not depend on arrival order."""
+        def key(m: Message):
+            metrics = m.content.metric_records.get("metrics") if not m.has_error() else None
+            return int(metrics.get(P.PARTITION_ID, -1)) if metrics is not None else -1
+        return sorted(replies, key=key)
 
     def combine_user_updates(self, arrays: dict[str, np.ndarray], weights: np.ndarray) -> dict[str, np.ndarray]:
         """Per-user updated parameters (U, ...) -> one array each; override for robust/DP rules."""
         w = weights / weights.sum()
-        return {k: np.tensordot(w, v, axes=1).astype(v.dtype) for k, v in arrays.items()}
+        return {k: np.tensordot(w, v.astype(np.float64), axes=1).astype(v.dtype) for k, v in arrays.items()}
+
+    def pages_fold(self) -> bool:
+        """Per-user replies can come in pages only when the rule is the weighted mean, which folds page
+        by page; a rule that must see every user at once (a median) gets every user in one reply."""
+        return self.page_size is not None and type(self).combine_user_updates is FedrecMixin.combine_user_updates
+
+    def _later_pages(self, first: dict[int, tuple[RecordDict, int]]) -> None:
+        """Ask the nodes for their pages 1.. in lockstep and fold each into the node's running mean.
+
+        ``first`` maps partition -> (collapsed content of page 0, number of pages); updated in place.
+        Only one page per node is in flight at a time, so memory stays at a page whatever the users.
+        """
+        node_of = {pid: nid for nid, pid in self.partitions(self._grid).items()}
+        pages = {pid: n for pid, (_, n) in first.items()}
+        for k in range(1, max(pages.values(), default=1)):
+            conf = ConfigRecord(dict(self._train_record[self.configrecord_key]) | {P.PAGE: k})
+            record = RecordDict({self.arrayrecord_key: self._train_record[self.arrayrecord_key],
+                                 self.configrecord_key: conf})
+            msgs = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=int(node_of[pid]))
+                    for pid in sorted(pages) if pages[pid] > k]
+            replies = self._in_partition_order(list(self._grid.send_and_receive(msgs, timeout=self.page_timeout)))
+            self._raise_on_errors(replies)
+            for msg in replies:
+                pid = int(msg.content["metrics"][P.PARTITION_ID])
+                content, bad_users, why = self._collapse_per_user(msg)
+                self._page_rejects += bad_users
+                self._page_reasons += why
+                if content is not None:
+                    first[pid] = (_merge_means(first[pid][0], content, self.arrayrecord_key, self.weighted_by_key),
+                                  pages[pid])
+
+    page_timeout = 3600.0
 
     def _collapse_per_user(self, msg: Message) -> tuple[RecordDict | None, int, list[str]]:
         """A node's stacked per-user reply -> (node-level content, users rejected, reasons)."""
@@ -133,10 +215,22 @@ class FedrecMixin:
         return content, int((~good).sum()), reasons
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        random.seed(self.seed * 1_000_003 + self.round_offset + server_round)
+        """Flower's FedAvg.configure_train, with the silos chosen by partition (see the module docstring).
+
+        Subclasses' own additions to the config (FedProx's ``proximal-mu``) are kept: Flower's
+        configure_train of the subclass is run for its record; the nodes it drew are discarded.
+        """
         self._reference = {k: tuple(a.numpy().shape) for k, a in arrays.items()}
         self._t_train = time.perf_counter()
-        return super().configure_train(server_round, arrays, self._round_config(server_round, config), grid)
+        rnd = self.round_offset + server_round
+        cfg = self._round_config(server_round, config)
+        self.partitions(grid)  # first: waits for every node and learns their partitions
+        flower_msgs = list(super().configure_train(server_round, arrays, cfg, grid))
+        if not flower_msgs:
+            return []
+        record = flower_msgs[0].content
+        self._grid, self._train_record = grid, record  # later pages of per-user uploads reuse them
+        return self._messages(record, self.sampled_partitions(rnd), grid, MessageType.TRAIN)
 
     def _raise_on_errors(self, replies: list[Message]) -> None:
         for msg in replies:
@@ -144,9 +238,10 @@ class FedrecMixin:
                 raise ClientFailure(f"a ClientApp failed: {msg.error.reason}")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
+        replies = self._in_partition_order(list(replies))
         self._raise_on_errors(replies)
-        good, rejected, reasons, empty = [], 0, [], 0
+        replies = self._with_all_pages(replies)
+        good, rejected, reasons, empty = [], self._page_rejects, list(self._page_reasons), 0
         for msg in replies:
             metrics = msg.content.metric_records.get("metrics")
             if metrics is not None and float(metrics.get(self.weighted_by_key, -1)) == 0:
@@ -192,13 +287,52 @@ class FedrecMixin:
         self.last_train_s = time.perf_counter() - self._t_train
         return arrays, metrics
 
+    def _with_all_pages(self, replies: list[Message]) -> list:
+        """Replies with pages: each node's pages folded into one node-level reply (mean over its users)."""
+        self._page_rejects, self._page_reasons = 0, []
+        paged = [m for m in replies if int(m.content["metrics"].get(P.PAGES, 1)) > 1]
+        if not paged:
+            return replies
+        first: dict[int, tuple[RecordDict, int]] = {}
+        out = []
+        for msg in replies:
+            metrics = msg.content["metrics"]
+            if int(metrics.get(P.PAGES, 1)) <= 1:
+                out.append(msg)
+                continue
+            content, bad_users, why = self._collapse_per_user(msg)
+            self._page_rejects += bad_users
+            self._page_reasons += why
+            pid = int(metrics[P.PARTITION_ID])
+            if content is None:  # page 0 unusable: start the node's mean from its next good page
+                content = RecordDict({"metrics": MetricRecord(dict(metrics) | {self.weighted_by_key: 0.0})})
+            first[pid] = (content, int(metrics[P.PAGES]))
+        self._later_pages(first)
+        for pid in sorted(first):
+            content = first[pid][0]
+            if self.arrayrecord_key in content.array_records:
+                metrics = MetricRecord(dict(content["metrics"]) | {P.PER_USER_REPLY: 0})
+                out.append(_Reply(RecordDict({self.arrayrecord_key: content[self.arrayrecord_key],
+                                              "metrics": metrics})))
+        return self._in_partition_order(out)
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self._t_eval = time.perf_counter()
-        return super().configure_evaluate(server_round, arrays, self._round_config(server_round, config), grid)
+        self.last_eval = None
+        rnd = self.round_offset + server_round
+        if self.fraction_evaluate == 0 or (self.evaluates_in is not None and not self.evaluates_in(rnd)):
+            return []  # no node evaluation this round (train.eval_every)
+        cfg = self._round_config(server_round, config)
+        cfg["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+        return self._messages(record, range(self.num_nodes), grid, MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
+        replies = self._in_partition_order(list(replies))
         self._raise_on_errors(replies)
+        if not replies:
+            self.last_eval = None
+            return None
         self.last_eval = super().aggregate_evaluate(server_round, replies)
         self.last_eval_s = time.perf_counter() - self._t_eval
         return self.last_eval
@@ -212,6 +346,22 @@ class FedrecMixin:
     def load_state(self, st: dict) -> None:
         for k, v in st.items():
             setattr(self, k, v)
+
+
+def _merge_means(a: RecordDict, b: RecordDict, arrays_key: str, weight_key: str) -> RecordDict:
+    """Two weighted means (arrays + weight in metrics) -> the weighted mean of their union."""
+    wa, wb = float(a["metrics"][weight_key]), float(b["metrics"][weight_key])
+    if wa == 0:
+        return b
+    total = wa + wb
+    arrays = {k: ((wa * v.numpy().astype(np.float64) + wb * b[arrays_key][k].numpy()) / total).astype(v.numpy().dtype)
+              for k, v in a[arrays_key].items()}
+    metrics = dict(a["metrics"])
+    metrics[weight_key] = total
+    metrics["trained-users"] = float(metrics.get("trained-users", 0)) + float(b["metrics"].get("trained-users", 0))
+    if "train-loss" in b["metrics"]:
+        metrics["train-loss"] = (wa * float(a["metrics"].get("train-loss", 0)) + wb * float(b["metrics"]["train-loss"])) / total
+    return RecordDict({arrays_key: ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": MetricRecord(metrics)})
 
 
 class FedrecFedAvg(FedrecMixin, FedAvg):

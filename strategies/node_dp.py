@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 
 from fedrec.errors import ConfigError
@@ -78,7 +80,7 @@ def node_dp_epsilon(noise_multiplier: float, rounds: int, n_nodes: int, delta: f
 class NodeDPFedAvg(DifferentialPrivacyServerSideFixedClipping):
     """Flower's server-side fixed-clipping wrapper around fedrec's FedAvg, accounted by Flower's RDP accountant."""
 
-    def __init__(self, inner, cfg: NodeDPConfig, n_nodes: int, rounds: int):
+    def __init__(self, inner, cfg: NodeDPConfig, n_nodes: int, rounds: int, seed: int = 0):
         from fedrec.privacy.accounting import calibrate_noise
 
         z = cfg.noise_multiplier
@@ -86,8 +88,18 @@ class NodeDPFedAvg(DifferentialPrivacyServerSideFixedClipping):
             z = 0.0 if math.isinf(cfg.target_epsilon) else calibrate_noise(
                 lambda s: node_dp_epsilon(s, rounds, n_nodes, cfg.delta), cfg.target_epsilon, "privacy.target_epsilon")
         super().__init__(inner, float(z), cfg.clipping_norm, n_nodes)
-        self.cfg, self.n_nodes = cfg, n_nodes
+        self.cfg, self.n_nodes, self.seed = cfg, n_nodes, seed
         self.accountant_ = flower_accountant(n_nodes, cfg.delta) if z > 0 else None
+        self.rounds_released = 0  # aggregates released with noise: the accountant's composition count
+
+    def state(self) -> dict:
+        return {"rounds_released": self.rounds_released}
+
+    def load_state(self, st: dict) -> None:
+        """Resume: recompose the accountant with the rounds the interrupted run released."""
+        self.rounds_released = int(st["rounds_released"])
+        if self.accountant_ is not None and self.rounds_released:
+            self.accountant_.compose(self._event(), self.rounds_released)
 
     def _event(self):
         from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
@@ -105,17 +117,27 @@ class NodeDPFedAvg(DifferentialPrivacyServerSideFixedClipping):
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round, replies):
-        replies = [self._nudge_if_unchanged(r) for r in replies]
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        from fedrec.rng import PURPOSE_SERVER_NOISE, stream_seed
+
+        replies = [self._nudge_if_unchanged(r) for r in self.strategy._in_partition_order(list(replies))]
+        # Flower draws the noise from numpy's global generator: seed it for this round from
+        # (seed, global round), and give the caller's generator state back afterwards.
+        rnd = int(self.strategy.round_offset) + int(server_round)
+        outer = np.random.get_state()
+        np.random.seed(stream_seed(self.seed, rnd, PURPOSE_SERVER_NOISE) % 2**32)
+        try:
+            arrays, metrics = super().aggregate_train(server_round, replies)
+        finally:
+            np.random.set_state(outer)
         if arrays is not None and self.accountant_ is not None:
             self.accountant_.compose(self._event())
+            self.rounds_released += 1
         return arrays, metrics
 
     def _nudge_if_unchanged(self, reply):
         """Flower 1.42's ``clip_inputs_inplace`` divides by the update's norm, so a node that did not train
         (an empty shard: update exactly 0) would crash the round. Its first entry moves by 1e-18 or one float
         step, whichever is larger (so the squared norm does not underflow), which clipping then leaves as it is."""
-        import numpy as np
         from flwr.app import Array, ArrayRecord
 
         if reply.has_error() or "arrays" not in reply.content.array_records:

@@ -123,7 +123,7 @@ class UserDPFedAvg(FedrecFedAvg):
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies):
-        replies = list(replies)
+        replies = self._in_partition_order(list(replies))
         for msg in replies:
             if msg.has_error():
                 raise ClientFailure(f"a ClientApp failed: {msg.error.reason}")

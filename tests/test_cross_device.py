@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedrec.federated.cross_device import LocalTraining, train_users
+from fedrec.federated.cross_device import LocalTraining, schedule_position, train_users
 from fedrec.federated.device_node import STREAM_SAMPLE, sampling_threshold, user_coins
 from fedrec.models import DataShape, build_model
 from fedrec.models.base import Batch
@@ -23,7 +23,7 @@ MODELS = {
 }
 
 
-def per_user_reference(model, users, rows, weights, local, seed, round_):
+def per_user_reference(model, users, rows, weights, local, seed, round_, prox_mu: float = 0.0):
     """Each user alone: a deep copy of the model, torch.optim, its own one-row private table."""
     private = sorted(model.private_parameter_names())
     outs, privs = [], {n: [] for n in private}
@@ -34,12 +34,15 @@ def per_user_reference(model, users, rows, weights, local, seed, round_):
         for n in private:
             params[n].data = params[n].data[u:u + 1].clone()
         opt = (torch.optim.SGD if local.optimizer == "sgd" else torch.optim.Adam)(m.parameters(), lr=local.lr)
+        start = {n: p.detach().clone() for n, p in m.named_parameters() if n not in private}
         for step in range(local.local_epochs):
+            schedule_position(m, round_, step, local.local_epochs)  # a client in round r, step s
             b = Batch(users=torch.tensor([0]), x=rows[i:i + 1])
             b.rand = m.draw_randomness(Batch(users=torch.tensor([u]), x=rows[i:i + 1]),
                                        UserRandom(seed, round_, np.array([u]), step))
             opt.zero_grad()
-            m.loss(b).mean().backward()
+            prox = sum(((p - start[n]) ** 2).sum() for n, p in m.named_parameters() if n in start)
+            (m.loss(b).mean() + 0.5 * prox_mu * prox).backward()
             opt.step()
         outs.append({n: p.detach().clone() for n, p in m.named_parameters() if n not in private})
         for n in private:
@@ -80,6 +83,24 @@ def test_vectorised_users_equal_independent_clients(name, optimizer, epochs, per
     for n in private:
         torch.testing.assert_close(res.private[n], want_private[n], rtol=1e-4, atol=1e-6)
     assert len(want_mean) > 0
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fedprox_term_per_user_equals_independent_clients(optimizer):
+    # FedProx under federation=device: every user adds mu/2 ||w - w_global||^2 to its own loss
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy((rng.random((12, 30)) < 0.2).astype(np.float32))
+    torch.manual_seed(0)
+    model = build_model({"name": "diffrec", **MODELS["diffrec"]}, DataShape(12, 30))
+    users = np.array([0, 2, 5, 9])
+    rows, weights = x[users], torch.ones(4)
+    local = LocalTraining(optimizer=optimizer, lr=0.1, local_epochs=4, prox_mu=1.0)
+    res = train_users(model, users, rows, weights, {}, local, seed=3, round_=2, per_user=False)
+    want, _ = per_user_reference(model, users, rows, weights, local, 3, 2, prox_mu=1.0)
+    plain, _ = per_user_reference(model, users, rows, weights, local, 3, 2, prox_mu=0.0)
+    for n in want:
+        torch.testing.assert_close(res.mean[n], want[n], rtol=1e-4, atol=1e-6)
+    assert any(float((want[n] - plain[n]).abs().max()) > 1e-4 for n in want)  # the term matters here
 
 
 def test_sampling_threshold_fixed_count_and_poisson():

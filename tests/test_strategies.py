@@ -30,13 +30,27 @@ SHAPES = {"enc.weight": (4, 3), "enc.bias": (4,), "dec.weight": (3, 4)}
 
 
 class FakeGrid:
-    """The part of ``flwr.serverapp.Grid`` that ``configure_train`` touches."""
+    """The part of ``flwr.serverapp.Grid`` that ``configure_train`` touches: node ids, and answers to
+    the partition query (node ``ids[i]`` hosts partition ``n - 1 - i``, so ids and partitions differ)."""
 
-    def __init__(self, n: int = 10):
-        self.ids = [1000 + 7 * i for i in range(n)]
+    def __init__(self, n: int = 10, ids=None):
+        self.ids = [int(i) for i in ids] if ids is not None else [1000 + 7 * i for i in range(n)]
+        self.queries = 0
 
     def get_node_ids(self):
         return list(self.ids)
+
+    def partition_of(self, node_id: int) -> int:
+        return len(self.ids) - 1 - self.ids.index(node_id)
+
+    def send_and_receive(self, messages, timeout=None):
+        out = []
+        for m in messages:
+            assert m.metadata.message_type == MessageType.QUERY
+            self.queries += 1
+            out.append(Message(RecordDict({"metrics": MetricRecord(
+                {"partition-id": self.partition_of(m.metadata.dst_node_id)})}), reply_to=m))
+        return out
 
 
 def make_arrays(rng: np.random.Generator, shapes=SHAPES, scale: float = 1.0) -> dict[str, np.ndarray]:
@@ -379,3 +393,51 @@ def test_per_user_upload_rejects_bad_users_and_averages_the_rest():
         want = (per_user[k][keep] * (w[keep] / w[keep].sum()).reshape(-1, *([1] * len(SHAPES[k])))).sum(0)
         np.testing.assert_allclose(got[k].numpy(), want, rtol=1e-6)
     assert s.last_train["rejected-updates"] == 1
+
+
+# ----------------------------------------------------------------------------- silo choice and reply order (issue 8.4)
+def _sampled_partitions(grid, seed=5, fraction=0.3, server_round=2):
+    s = fedavg(fraction=fraction, seed=seed)
+    msgs = start_round(s, make_arrays(np.random.default_rng(0)), server_round=server_round, grid=grid)
+    return sorted(grid.partition_of(m.metadata.dst_node_id) for m in msgs)
+
+
+def test_silo_sampling_depends_on_partitions_not_on_flower_node_ids():
+    # Prepare: the same 10 partitions behind two sets of (random) Flower node ids
+    a = FakeGrid(ids=[1000 + 7 * i for i in range(10)])
+    b = FakeGrid(ids=list(np.random.default_rng(3).permutation(10) * 1_000_003 + 17))
+    # Execute / Assert: the same partitions train in every round, whatever the ids are
+    for rnd in range(1, 8):
+        assert _sampled_partitions(a, server_round=rnd) == _sampled_partitions(b, server_round=rnd)
+    assert len({tuple(_sampled_partitions(a, server_round=r)) for r in range(1, 8)}) > 1  # rounds differ
+
+
+def test_partitions_are_asked_once_and_must_cover_every_partition():
+    grid = FakeGrid(4)
+    s = fedavg(num_nodes=4, fraction=0.5)
+    g = make_arrays(np.random.default_rng(0))
+    for rnd in (1, 2, 3):
+        start_round(s, g, server_round=rnd, grid=grid)
+    assert grid.queries == 4
+    bad = FakeGrid(4)
+    bad.partition_of = lambda node_id: 0  # every node claims partition 0
+    with pytest.raises(ConfigError, match="partition"):
+        start_round(fedavg(num_nodes=4), g, grid=bad)
+
+
+def test_aggregation_does_not_depend_on_reply_order():
+    # float32 sums depend on their order; replies are summed in partition order
+    import itertools
+
+    s = fedavg(num_nodes=3)
+    shapes = {"w": (1,)}
+    g = {"w": np.zeros(1, np.float32)}
+    msgs = start_round(s, g, grid=FakeGrid(3))
+    values = [1e8, 1.0, -1e8]
+    results = set()
+    for order in itertools.permutations(range(3)):
+        replies = [reply(msgs[i], {"w": np.array([values[i]], np.float32)}, 1, **{"partition-id": i}) for i in order]
+        arrays, _ = s.aggregate_train(1, replies)
+        results.add(float(arrays["w"].numpy()[0]))
+    assert len(results) == 1, results
+    del shapes

@@ -1,114 +1,172 @@
 """The ClientApp: cross-silo training and evaluation of the node's users (Message API).
 
-train: receive global arrays + config -> load node-local state -> ``train.local_epochs`` epochs
-over the node's users -> reply with the global arrays and ``num-examples`` (users trained).
+train: receive global arrays + config -> load the node's own state (``node_state.py``) ->
+``train.local_epochs`` epochs over the node's users -> save the node's state -> reply with the global
+arrays, ``num-examples`` (users trained) and the node's ``partition-id``.
 evaluate: full-ranking metric *sums* over the node's users, so the server can form the exact
 global mean (needed for models with private parameters, which the server never sees).
+query: the partition this node hosts, so that the server samples silos by partition, not by Flower's
+random node ids.
+
+Randomness: every draw of a node's round comes from a stream keyed by (seed, partition, round,
+purpose) (``fedrec.rng``): torch's generator during local training, the mini-batch order, Opacus's
+Poisson sampling and noise. Cross-device users draw from streams keyed by (seed, round, user).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
+import numpy as np
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrec.eval import evaluate_model
+from fedrec.federated import protocol as P
 from fedrec.federated.arrays import global_arrays, load_arrays, local_state
-from fedrec.federated.node import node_view, seed_everything
+from fedrec.federated.node import node_view
+from fedrec.federated.node_state import NodeStateStore
 from fedrec.models import build_model, data_shape
+from fedrec.rng import PURPOSE_SHUFFLE, PURPOSE_TRAIN, numpy_stream, stream_seed
 from fedrec.train import TrainRows, make_optimizer, train_epoch
 
-CONFIG_KEY = "fedrec-config"
-LOCAL_STATE_KEY = "fedrec-local"
-DPSGD_KEY = "fedrec-dpsgd"  # the node's DP-SGD accountant history (sigma, q, steps) across rounds
+CONFIG_KEY = P.CONFIG  # kept for callers that import it from here
 
 app = ClientApp()
 
 
-def _prepare(msg: Message, context: Context):
+class _MemoryStore:
+    """Node state in ``context.state`` (no state directory): survives rounds, not a restart."""
+
+    LOCAL, DPSGD = "fedrec-local", "fedrec-dpsgd"
+
+    def __init__(self, context: Context):
+        self.state = context.state
+
+    def load_before(self, round_: int) -> dict | None:
+        if self.LOCAL not in self.state:
+            return None
+        out = {"local": self.state[self.LOCAL].to_torch_state_dict(), "dpsgd_history": []}
+        if self.DPSGD in self.state:
+            out["dpsgd_history"] = [tuple(h) for h in self.state[self.DPSGD]["history"].numpy().tolist()]
+        return out
+
+    def save(self, round_: int, state: dict) -> None:
+        self.state[self.LOCAL] = ArrayRecord(OrderedDict(state["local"]))
+        if state.get("dpsgd_history"):
+            self.state[self.DPSGD] = ArrayRecord({"history": Array(np.asarray(state["dpsgd_history"], np.float64))})
+
+
+def _store(conf, context: Context, partition_id: int):
+    root = str(context.node_config.get(P.NODE_STATE_DIR, "") or conf.get(P.STATE_DIR_HINT, "") or "")
+    if not root:
+        return _MemoryStore(context)
+    return NodeStateStore(root, str(conf.get(P.RUN_ID, "run")), partition_id)
+
+
+def _prepare(msg: Message, context: Context, *, evaluating: bool):
     conf = msg.content["config"]
-    view = node_view(str(conf[CONFIG_KEY]), dict(context.node_config))
+    view = node_view(str(conf[P.CONFIG]), dict(context.node_config))
     cfg = view.cfg
     torch.set_num_threads(max(1, int(cfg.federation.get("client_threads", 1))))
-    rnd = int(conf["fedrec-round"])
-    rng = seed_everything(int(cfg.seed), view.partition_id, rnd)
-    # The model is rebuilt each round with the global seed, so every node agrees on the
-    # architecture (e.g. L-DiffRec's item clusters); its state comes from the message and the node.
-    torch.manual_seed(int(cfg.seed))
-    model = build_model(cfg.model, data_shape(view.data, seed=int(cfg.seed)))
-    if LOCAL_STATE_KEY in context.state:
-        load_arrays(model, context.state[LOCAL_STATE_KEY], "node state")
+    rnd = int(conf[P.ROUND])
+    seed = int(cfg.seed)
+    # Every node builds the same initial model (e.g. L-DiffRec's item clusters) from the global seed;
+    # its state then comes from the message and from the node's own store.
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, data_shape(view.data, seed=seed))
+    store = _store(conf, context, view.partition_id)
+    # Training in round r starts from the state after the node's last round before r; evaluation
+    # in round r, and a later page of round r's per-user uploads, see the state round r left.
+    later_page = int(conf.get(P.PAGE, 0)) > 0
+    saved = store.load_before(rnd + 1 if evaluating or later_page else rnd)
+    if saved is not None:
+        load_arrays(model, saved["local"], "node state")
     load_arrays(model, msg.content["arrays"], "global arrays from the server")
-    return view, cfg, model, rng
+    # From here on torch's global generator is this node's stream for this round.
+    torch.manual_seed(stream_seed(seed, view.partition_id, rnd, PURPOSE_TRAIN))
+    return view, cfg, model, rnd, store, saved or {}
+
+
+def _save(store, rnd: int, model, dpsgd_history=None) -> None:
+    store.save(rnd, {"local": local_state(model).to_torch_state_dict(), "dpsgd_history": list(dpsgd_history or [])})
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The partition this node hosts (node-config ``partition-id``)."""
+    pid = int(context.node_config.get(P.NODE_PARTITION_ID, -1))
+    return Message(RecordDict({"metrics": MetricRecord({P.PARTITION_ID: pid})}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    view, cfg, model, rng = _prepare(msg, context)
+    view, cfg, model, rnd, store, saved = _prepare(msg, context, evaluating=False)
     if cfg.federation.mode == "device":
-        return _train_device(msg, context, view, cfg, model)
+        return _train_device(msg, view, cfg, model, rnd, store)
+    seed = int(cfg.seed)
     rows = TrainRows(view.data.train, view.users)
     optimizer = make_optimizer(model, cfg.model.optim)
     extra: dict[str, float] = {}
+    history = saved.get("dpsgd_history", [])
+    if cfg.privacy.name == "dpsgd" and isinstance(store, _MemoryStore) and int(msg.content["config"].get(
+            P.RESUMED_AT, 0)) > 0 and not saved:
+        from fedrec.errors import ConfigError
+
+        raise ConfigError("resume: this node keeps its DP-SGD accountant history in memory only, so a resumed run "
+                          "would restart it; give the SuperNode a node-config state-dir")
     if cfg.privacy.name == "dpsgd" and len(rows):
-        losses, extra = _train_dpsgd(model, optimizer, rows, cfg, context, seed=int(rng.integers(2**31)))
+        losses, extra, history = _train_dpsgd(model, optimizer, rows, cfg, history,
+                                              seed=stream_seed(seed, view.partition_id, rnd))
     else:
-        mu = float(msg.content["config"].get("proximal-mu", 0.0))
+        mu = float(msg.content["config"].get(P.PROXIMAL_MU, 0.0))
         prox = (mu, {k: v.detach().clone() for k, v in global_arrays(model).to_torch_state_dict().items()}) if mu > 0 else None
-        losses = [train_epoch(model, optimizer, rows, int(cfg.model.optim.batch_size), rng, prox)["loss"]
+        order = numpy_stream(seed, view.partition_id, rnd, PURPOSE_SHUFFLE)
+        losses = [train_epoch(model, optimizer, rows, int(cfg.model.optim.batch_size), order, prox)["loss"]
                   for _ in range(int(cfg.train.local_epochs))] if len(rows) else [float("nan")]
-    context.state[LOCAL_STATE_KEY] = local_state(model)
-    # unit-weight: the equal weight node-level DP averages by (strategies/node_dp.py)
-    metrics = MetricRecord({"num-examples": len(rows), "unit-weight": 1.0,
+    _save(store, rnd, model, history)
+    metrics = MetricRecord({P.NUM_EXAMPLES: len(rows), P.UNIT_WEIGHT: 1.0, P.PARTITION_ID: view.partition_id,
                             "train-loss": float(losses[-1]) if len(rows) else 0.0, **extra})
     return Message(RecordDict({"arrays": global_arrays(model), "metrics": metrics}), reply_to=msg)
 
 
-def _train_dpsgd(model, optimizer, rows, cfg, context: Context, seed: int) -> tuple[list[float], dict[str, float]]:
+def _train_dpsgd(model, optimizer, rows, cfg, history, seed: int):
     """Local DP-SGD for this round; the node keeps its accountant history between rounds."""
     import math
 
-    import numpy as np
-    from flwr.app import Array, ArrayRecord
-
     from fedrec.privacy.dpsgd import dpsgd_config, local_dpsgd_round
 
-    history = [tuple(h) for h in context.state[DPSGD_KEY]["history"].numpy().tolist()] \
-        if DPSGD_KEY in context.state else []
     out = local_dpsgd_round(model, optimizer, rows, int(cfg.model.optim.batch_size), dpsgd_config(cfg.privacy),
-                            int(cfg.federation.rounds), int(cfg.train.local_epochs), history,
-                            seed=seed)
-    context.state[DPSGD_KEY] = ArrayRecord({"history": Array(np.asarray(out["history"], dtype=np.float64))})
+                            int(cfg.federation.rounds), int(cfg.train.local_epochs), history, seed=seed)
     extra = {"dp-noise-multiplier": out["noise_multiplier"], "dp-delta": out["delta"]}
     if math.isfinite(out["epsilon"]):
         extra["dp-epsilon"] = out["epsilon"]
-    return out["losses"], extra
+    return out["losses"], extra, out["history"]
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    view, cfg, model, _ = _prepare(msg, context)
+    view, cfg, model, rnd, _, _ = _prepare(msg, context, evaluating=True)
     steps = int(cfg.federation.get("personalize_steps", 0) or 0)
     if steps > 0:  # personalised evaluation: a few local steps per user before scoring
         from fedrec.eval.metrics import evaluate_scores
-        from fedrec.federated.cross_device import LocalTraining, personalised_scorer
+        from fedrec.federated.cross_device import personalised_scorer
+        from fedrec.federated.device_node import local_training
 
-        fed = cfg.federation
-        local = LocalTraining(optimizer=str(fed.local_optimizer), lr=float(fed.local_lr), local_epochs=steps,
-                              memory_budget_gb=float(fed.get("memory_budget_gb", 2.0)))
-        score = personalised_scorer(model, view.data, view.users, local, int(cfg.seed),
-                                    10**6 + int(msg.content["config"]["fedrec-round"]))
+        local = local_training(cfg, local_epochs=steps)
+        score = personalised_scorer(model, view.data, view.users, local, int(cfg.seed), 10**6 + rnd)
         res = evaluate_scores(score, view.data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=view.users)
     else:
         res = evaluate_model(model, view.data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=view.users)
-    values: dict[str, float | int] = {"num-examples": max(1, len(view.users))}
+    values: dict[str, float | int] = {P.NUM_EXAMPLES: max(1, len(view.users)), P.PARTITION_ID: view.partition_id}
     for split, agg in res["_sums"].items():
         values[f"{split}/users"] = agg["users"]
         values.update({f"{split}/{k}/sum": v for k, v in agg["sums"].items()})
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
 
 
-def _train_device(msg: Message, context: Context, view, cfg, model) -> Message:
+def _train_device(msg: Message, view, cfg, model, rnd: int, store) -> Message:
     """Cross-device: every sampled user of this node is its own client (see device_node.py)."""
     from fedrec.federated.device_node import device_round
 
@@ -116,11 +174,14 @@ def _train_device(msg: Message, context: Context, view, cfg, model) -> Message:
     params = dict(model.named_parameters())
     # Private tables are indexed by user; the node owns (and keeps) its users' rows only.
     private = {n: params[n].detach()[view.users].clone() for n in model.private_parameter_names()}
-    clip = float(conf["fedrec-clip"]) if "fedrec-clip" in conf else None
-    result = device_round(model, cfg, view.data, view.users, private, int(conf["fedrec-round"]),
-                          float(conf["fedrec-user-threshold"]), bool(int(conf.get("fedrec-per-user", 0))), clip)
+    clip = float(conf[P.CLIP]) if P.CLIP in conf else None
+    page_size = int(conf[P.PAGE_SIZE]) if P.PAGE_SIZE in conf else None
+    result = device_round(model, cfg, view.data, view.users, private, rnd, float(conf[P.USER_THRESHOLD]),
+                          bool(int(conf.get(P.PER_USER, 0))), clip, prox_mu=float(conf.get(P.PROXIMAL_MU, 0.0)),
+                          page=int(conf.get(P.PAGE, 0)), page_size=page_size)
     with torch.no_grad():
         for n, rows in result.private.items():
             params[n][view.users] = rows
-    context.state[LOCAL_STATE_KEY] = local_state(model)
+    _save(store, rnd, model)
+    result.reply["metrics"][P.PARTITION_ID] = view.partition_id
     return Message(result.reply, reply_to=msg)

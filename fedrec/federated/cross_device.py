@@ -41,6 +41,7 @@ class LocalTraining:
     local_epochs: int = 1  # steps per user (a user-vector user is one example)
     chunk_size: int | None = None  # users vectorised together; None: from memory_budget_gb
     memory_budget_gb: float = 2.0  # for the per-user path: stacked parameters, grads, optimiser state
+    prox_mu: float = 0.0  # FedProx: each user adds mu/2 ||w - w_global||^2 to its local loss
 
     def chunk_for(self, n_params: int) -> int:
         """Users per chunk so that per-user copies (params, grads, Adam moments, slack) fit the budget."""
@@ -58,6 +59,10 @@ class LocalTraining:
             raise ConfigError(f"train.local_epochs: must be >= 1, got {self.local_epochs}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"federation.chunk_size: must be >= 1, got {self.chunk_size}")
+        if self.memory_budget_gb <= 0:
+            raise ConfigError(f"federation.memory_budget_gb: must be positive, got {self.memory_budget_gb}")
+        if self.prox_mu < 0:
+            raise ConfigError(f"strategy.proximal_mu: must be >= 0, got {self.prox_mu}")
 
 
 @dataclass
@@ -70,6 +75,38 @@ class UserUpdates:
     per_user: dict[str, torch.Tensor] | None  # (U, ...) updated global parameters per user
     private: dict[str, torch.Tensor]  # (U, ...) updated private rows
     loss: float  # weighted mean first-step loss
+    folded: object = None  # the result of a custom fold (e.g. user-level DP's clipped sum)
+
+
+# What happens to each chunk's trained users: memory stays at one chunk unless the fold keeps them all.
+class MeanFold:
+    """Weighted mean of the users' updated global parameters."""
+
+    def __init__(self, g0: dict[str, torch.Tensor]):
+        self.sum = {n: torch.zeros_like(v) for n, v in g0.items()}
+        self.weight = 0.0
+
+    def add(self, params: dict[str, torch.Tensor], w: torch.Tensor) -> None:
+        for n, p in params.items():
+            self.sum[n] += (p * w.view(-1, *([1] * (p.dim() - 1)))).sum(0)
+        self.weight += float(w.sum())
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {n: v / self.weight for n, v in self.sum.items()}
+
+
+class StackFold:
+    """Every user's updated global parameters, stacked (U, ...): memory grows with the users."""
+
+    def __init__(self, g0: dict[str, torch.Tensor]):
+        self.parts: dict[str, list[torch.Tensor]] = {n: [] for n in g0}
+
+    def add(self, params: dict[str, torch.Tensor], w: torch.Tensor) -> None:
+        for n, p in params.items():
+            self.parts[n].append(p)
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {n: torch.cat(v) for n, v in self.parts.items()}
 
 
 class _LossOf(torch.nn.Module):
@@ -93,10 +130,24 @@ def _single_user_loss(wrapper, buffers):
     return loss
 
 
+def schedule_position(model: Recommender, round_: int, step: int, local_epochs: int) -> None:
+    """Annealing counters of a cross-device step: every user is one example, so one local step is one
+    epoch and one update; after round r-1 the global model has seen (r-1) * local_epochs of them."""
+    done = (int(round_) - 1) * int(local_epochs) + int(step)
+    model.set_schedule_position(epochs=done, updates=done)
+
+
 def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weights: torch.Tensor,
                 private_rows: dict[str, torch.Tensor], local: LocalTraining, seed: int, round_: int,
-                per_user: bool) -> UserUpdates:
-    """Train every user in ``users`` (rows (U, n_items)) from the model's current global parameters."""
+                per_user: bool, schedule_round: int | None = None, fold=None) -> UserUpdates:
+    """Train every user in ``users`` (rows (U, n_items)) from the model's current global parameters.
+
+    ``round_`` keys the users' random draws; ``schedule_round`` (default ``round_``) places the
+    model's annealing schedule (MultVAE's KL weight, L-DiffRec's lambda and KL weight).
+    What leaves: the weighted mean (``per_user=False``), every user's model (``per_user=True``), or
+    what ``fold`` (an object with ``add(params, weights)`` / ``result()``) makes of each chunk.
+    """
+    schedule_round = round_ if schedule_round is None else schedule_round
     model.train()
     private_names = sorted(model.private_parameter_names())
     gnames = [n for n, _ in model.named_parameters() if n not in private_names]
@@ -107,15 +158,17 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
     if len(users) == 0:
         return UserUpdates(users, weights, None, None, {}, float("nan"))
 
-    if local.optimizer == "sgd" and local.local_epochs == 1 and not per_user:
+    if local.optimizer == "sgd" and local.local_epochs == 1 and not per_user and fold is None:
+        # FedProx's proximal gradient mu (w - w_global) is zero at the first step: nothing to add.
+        schedule_position(model, schedule_round, 0, local.local_epochs)
         return _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, round_, g0, private_names)
 
     chunk = local.chunk_for(sum(v.numel() for v in g0.values()))
     f = _single_user_loss(wrapper, buffers)
     vgrad = vmap(grad(f, argnums=(0, 1), has_aux=False), in_dims=(0, 0, 0, 0), randomness="error")
     vloss = vmap(f, in_dims=(0, 0, 0, 0), randomness="error")
-    mean = {n: torch.zeros_like(v) for n, v in g0.items()} if not per_user else None
-    stacked: dict[str, list[torch.Tensor]] = {n: [] for n in gnames} if per_user else {}
+    custom = fold is not None
+    fold = fold if custom else (StackFold(g0) if per_user else MeanFold(g0))
     new_private: dict[str, list[torch.Tensor]] = {n: [] for n in private_names}
     loss_acc = 0.0
     for start in range(0, len(users), chunk):
@@ -126,12 +179,16 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
         pp = {n: private_rows[n][sl].clone() for n in private_names}
         state = _AdamState(gp, pp) if local.optimizer == "adam" else None
         for step in range(local.local_epochs):
+            schedule_position(model, schedule_round, step, local.local_epochs)
             rand = model.draw_randomness(Batch(users=torch.as_tensor(u), x=x), UserRandom(seed, round_, u, step))
             if step == 0:
                 with torch.no_grad():
                     loss_acc += float((vloss(gp, pp, x, rand) * w).sum())
             gg, pg = vgrad(gp, pp, x, rand)
             with torch.no_grad():
+                if local.prox_mu > 0:  # FedProx per user: grad of mu/2 ||w - w_global||^2
+                    for n in gg:
+                        gg[n] = gg[n] + local.prox_mu * (gp[n] - g0[n].unsqueeze(0))
                 if state is None:
                     for n in gp:
                         gp[n] -= local.lr * gg[n]
@@ -140,21 +197,16 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
                 else:
                     state.step(gp, pp, gg, pg, local.lr)
         with torch.no_grad():
-            if per_user:
-                for n in gnames:
-                    stacked[n].append(gp[n])
-            else:
-                for n in gnames:
-                    mean[n] += (gp[n] * w.view(-1, *([1] * (gp[n].dim() - 1)))).sum(0)
+            fold.add(gp, w)
             for n in private_names:
                 new_private[n].append(pp[n])
-    if mean is not None:
-        for n in mean:
-            mean[n] /= wsum
+        del gp, state
+    out = fold.result()
     return UserUpdates(
-        users=users, weights=weights, mean=mean,
-        per_user={n: torch.cat(v) for n, v in stacked.items()} if per_user else None,
-        private={n: torch.cat(v) for n, v in new_private.items()}, loss=loss_acc / wsum)
+        users=users, weights=weights, mean=out if isinstance(fold, MeanFold) and not custom else None,
+        per_user=out if isinstance(fold, StackFold) and not custom else None,
+        private={n: torch.cat(v) for n, v in new_private.items()}, loss=loss_acc / wsum,
+        folded=out if custom else None)
 
 
 class _AdamState:
@@ -213,7 +265,7 @@ def _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, ro
 
 
 def personalised_scorer(model: Recommender, data, users: np.ndarray, local: LocalTraining, seed: int,
-                        round_: int):
+                        round_: int, schedule_round: int | None = None):
     """Scores from per-user models: each user first takes ``local.local_epochs`` steps on its own data.
 
     Returns ``score_fn(user_ids, rows)`` for ``evaluate_scores``; the personalised parameters never
@@ -226,7 +278,7 @@ def personalised_scorer(model: Recommender, data, users: np.ndarray, local: Loca
     rows = torch.from_numpy(data.train[trainable].toarray().astype(np.float32))
     private_rows = {n: params[n].detach()[trainable].clone() for n in private_names}
     upd = train_users(model, trainable, rows, torch.ones(len(trainable)), private_rows, local, seed,
-                      round_, per_user=True)
+                      round_, per_user=True, schedule_round=schedule_round)
     where = {int(u): i for i, u in enumerate(trainable)}
     wrapper = _Scores(model)
     buffers = {f"m.{k}": v for k, v in model.named_buffers()}

@@ -81,8 +81,48 @@ def clipped_sum(per_user: dict[str, torch.Tensor], start: dict[str, torch.Tensor
     return sums, int(finite.sum()), int((finite & (norms <= clip)).sum()), int((~finite).sum())
 
 
+def local_training(cfg, *, local_epochs: int | None = None, prox_mu: float = 0.0) -> LocalTraining:
+    """The users' local training from the config (``federation.local_*``, ``train.local_epochs``)."""
+    fed = cfg.federation
+    return LocalTraining(optimizer=str(fed.get("local_optimizer", "sgd")), lr=float(fed.get("local_lr", 0.1)),
+                         local_epochs=int(cfg.train.local_epochs if local_epochs is None else local_epochs),
+                         chunk_size=int(fed.chunk_size) if fed.get("chunk_size") is not None else None,
+                         memory_budget_gb=float(fed.get("memory_budget_gb", 2.0)), prox_mu=float(prox_mu))
+
+
+def users_per_page(memory_budget_gb: float, n_params: int, nodes_per_round: int) -> int:
+    """Users per page of per-user uploads: a quarter of the budget for the pages of all contacted nodes
+    in flight (each page exists a few times on its way: the node's tensors, the message, the server's copy)."""
+    return max(1, int(memory_budget_gb * 2**30 / 4 // (max(nodes_per_round, 1) * max(n_params, 1) * 4)))
+
+
+class ClippedSumFold:
+    """User-level DP on the node, chunk by chunk: the running sum of the users' clipped updates."""
+
+    def __init__(self, start: dict[str, torch.Tensor], clip: float):
+        self.start, self.clip = start, float(clip)
+        self.sums: dict[str, torch.Tensor] | None = None
+        self.kept = self.unclipped = self.dropped = 0
+
+    def add(self, params: dict[str, torch.Tensor], w: torch.Tensor) -> None:
+        sums, kept, unclipped, dropped = clipped_sum(params, self.start, self.clip)
+        self.sums = sums if self.sums is None else {k: self.sums[k] + v for k, v in sums.items()}
+        self.kept, self.unclipped, self.dropped = self.kept + kept, self.unclipped + unclipped, self.dropped + dropped
+
+    def result(self):
+        return self.sums, self.kept, self.unclipped, self.dropped
+
+
 def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_state: dict[str, torch.Tensor],
-                 round_: int, threshold: float, per_user: bool, clip: float | None = None) -> DeviceRound:
+                 round_: int, threshold: float, per_user: bool, clip: float | None = None,
+                 prox_mu: float = 0.0, page: int = 0, page_size: int | None = None) -> DeviceRound:
+    """One round of the node's sampled users.
+
+    Per-user uploads come in pages: with ``page_size`` set, this call trains and returns only the
+    node's trained users at positions ``[page * page_size, (page + 1) * page_size)`` (the server asks
+    for the pages one after another, so that no process holds more than a page of user models);
+    the reply says how many pages there are. User-level DP's clipped sum is folded chunk by chunk.
+    """
     fed, seed = cfg.federation, int(cfg.seed)
     counts = np.diff(data.train.indptr)[node_users]
     sampled = user_coins(seed, round_, node_users, STREAM_SAMPLE) <= threshold
@@ -93,6 +133,12 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
                                      < float(fed.get("straggler_rate", 0.0)))
     train_mask = active & ~dropped & ~straggled
     pos = np.flatnonzero(train_mask)
+    pages = 1
+    if per_user and clip is None and page_size:
+        pages = max(1, -(-len(pos) // int(page_size)))
+        if not 0 <= page < pages:
+            raise ConfigError(f"page {page} requested, the node has {pages} pages of {page_size} users")
+        pos = pos[page * int(page_size):(page + 1) * int(page_size)]
     users = node_users[pos]
     rows = torch.from_numpy(data.train[users].toarray().astype(np.float32))
     rows = cap_rows(rows, users, fed.get("max_user_interactions"), seed, round_)
@@ -103,24 +149,24 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
         weights = rows.sum(1)
     else:
         raise ConfigError(f"federation.weighting: expected uniform or interactions, got {weighting!r}")
-    local = LocalTraining(optimizer=str(fed.local_optimizer), lr=float(fed.local_lr),
-                          local_epochs=int(cfg.train.local_epochs),
-                          chunk_size=int(fed.chunk_size) if fed.get("chunk_size") else None,
-                          memory_budget_gb=float(fed.get("memory_budget_gb", 2.0)))
+    local = local_training(cfg, prox_mu=prox_mu)
     private_rows = {n: t[pos] for n, t in private_state.items()}
-    upd = train_users(model, users, rows, weights, private_rows, local, seed, round_, per_user or clip is not None)
+    private_names = model.private_parameter_names()
+    start = {n: p.detach() for n, p in model.named_parameters() if n not in private_names}
+    fold = ClippedSumFold(start, clip) if clip is not None else None
+    upd = train_users(model, users, rows, weights, private_rows, local, seed, round_, per_user, fold=fold)
     new_private = {n: t.clone() for n, t in private_state.items()}
     for n, rows_n in upd.private.items():
         new_private[n][pos] = rows_n
-    metrics = {"num-examples": float(upd.weights.sum()), "sampled-users": int(sampled.sum()),
-               "trained-users": len(users), "dropped-users": int(dropped.sum()),
-               "straggler-users": int(straggled.sum()), "empty-users": int(empty.sum()),
-               "train-loss": upd.loss if len(users) else 0.0, "per-user": int(per_user)}
+    first = page == 0  # the round's user counts are reported once, with the first page
+    metrics = {"num-examples": float(upd.weights.sum()), "sampled-users": int(sampled.sum()) if first else 0,
+               "trained-users": len(users), "dropped-users": int(dropped.sum()) if first else 0,
+               "straggler-users": int(straggled.sum()) if first else 0, "empty-users": int(empty.sum()) if first else 0,
+               "train-loss": upd.loss if len(users) else 0.0, "per-user": int(per_user), "pages": pages, "page": page}
     content = RecordDict({"metrics": MetricRecord(metrics)})
     if clip is not None:  # user-level DP: only the sum of clipped updates leaves the node
         if len(users):
-            start = {n: p.detach() for n, p in model.named_parameters() if n in upd.per_user}
-            sums, kept, unclipped, dropped = clipped_sum(upd.per_user, start, clip)
+            sums, kept, unclipped, dropped = upd.folded
             content["arrays"] = ArrayRecord({n: Array(v.numpy()) for n, v in sums.items()})
         else:
             kept = unclipped = dropped = 0

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fedrec.data import load_dataset
@@ -63,10 +62,3 @@ def node_view(cfg_yaml: str, node_config: dict) -> NodeView:
     data = _dataset(ds_yaml, int(cfg.seed))
     parts = _partitions(ds_yaml, OmegaConf.to_yaml(cfg.partition, resolve=True), num_nodes, int(cfg.seed))
     return NodeView(cfg=cfg, data=data, users=parts[pid], partition_id=pid)
-
-
-def seed_everything(*parts: int) -> np.random.Generator:
-    """Seed torch and return a numpy generator, both derived from ``parts`` (seed, node, round)."""
-    ss = np.random.SeedSequence([int(p) for p in parts])
-    torch.manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] % (2**63)))
-    return np.random.default_rng(ss)

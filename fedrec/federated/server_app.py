@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from fedrec.errors import ConfigError
 from fedrec.eval import evaluate_model
 from fedrec.federated.arrays import global_arrays, load_arrays
-from fedrec.federated.client_app import CONFIG_KEY
+from fedrec.federated import protocol as P
 from fedrec.models import build_model, data_shape
 from fedrec.recorder import Recorder
 
@@ -52,7 +52,18 @@ def _split_metrics(record: MetricRecord | None) -> dict:
     return out
 
 
-def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None) -> None:
+def run_id(run_path) -> str:
+    """A name for the run that every node's state directory files its state under."""
+    import hashlib
+    from pathlib import Path
+
+    path = Path(run_path).resolve()
+    return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
+def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None, *, simulated: bool = False) -> None:
+    """Run the federation's rounds on ``grid``; ``simulated``: the nodes run on this machine (Ray), so
+    they keep their state in the run folder unless their node config names a ``state-dir``."""
     from strategies import build_strategy
     from strategies.user_dp import PrivacyBudgetExhausted
 
@@ -83,7 +94,8 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
     if node_dp:
         from strategies.node_dp import NodeDPFedAvg, node_dp_config
 
-        runner = NodeDPFedAvg(strategy, node_dp_config(cfg.privacy), int(fed.num_nodes), int(fed.rounds))
+        runner = NodeDPFedAvg(strategy, node_dp_config(cfg.privacy), int(fed.num_nodes), int(fed.rounds),
+                              seed=int(cfg.seed))
         recorder.extra["privacy"] = {"mechanism": "node_dp", "noise_multiplier": runner.noise_multiplier,
                                      "clipping_norm": runner.clipping_norm, "delta": runner.cfg.delta,
                                      "accountant": "flower-rdp", "epsilon": 0.0}
@@ -97,10 +109,7 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
         recorder.extra["privacy"] = {"mechanism": "user_dp", "noise_multiplier": strategy.dp.noise_multiplier,
                                      "delta": strategy.delta, "sample_rate": strategy.q, "epsilon": 0.0}
     silo_dpsgd = cfg.get("privacy") is not None and cfg.privacy.name == "dpsgd"
-    if silo_dpsgd:
-        if resume is not None:
-            raise ConfigError("resume: resuming a DP-SGD run is not supported (the silos' accountant histories "
-                              "would restart); start it again")
+    if silo_dpsgd:  # each silo keeps its accountant history in its own state (node_state.py)
         recorder.extra["privacy"] = {"mechanism": "dpsgd", "scope": "each silo's users (epsilon: the largest over silos)",
                                      "epsilon": 0.0}
     if fed.mode == "device":
@@ -110,15 +119,26 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
         sampling_threshold(fed, n_users, seed, 1)  # reject a bad sampling config before round 1
         strategy.user_threshold = lambda rnd: sampling_threshold(fed, n_users, seed, rnd)
         strategy.per_user_uploads = fed.get("upload", "auto") == "per_user"
+        from fedrec.federated.device_node import users_per_page
+
+        n_params = sum(int(a.numpy().size) for a in initial.values())
+        strategy.page_size = users_per_page(float(fed.get("memory_budget_gb", 2.0)), n_params, strategy.sample_size)
     if resume is not None:
         initial = ArrayRecord(resume["arrays"])
         strategy.load_state(resume["strategy"])
+        if node_dp:
+            runner.load_state(resume["node_dp"])
         recorder.load_state(resume["recorder"])
         start = int(resume["round"])
         strategy.round_offset = start
     rounds = int(fed.rounds)
     ks = list(cfg.eval.ks)
     every = int(cfg.train.eval_every)
+    strategy.round_extras = {P.RUN_ID: run_id(recorder.run.path), P.RESUMED_AT: start}
+    if simulated:
+        strategy.round_extras[P.STATE_DIR_HINT] = str((recorder.run.path / "node-state").resolve())
+    if client_eval:  # the nodes evaluate on the rounds the config names, like the server would
+        strategy.evaluates_in = lambda rnd: rnd % every == 0 or rnd == rounds
 
     def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if local_round == 0:
@@ -126,7 +146,8 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
         rnd = start + local_round
         evaluation = eval_s = None
         if client_eval:
-            evaluation, eval_s = _split_metrics(strategy.last_eval), strategy.last_eval_s
+            if strategy.last_eval is not None:
+                evaluation, eval_s = _split_metrics(strategy.last_eval), strategy.last_eval_s
         elif rnd % every == 0 or rnd == rounds:
             load_arrays(model, arrays, "aggregated arrays")
             t0 = time.perf_counter()
@@ -140,7 +161,8 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
             recorder.extra["privacy"]["epsilon"] = float(lt["dp-epsilon"]) if noisy else math.inf
             recorder.extra["privacy"]["noise_multiplier"] = float(lt.get("dp-noise-multiplier", 0.0))
         recorder.record(rnd, strategy.last_train, strategy.last_train_s, evaluation, eval_s,
-                        lambda: {"arrays": arrays.to_torch_state_dict(), "strategy": strategy.state()})
+                        lambda: {"arrays": arrays.to_torch_state_dict(), "strategy": strategy.state()}
+                        | ({"node_dp": runner.state()} if node_dp else {}))
         if evaluation is None:
             return None
         return MetricRecord({f"valid/{k}": v for k, v in evaluation["valid"].items()})
@@ -150,8 +172,8 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None)
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     try:
         runner.start(grid, initial, num_rounds=rounds - start, timeout=float(fed.get("round_timeout", 3600)),
-                       train_config=ConfigRecord({CONFIG_KEY: cfg_yaml}),
-                       evaluate_config=ConfigRecord({CONFIG_KEY: cfg_yaml}), evaluate_fn=evaluate_fn)
+                       train_config=ConfigRecord({P.CONFIG: cfg_yaml}),
+                       evaluate_config=ConfigRecord({P.CONFIG: cfg_yaml}), evaluate_fn=evaluate_fn)
     except PrivacyBudgetExhausted as e:  # the privacy budget ends a run cleanly; every recorded round is kept
         recorder.extra["stopped"] = str(e)
 

@@ -29,7 +29,7 @@ def simulate(cfg, data, recorder: Recorder, resume: dict | None = None) -> None:
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            serve(grid, cfg, data, recorder, resume)
+            serve(grid, cfg, data, recorder, resume, simulated=True)
         except BaseException as e:  # re-raised below: run_simulation only logs server errors
             failure.append(e)
 

@@ -107,6 +107,14 @@ class Recommender(nn.Module):
     def on_epoch_end(self) -> None:
         """Called by trainers after each local epoch (L-DiffRec anneals its loss weight per epoch)."""
 
+    def set_schedule_position(self, epochs: int, updates: int) -> None:
+        """Place annealing schedules at ``epochs`` epochs and ``updates`` optimiser updates done.
+
+        Trainers advance the counters themselves (``on_epoch_end``, each training ``loss``); cross-device
+        training, whose users each take a few steps from the global model, sets them from the round.
+        Models without a schedule ignore it.
+        """
+
     def global_state(self) -> dict[str, torch.Tensor]:
         """Parameters that are aggregated in a federation, by name (private ones excluded)."""
         private = self.private_parameter_names()

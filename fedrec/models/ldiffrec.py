@@ -180,7 +180,7 @@ class LDiffRec(Recommender):
             lamda, beta = self._weights()
             if self.training:
                 self.batches_done += 1
-        else:  # explicit draws; annealing weights are frozen for the round (cross-device)
+        else:  # explicit draws; annealing weights from the schedule position the cross-device step set
             x_cate, z, kl = self.encode(batch.x, r["enc_keep"], r["eps"])
             terms = self.diffusion.training_loss(lambda x, t: self.denoiser(x, t, r["keep"]), z,
                                                  t=r["t"], noise=r["noise"])
@@ -218,6 +218,10 @@ class LDiffRec(Recommender):
 
     def on_epoch_end(self) -> None:
         self.epochs_done += 1
+
+    def set_schedule_position(self, epochs: int, updates: int) -> None:
+        self.epochs_done.fill_(int(epochs))
+        self.batches_done.fill_(int(updates))
 
     def optimizer_groups(self, lr: float, weight_decay: float):
         ae = [*self.encoders.parameters(), *self.decoders.parameters()]

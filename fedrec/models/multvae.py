@@ -97,7 +97,7 @@ class MultVAE(Recommender):
             beta = self.beta()
             if self.training:
                 self.anneal_updates += 1
-        else:  # explicit draws; beta is frozen for the round (cross-device)
+        else:  # explicit draws; beta from the schedule position the cross-device step set
             mu, logvar = self.encode(batch.x, r["keep"])
             z = mu + r["eps"] * torch.exp(0.5 * logvar)
             beta = r["beta"]
@@ -105,6 +105,9 @@ class MultVAE(Recommender):
         nll = -(F.log_softmax(logits, dim=1) * batch.x).sum(1)
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
         return nll + beta * kl
+
+    def set_schedule_position(self, epochs: int, updates: int) -> None:
+        self.anneal_updates.fill_(int(updates))
 
     def draw_randomness(self, batch: Batch, rnd) -> dict[str, torch.Tensor]:
         b, n = batch.x.shape

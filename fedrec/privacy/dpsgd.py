@@ -14,6 +14,9 @@ example's gradient bounds each user's influence. Steps, as Opacus's ``PrivacyEng
 Note: Opacus divides the noisy clipped sum by ``int(n_users * sample_rate)``, which float rounding can
 make one less than ``batch_size`` (e.g. 9 for 40 users at rate 1/4); tests follow Opacus's value.
 
+Randomness: the Poisson sampling and the noise come from two explicit generators derived from the
+trainer's ``seed`` (``fedrec.rng``), so a silo's round gets its own draws and a run is reproducible.
+
 ``grad_sample_mode="auto"`` takes ghost clipping when every trainable layer supports it and hooks
 otherwise; a model neither supports fails with an error naming the layer.
 """
@@ -123,11 +126,16 @@ class DPSGDTrainer:
             if bad:
                 raise ConfigError(f"privacy: Opacus cannot compute per-user gradients of layer {bad}")
         self.mode = mode
-        gen = torch.Generator().manual_seed(seed)
-        loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=batch_size, generator=gen)
+        from fedrec.rng import PURPOSE_DP_NOISE, PURPOSE_DP_SAMPLING, torch_stream
+
+        # Explicit generators, keyed by the caller's seed: Opacus samples users from the loader's
+        # generator and draws its noise from ``noise_generator`` (not torch's global generator).
+        loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=batch_size,
+                            generator=torch_stream(seed, PURPOSE_DP_SAMPLING))
+        self.noise_generator = torch_stream(seed, PURPOSE_DP_NOISE)
         self.engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=False)
         common = dict(module=module, optimizer=optimizer, data_loader=loader, max_grad_norm=cfg.max_grad_norm,
-                      poisson_sampling=True, grad_sample_mode=mode)
+                      poisson_sampling=True, grad_sample_mode=mode, noise_generator=self.noise_generator)
         if mode == "ghost":
             common["criterion"] = PerExampleLoss()
         if cfg.target_epsilon is not None and math.isinf(cfg.target_epsilon):

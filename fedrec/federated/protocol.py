@@ -1,0 +1,36 @@
+"""Keys of the Flower records that the ServerApp, the strategies and the ClientApp exchange.
+
+One place for every key, so that the server and the nodes cannot drift apart. Config keys travel
+server -> node in the message's ConfigRecord ``config``; metric keys node -> server in ``metrics``.
+"""
+
+from __future__ import annotations
+
+# --- server -> node (ConfigRecord "config")
+CONFIG = "fedrec-config"  # the resolved Hydra config as YAML
+ROUND = "fedrec-round"  # the global round (1-based; continues across a resume)
+RUN_ID = "fedrec-run-id"  # names the run, so that a node's state directory can hold several runs
+RESUMED_AT = "fedrec-resumed-at"  # the round a resumed run continues after (0: not resumed)
+STATE_DIR_HINT = "fedrec-state-dir"  # simulation only: where nodes on this machine keep their state
+USER_THRESHOLD = "fedrec-user-threshold"  # cross-device: users whose key <= threshold take part
+PER_USER = "fedrec-per-user"  # cross-device: 1 = upload every user's model, 0 = the weighted mean
+PAGE = "fedrec-page"  # per-user uploads come in pages: which page of the node's users to train and send
+PAGE_SIZE = "fedrec-page-size"  # users per page (set from federation.memory_budget_gb by the server)
+CLIP = "fedrec-clip"  # user-level DP: nodes clip each user's update to this L2 norm
+PROXIMAL_MU = "proximal-mu"  # FedProx's key (set by Flower's FedProx)
+QUERY_PARTITION = "partition"  # query message: which partition does this node host?
+
+# --- node -> server (MetricRecord "metrics")
+NUM_EXAMPLES = "num-examples"
+PARTITION_ID = "partition-id"  # the partition a node hosts (node-config key of the same name)
+UNIT_WEIGHT = "unit-weight"  # 1.0 for every node: equal weights (node-level DP)
+PER_USER_REPLY = "per-user"  # 1: the reply stacks one model per user (with USER_WEIGHTS)
+USER_WEIGHTS = "user-weights"  # ArrayRecord of a per-user reply: the users' aggregation weights
+PAGES = "pages"  # per-user reply: how many pages the node's users fill this round
+CLIPPED_SUM = "clipped-sum"  # 1: the reply is the sum of clipped user updates (user-level DP)
+
+# --- node-config keys (set per SuperNode, or by the simulation)
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+NODE_DATA_PATH = "data-path"
+NODE_STATE_DIR = "state-dir"  # the node's own disk for state between rounds (exact resume)
