@@ -14,6 +14,10 @@ diffrec-speed
     ``bench.reference_eval`` (true).
 dp-step
     DiffRec training step, plain AdamW vs DP-SGD with Opacus ghost clipping (``bench.steps``, 10).
+per-user-memory
+    One ML-1M DiffRec cross-device round, all users sampled, every user's model uploaded
+    (``federation.upload=per_user``, ``federation.memory_budget_gb=2``, one node): peak PSS/RSS of
+    the whole process tree (server, Ray, node), which the paged uploads keep near the budget.
 inference-steps
     Test metrics and evaluation seconds of a trained run for fewer-step (DDIM) inference.
     ``bench.run=<run folder>`` (required; uses its config and best checkpoint),
@@ -235,6 +239,32 @@ def bench_cross_device_round(overrides: list[str], opts: dict) -> None:
          ratio=round(statistics.median(t_dev) / statistics.median(t_cen), 2), peak_rss_gb=_peak_rss_gb())
 
 
+def bench_per_user_memory(overrides: list[str], opts: dict) -> None:
+    """One cross-device round with every user's model uploaded (federation.upload=per_user), on Flower's
+    simulation engine: peak memory of the whole process tree (server, Ray, nodes) against the budget."""
+    import tempfile
+
+    from fedrec.config import compose
+    from fedrec.experiment import quiet_flower
+    from simulations.memory import TreeMemory
+
+    quiet_flower(False)
+    cfg_args = ["dataset=diffrec-ml-1m-clean", "model=diffrec", "federation=device", "federation.num_nodes=1",
+                "federation.rounds=1", "federation.user_fraction=1.0", "federation.upload=per_user",
+                "federation.memory_budget_gb=2", "train.local_epochs=1", *overrides]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = compose([*cfg_args, f"paths.output_root={tmp}"])
+        t0 = time.perf_counter()
+        with TreeMemory() as mem:
+            summary, lines, _ = _run_rounds(cfg, f"{tmp}/run")
+        fed = cfg.federation
+        emit(bench="per-user-memory", dataset=cfg.dataset.name, model=cfg.model.name, nodes=int(fed.num_nodes),
+             users_trained=int(lines[-1]["train"]["trained-users"]), upload=str(fed.upload),
+             memory_budget_gb=float(fed.memory_budget_gb), round_train_s=round(lines[-1]["train_s"], 1),
+             total_s=round(time.perf_counter() - t0, 1), **mem.figures(),
+             test_ndcg20=round(summary["test"]["ndcg@20"], 5))
+
+
 def bench_dp_step(overrides: list[str], opts: dict) -> None:
     """DiffRec training step: plain AdamW vs DP-SGD (Opacus, ghost clipping), alternating, same batch size."""
     from fedrec.config import compose
@@ -295,7 +325,8 @@ def bench_dp_step(overrides: list[str], opts: dict) -> None:
 
 
 BENCHMARKS = {"dp-step": bench_dp_step, "diffrec-speed": bench_diffrec_speed, "inference-steps": bench_inference_steps,
-              "cross-device": bench_cross_device, "cross-device-round": bench_cross_device_round}
+              "cross-device": bench_cross_device, "cross-device-round": bench_cross_device_round,
+              "per-user-memory": bench_per_user_memory}
 
 
 def main(argv: list[str]) -> int:

@@ -109,3 +109,36 @@ def test_node_dp_silo_run_through_flower(tiny_cfg, tmp_path):
     assert [x["round"] for x in lines] == [1, 2] and all(x["train"]["clients"] == 3 for x in lines)
     assert summary["privacy"]["mechanism"] == "node_dp"
     assert summary["privacy"]["epsilon"] == pytest.approx(node_dp_epsilon(1.5, 2, 3, 1e-3))
+
+
+def test_noise_is_seeded_per_round_and_leaves_numpy_alone():
+    # issue 8.3: same seed -> same noisy aggregate; Flower's global-numpy noise is seeded by (seed, round)
+    rng = np.random.default_rng(1)
+    g = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    ups = _updates(rng, 4, [0.1] * 4)
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    a = _round(_wrapped(noise_multiplier=1.0), g, ups, rnd=1)
+    np.testing.assert_array_equal(np.random.get_state()[1], before)  # the caller's generator is untouched
+    np.random.seed(999)  # whatever happened to numpy's global generator in between
+    b = _round(_wrapped(noise_multiplier=1.0), g, ups, rnd=1)
+    c = _round(_wrapped(noise_multiplier=1.0), g, ups, rnd=2)
+    for k in g:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert any(not np.array_equal(a[k], c[k]) for k in g)
+
+
+def test_resume_recomposes_the_accountant():
+    rng = np.random.default_rng(2)
+    g = {k: np.zeros(s, np.float32) for k, s in SHAPES.items()}
+    full = _wrapped(noise_multiplier=1.5, rounds=3)
+    for rnd in (1, 2, 3):
+        _round(full, g, _updates(rng, 4, [0.1] * 4), rnd=rnd)
+    first = _wrapped(noise_multiplier=1.5, rounds=3)
+    for rnd in (1, 2):
+        _round(first, g, _updates(rng, 4, [0.1] * 4), rnd=rnd)
+    resumed = _wrapped(noise_multiplier=1.5, rounds=3)
+    resumed.load_state(first.state())
+    resumed.strategy.round_offset = 2
+    _round(resumed, g, _updates(rng, 4, [0.1] * 4), rnd=1)
+    assert resumed.epsilon() == pytest.approx(full.epsilon(), rel=1e-9) and full.epsilon() > first.epsilon()

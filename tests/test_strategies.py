@@ -33,15 +33,17 @@ class FakeGrid:
     """The part of ``flwr.serverapp.Grid`` that ``configure_train`` touches: node ids, and answers to
     the partition query (node ``ids[i]`` hosts partition ``n - 1 - i``, so ids and partitions differ)."""
 
-    def __init__(self, n: int = 10, ids=None):
+    def __init__(self, n: int = 10, ids=None, partitions=None):
         self.ids = [int(i) for i in ids] if ids is not None else [1000 + 7 * i for i in range(n)]
+        self.partitions = [int(p) for p in partitions] if partitions is not None else None
         self.queries = 0
 
     def get_node_ids(self):
         return list(self.ids)
 
     def partition_of(self, node_id: int) -> int:
-        return len(self.ids) - 1 - self.ids.index(node_id)
+        i = self.ids.index(node_id)
+        return self.partitions[i] if self.partitions is not None else len(self.ids) - 1 - i
 
     def send_and_receive(self, messages, timeout=None):
         out = []
@@ -403,9 +405,9 @@ def _sampled_partitions(grid, seed=5, fraction=0.3, server_round=2):
 
 
 def test_silo_sampling_depends_on_partitions_not_on_flower_node_ids():
-    # Prepare: the same 10 partitions behind two sets of (random) Flower node ids
+    # Prepare: the same 10 partitions behind two sets of Flower node ids, registered in other orders
     a = FakeGrid(ids=[1000 + 7 * i for i in range(10)])
-    b = FakeGrid(ids=list(np.random.default_rng(3).permutation(10) * 1_000_003 + 17))
+    b = FakeGrid(ids=[17 + 1_000_003 * i for i in range(10)], partitions=np.random.default_rng(3).permutation(10))
     # Execute / Assert: the same partitions train in every round, whatever the ids are
     for rnd in range(1, 8):
         assert _sampled_partitions(a, server_round=rnd) == _sampled_partitions(b, server_round=rnd)
