@@ -142,11 +142,9 @@ def partition_users(data: Interactions, method: str, num_nodes: int | None, seed
 def partition_from_cfg(data: Interactions, cfg_partition, num_nodes: int | None, seed: int) -> list[np.ndarray]:
     """:func:`partition_users` with ``method``/``alpha``/``attribute`` read from a ``conf/partition`` node."""
 
+    from fedrec.data.options import get_option
+
     def get(key, default=None):
-        try:
-            value = cfg_partition[key] if isinstance(cfg_partition, dict) else getattr(cfg_partition, key)
-        except Exception:
-            return default
-        return default if value is None else value
+        return get_option(cfg_partition, key, default, where="partition")
 
     return partition_users(data, get("method"), num_nodes, seed, alpha=get("alpha", 0.5), attribute=get("attribute"))
