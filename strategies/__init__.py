@@ -75,8 +75,6 @@ class FedrecMixin:
     node_clip = None  # user-level DP: the bound nodes clip each user's update to
     #: rounds with evaluation on the nodes (client evaluation); None: every round
     evaluates_in = None
-    #: extra keys of every round's config record (run id, node-state hint), set by the server
-    round_extras: dict = {}
 
     def setup(self, *, num_nodes: int, fraction: float, seed: int, round_offset: int = 0) -> None:
         self.num_nodes = num_nodes
@@ -94,6 +92,7 @@ class FedrecMixin:
         self.last_eval: MetricRecord | None = None
         self.last_eval_s: float | None = None
         self._partition_of: dict[int, int] | None = None  # Flower node id -> partition id
+        self.round_extras: dict = {}  # extra keys of every round's config (run id, node-state hint), from the server
 
     def _round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         cfg = ConfigRecord(dict(config))  # never write into the caller's record
@@ -151,7 +150,7 @@ class FedrecMixin:
     def combine_user_updates(self, arrays: dict[str, np.ndarray], weights: np.ndarray) -> dict[str, np.ndarray]:
         """Per-user updated parameters (U, ...) -> one array each; override for robust/DP rules."""
         w = weights / weights.sum()
-        return {k: np.tensordot(w, v.astype(np.float64), axes=1).astype(v.dtype) for k, v in arrays.items()}
+        return {k: _weighted_sum(w, v).astype(v.dtype) for k, v in arrays.items()}
 
     def pages_fold(self) -> bool:
         """Per-user replies can come in pages only when the rule is the weighted mean, which folds page
@@ -208,7 +207,8 @@ class FedrecMixin:
                 good &= finite
         if not good.any():
             return None, n, reasons or ["no user with a positive weight"]
-        combined = self.combine_user_updates({k: v[good] for k, v in stacked.items()}, weights[good])
+        kept = stacked if good.all() else {k: v[good] for k, v in stacked.items()}  # no copy when all are good
+        combined = self.combine_user_updates(kept, weights[good])
         metrics = MetricRecord(dict(msg.content["metrics"]) | {self.weighted_by_key: float(weights[good].sum())})
         content = RecordDict({self.arrayrecord_key: ArrayRecord({k: Array(v) for k, v in combined.items()}),
                               "metrics": metrics})
@@ -346,6 +346,14 @@ class FedrecMixin:
     def load_state(self, st: dict) -> None:
         for k, v in st.items():
             setattr(self, k, v)
+
+
+def _weighted_sum(w: np.ndarray, stacked: np.ndarray, block: int = 8) -> np.ndarray:
+    """sum_u w[u] * stacked[u] in float64, a few users at a time (no float64 copy of the whole stack)."""
+    out = np.zeros(stacked.shape[1:], dtype=np.float64)
+    for start in range(0, len(w), block):
+        out += np.tensordot(w[start:start + block], stacked[start:start + block].astype(np.float64), axes=1)
+    return out
 
 
 def _merge_means(a: RecordDict, b: RecordDict, arrays_key: str, weight_key: str) -> RecordDict:

@@ -91,9 +91,12 @@ def local_training(cfg, *, local_epochs: int | None = None, prox_mu: float = 0.0
 
 
 def users_per_page(memory_budget_gb: float, n_params: int, nodes_per_round: int) -> int:
-    """Users per page of per-user uploads: a quarter of the budget for the pages of all contacted nodes
-    in flight (each page exists a few times on its way: the node's tensors, the message, the server's copy)."""
-    return max(1, int(memory_budget_gb * 2**30 / 4 // (max(nodes_per_round, 1) * max(n_params, 1) * 4)))
+    """Users per page of per-user uploads: an eighth of the budget for one page of every contacted node.
+
+    A page exists several times on its way (the node's tensors and its serialised reply, the server's
+    received message and numpy view), and the server holds the first page while it fetches the
+    next, so about eight page-sized buffers can be alive at once."""
+    return max(1, int(memory_budget_gb * 2**30 / 8 // (max(nodes_per_round, 1) * max(n_params, 1) * 4)))
 
 
 class ClippedSumFold:
