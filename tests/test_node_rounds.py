@@ -218,3 +218,19 @@ def test_per_user_uploads_in_pages_equal_one_reply_and_the_mean(tiny_cfg, tmp_pa
         scale = float(one[k].abs().max()) + 1e-12
         assert float((paged[k] - one[k]).abs().max()) / scale < 1e-5, k
         assert float((paged[k] - mean[k]).abs().max()) / scale < 1e-5, k
+
+
+def test_dpsgd_accountant_history_survives_a_restart(tiny_cfg, tmp_path):
+    cfg = tiny_cfg("federation=silo", "federation.num_nodes=2", "privacy=dpsgd", "privacy.noise_multiplier=1.0",
+                   "federation.rounds=3", model="multvae")
+    arrays = _initial(cfg)
+    ctx = _context(1, 2, tmp_path / "a")
+    first = client_app.train(_message(cfg, arrays, 1), ctx)
+    want = client_app.train(_message(cfg, arrays, 2), ctx)
+    client_app.train(_message(cfg, arrays, 1), _context(1, 2, tmp_path / "b"))
+    got = client_app.train(_message(cfg, arrays, 2, **{P.RESUMED_AT: 1}), _context(1, 2, tmp_path / "b"))
+    eps = lambda m: float(m.content["metrics"]["dp-epsilon"])  # noqa: E731
+    assert eps(got) == pytest.approx(eps(want), rel=1e-12) and eps(want) > eps(first)  # two rounds composed
+    assert _train_arrays(got).keys() == _train_arrays(want).keys()
+    for k, v in _train_arrays(want).items():
+        np.testing.assert_array_equal(_train_arrays(got)[k], v)
