@@ -11,7 +11,8 @@ Algorithm as implemented (numbered as the official pipeline runs):
    likelihood, KL weight ``min(vae_anneal_cap, updates / vae_anneal_steps)``) trained with Adam on the
    members' rows; the members' posterior means (eval mode) are the latents x0 (no standardisation).
 2. The short linear schedule: beta_t = beta_min + (beta_max - beta_min) * t / T for t = 0..T,
-   alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s, alpha_bar_0 := 1 (T = ``steps``, e.g. 83).
+   alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s (from s = 0, as the official cumulative product),
+   alpha_bar_0 := 1 (T = ``steps``, e.g. 83).
 3. The forward process with the noise diminisher lambda (``noise_diminisher``): t ~ U{1..T},
    eps = lambda * N(0, I), x_t = sqrt(alpha_bar_t) x0 + (1 - alpha_bar_t) eps — the official code
    scales the noise by (1 - alpha_bar_t), not by sqrt(1 - alpha_bar_t).
@@ -41,17 +42,20 @@ recommender (its best Recall@10). Deviations, and why:
   length before training.
 * M-SDRM is vectorised: at step i the users with k >= i are denoised together (the official loops
   over users one by one); same chains, different order of random draws.
-* All draws come from explicit ``torch.Generator`` s seeded from ``seed`` (training: t, noise and dropout
-  masks; sampling: the generator ``sample`` passes), not from the global RNG and NumPy's.
+* The score model's draws (t, noise, dropout masks) and every sampling draw come from explicit
+  ``torch.Generator`` s seeded from ``seed`` (the official uses the global RNGs of torch and NumPy); the
+  MultVAE stage (fedrec's model, shared with ``latent_ddpm``) and the weight initialisations draw from
+  torch's global RNG, which ``fit`` seeds from ``seed``.
 * Fedrec's MultVAE initialises N(0, 2/(fan_in+fan_out)) where the official VAE uses Xavier-uniform
   (the same variance); the denoiser keeps PyTorch's default initialisation, as the official.
-* DP (``generator.dp``): both stages run DP-SGD per user through ``generators.py``. The official batch
-  variance couples the users of a batch, so under DP ``loss_norm`` must be ``user`` (the default
-  ``null`` picks ``batch`` without DP and ``user`` with it). The objective evaluates every layer
-  several times per user, which Opacus's ghost clipping does not sum correctly (it keeps the last
-  evaluation's norm), so SDRM trains with per-sample hooks (``grad_sample_mode`` auto or hooks; a
-  grad sampler for PReLU, ``prelu_grad_sample``, is registered with Opacus). The quantile's density comes from the noisy activity
-  histogram.
+* The quantile's density is the members' (the official takes all training users'); under DP it is
+  the mean of the noisy activity histogram.
+* DP (``generator.dp``, not in the paper): both stages run DP-SGD per user through ``generators.py``.
+  The official batch variance couples the users of a batch, so under DP ``loss_norm`` must be ``user``
+  (the default ``null`` picks ``batch`` without DP and ``user`` with it). The objective evaluates every
+  layer several times per user, which Opacus's ghost clipping does not sum correctly (it keeps the
+  last evaluation's norm), so SDRM trains with per-sample hooks (``grad_sample_mode`` auto or hooks),
+  which accumulate them; PReLU's per-sample gradient, ``prelu_grad_sample``, is registered with Opacus.
 """
 
 from __future__ import annotations
