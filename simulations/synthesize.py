@@ -1,19 +1,22 @@
 """``python -m simulations.synthesize [Hydra overrides]``: release synthetic users and measure them.
 
-    python -m simulations.synthesize dataset=ml-100k                       # SDRM, MultVAE utility
-    python -m simulations.synthesize dataset=ml-100k generator=diffrec     # a zoo model as generator
+    python -m simulations.synthesize dataset=ml-100k                       # zoo DiffRec generator, MultVAE utility
+    python -m simulations.synthesize dataset=ml-100k generator=sdrm        # SDRM (the paper's M-SDRM)
+    python -m simulations.synthesize dataset=ml-100k generator=sdrm generator.sampling=full   # F-SDRM
+    python -m simulations.synthesize dataset=ml-100k generator=latent_ddpm # DDPM over MultVAE latents
     python -m simulations.synthesize dataset=ml-100k generator.dp.target_epsilon=8  # DP-trained generator
     python -m simulations.synthesize -m dataset=ml-100k generator.dp.target_epsilon=1,2,4,8,.inf
     python -m simulations.report outputs/multirun/<time>                  # the sweep's table and plot
 
 The primary config is ``conf/synthesize.yaml`` (``conf/config.yaml`` with MultVAE as the utility model,
-no federation, SDRM, 100 utility epochs); the release goes to the Hydra run folder
+no federation, the zoo DiffRec generator, 100 utility epochs); the release goes to the Hydra run folder
 (``outputs/synthetic/<time>``, or ``release.out``).
 
 1. Split the real users with training data into members (the generator's training users) and
    held-out non-members (``release.member_share``, default 0.5).
-2. Train the generator (``generator=``, ``conf/generator/``: SDRM by default, or a zoo model) on the
-   members and sample ``release.scale`` (default 3) synthetic users per member.
+2. Train the generator (``generator=``, ``conf/generator/``: the zoo DiffRec by default; ``sdrm``,
+   ``latent_ddpm`` or another zoo model) on the members and sample ``release.scale`` (default 3)
+   synthetic users per member.
 3. Write them as RecBole atomic files (``<out>/<dataset>-synthetic/<dataset>-synthetic.inter``; user
    ids ``syn_<n>``, the real item tokens) so any RecBole-compatible tool can read them.
 4. Utility: train the configured recommender (``model=``, a fold-in model such as MultVAE or DiffRec)

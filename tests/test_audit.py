@@ -9,6 +9,10 @@ import torch
 
 from fedrec.privacy.audit import attack_metrics, jaccard_distances, loss_mia, synthetic_mia
 
+# the default generator of `simulations.synthesize` (the zoo DiffRec), tiny
+TINY_DIFFREC_GENERATOR = ["generator.epochs=2", "generator.model.dims=[16]", "generator.model.steps=10",
+                          "generator.model.inference_steps=3"]
+
 
 def _reference_auc(pos, neg):
     """Mann-Whitney U: P(member score > non-member score) + 0.5 P(tie)."""
@@ -73,16 +77,16 @@ def test_planted_leak_overfit_model_is_flagged():
     assert loss_mia(model, real, members, nonmembers, repeats=2)["auc"] >= 0.9
 
 
-def test_sdrm_generates_the_real_sparsity_and_writes_atomic(tmp_path):
+def test_latent_ddpm_generates_the_real_sparsity_and_writes_atomic(tmp_path):
     from omegaconf import OmegaConf
 
     from fedrec.data import load_dataset
-    from fedrec.privacy.sdrm import SDRM, SDRMConfig
+    from fedrec.privacy.latent_ddpm import LatentDDPM, LatentDDPMConfig
     from simulations.synthesize import write_atomic
 
     real = _population(n=80, items=50, p=0.1)
-    gen = SDRM(SDRMConfig(vae_epochs=3, diffusion_epochs=3, latent_dim=8, vae_hidden=[32], denoiser_hidden=32,
-                          diffusion_steps=20, sampling_steps=5), 50, seed=0).fit(real)
+    gen = LatentDDPM(LatentDDPMConfig(vae_epochs=3, diffusion_epochs=3, latent_dim=8, vae_hidden=[32],
+                                      denoiser_hidden=32, diffusion_steps=20, sampling_steps=5), 50, seed=0).fit(real)
     syn = gen.sample(80)
     assert syn.shape == (80, 50)
     counts = np.asarray(syn.sum(1)).ravel()
@@ -101,9 +105,7 @@ def test_synthesize_command_end_to_end(tmp_path, capsys):
 
     out = tmp_path / "release"
     rc = main(["dataset.n_users=60", "dataset.n_items=40", "train.epochs=2", "train.eval_every=1",
-               "model.hidden_dims=[16]", "model.latent_dim=8", "generator.vae_epochs=2", "generator.diffusion_epochs=2",
-               "generator.latent_dim=8", "generator.vae_hidden=[16]", "generator.denoiser_hidden=16",
-               "generator.diffusion_steps=10", "generator.sampling_steps=3", f"release.out={out}"])
+               "model.hidden_dims=[16]", "model.latent_dim=8", *TINY_DIFFREC_GENERATOR, f"release.out={out}"])
     assert rc == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert {x["what"] for x in lines} >= {"generator", "audit", "utility", "utility_ratio"}
@@ -125,9 +127,8 @@ def test_synthetic_release_sweep_one_command_then_report(tmp_path):
     import sys
 
     tiny = ["dataset.n_users=60", "dataset.n_items=40", "train.epochs=2", "model.hidden_dims=[16]",
-            "model.latent_dim=8", "generator.vae_epochs=2", "generator.diffusion_epochs=2", "generator.latent_dim=8",
-            "generator.vae_hidden=[16]", "generator.denoiser_hidden=16", "generator.diffusion_steps=10",
-            "generator.sampling_steps=3", "generator.batch_size=30", "release.train_on=[synthetic]"]
+            "model.latent_dim=8", *TINY_DIFFREC_GENERATOR, "generator.model.optim.batch_size=30",
+            "release.train_on=[synthetic]"]
     env = dict(os.environ, HYDRA_FULL_ERROR="1")
     sweep = tmp_path / "sweep"
     subprocess.run([sys.executable, "-m", "simulations.synthesize", "-m", *tiny,
@@ -136,7 +137,7 @@ def test_synthetic_release_sweep_one_command_then_report(tmp_path):
     subprocess.run([sys.executable, "-m", "simulations.report", str(sweep)], check=True, env=env,
                    capture_output=True, text=True, timeout=120)
     rows = list(csv.DictReader(open(sweep / "report.csv")))
-    assert [r["mechanism"] for r in rows] == ["synthetic:sdrm"] * 2
+    assert [r["mechanism"] for r in rows] == ["synthetic:diffrec"] * 2
     assert sorted(r["target_epsilon"] for r in rows) == ["2.0000", "inf"]
     finite = next(r for r in rows if r["target_epsilon"] == "2.0000")
     assert 0 < float(finite["epsilon"]) <= 2.0 and (sweep / "privacy_accuracy.png").exists()

@@ -1,13 +1,17 @@
-"""Synthetic-user generators: SDRM or any generative model of the zoo, optionally trained with DP.
+"""Synthetic-user generators: SDRM, a latent DDPM, or any generative model of the zoo, optionally with DP.
 
 A generator is fitted on the members' 0/1 rows and releases synthetic users in three steps:
 
 1. item scores of ``n`` new users from the generator's prior (``SyntheticGenerator.scores``): SDRM
-   (``sdrm.py``) reverses a latent DDPM and decodes; a zoo model reverses its own diffusion chain from
-   pure noise (``Recommender.generate``: DiffRec, L-DiffRec; MultVAE decodes prior samples);
-2. each synthetic user's number of items k, drawn from the members' activity distribution;
-3. binarisation: k items drawn without replacement from softmax(scores / temperature) (Gumbel top-k,
-   ``binarize=sample``) or the k best (``topk``).
+   (``sdrm.py``, the paper's method) reverses its latent score model and decodes; the latent DDPM
+   (``latent_ddpm.py``) reverses a DDPM over MultVAE latents and decodes; a zoo model reverses its own
+   diffusion chain from pure noise (``Recommender.generate``: DiffRec, L-DiffRec; MultVAE decodes prior
+   samples);
+2. binarisation (``binarize``): ``sample`` / ``topk`` draw each synthetic user's number of items k from
+   the members' activity distribution, then take k items without replacement from
+   softmax(scores / temperature) (Gumbel top-k) or the k best; ``quantile`` (SDRM's official
+   binarisation) keeps every score at or above the (1 - density) quantile of all the release's scores,
+   the density being the members' share of ones (under DP: the mean of the noisy activity histogram).
 
 DP (``generator.dp``, the fields of ``conf/privacy/dpsgd.yaml``): every training stage runs Opacus
 DP-SGD with one shared noise multiplier, the user being the privacy unit (one row, or one latent, per
@@ -15,14 +19,14 @@ user in each stage); the activity distribution is a histogram with Gaussian nois
 (add/remove sensitivity 1, one Gaussian mechanism); epsilon is the composition of all of them by one
 accountant over the concatenated histories (Opacus RDP or PRV). ``target_epsilon`` calibrates the
 shared multiplier by bisection on that composition. Under DP nothing else reads the private rows:
-SDRM's latent standardisation is off, and L-DiffRec must not cluster items on them (``n_cate=1``).
+the latent DDPM's standardisation is off, and L-DiffRec must not cluster items on them (``n_cate=1``).
 The member count is treated as public (it sets sampling rates and the release size).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -36,6 +40,7 @@ from fedrec.privacy.dpsgd import DPSGDConfig, DPSGDTrainer
 from fedrec.train import TrainRows, make_optimizer, train_epoch
 
 HISTOGRAM = (1.0, 1)  # (sample rate, steps) of the activity histogram: one Gaussian mechanism on everyone
+BINARIZE = ("sample", "topk", "quantile")
 
 
 class PrivacyPlan:
@@ -76,6 +81,13 @@ class ActivityDistribution:
         noisy = np.clip(counts + sigma * rng.standard_normal(len(counts)), 0, None)
         self.probs = noisy / noisy.sum() if noisy.sum() > 0 else np.full(len(counts), 1.0 / len(counts))
 
+    def density(self) -> float:
+        """Expected share of ones per synthetic row: mean activity / items (under DP, of the noisy histogram)."""
+        if self.values is not None:
+            return float(self.values.mean()) / self.n_items
+        mids = (self.edges[:-1] + self.edges[1:] - 1) / 2.0  # mean of the uniform integer draw in each bin
+        return float(self.probs @ mids) / self.n_items
+
     def draw(self, n: int, rng: np.random.Generator) -> np.ndarray:
         if self.values is not None:
             k = rng.choice(self.values, size=n, replace=True)
@@ -92,8 +104,8 @@ class SyntheticGenerator:
 
     def __init__(self, n_items: int, seed: int = 0, temperature: float = 1.0, binarize: str = "sample",
                  dp: DPSGDConfig | None = None, activity_bins: int = 16):
-        if binarize not in ("sample", "topk"):
-            raise ConfigError(f"generator.binarize: expected sample or topk, got {binarize!r}")
+        if binarize not in BINARIZE:
+            raise ConfigError(f"generator.binarize: expected one of {', '.join(BINARIZE)}, got {binarize!r}")
         if temperature <= 0:
             raise ConfigError(f"generator.temperature: must be positive, got {temperature}")
         if activity_bins < 1:
@@ -133,21 +145,46 @@ class SyntheticGenerator:
         return self
 
     def train_stage(self, model: Recommender, optimizer: torch.optim.Optimizer, rows, batch_size: int,
-                    epochs: int) -> None:
-        """Train ``model`` (its per-user ``loss``) for ``epochs``; DP-SGD when the plan says so."""
+                    epochs: int, lr_at: Callable[[int], float] | None = None,
+                    grad_sample_mode: str | None = None) -> None:
+        """Train ``model`` (its per-user ``loss``) for ``epochs``; DP-SGD when the plan says so.
+
+        ``lr_at(epoch)`` sets the learning rate before each epoch; ``grad_sample_mode`` overrides
+        ``generator.dp.grad_sample_mode`` for a model that needs one mode.
+        """
+        def set_lr(epoch: int) -> None:
+            if lr_at is not None:
+                for group in optimizer.param_groups:  # Opacus's DPOptimizer shares these groups
+                    group["lr"] = lr_at(epoch)
+
         if self.plan is None:
-            for _ in range(epochs):
+            for epoch in range(epochs):
+                set_lr(epoch)
                 train_epoch(model, optimizer, rows, batch_size, self.rng)
         else:
             cfg = DPSGDConfig(noise_multiplier=self.plan.noise_multiplier, max_grad_norm=self.dp.max_grad_norm,
                               delta=self.plan.delta, accountant=self.dp.accountant,
-                              grad_sample_mode=self.dp.grad_sample_mode)
+                              grad_sample_mode=grad_sample_mode or self.dp.grad_sample_mode)
             trainer = DPSGDTrainer(model, optimizer, rows, batch_size, cfg, epochs, int(self.rng.integers(2**31)))
-            for _ in range(epochs):
+            for epoch in range(epochs):
+                set_lr(epoch)
                 trainer.epoch()
             self.history += [tuple(h) for h in trainer.engine.accountant.history]
             trainer.module._close()  # drop Opacus's hooks: the model is used plainly from here on
         model.eval()
+
+    def multvae_latents(self, rows: sp.csr_matrix, hidden: list[int], latent_dim: int, lr: float, batch_size: int,
+                        epochs: int, anneal_cap: float, anneal_steps: int) -> tuple[Recommender, torch.Tensor, torch.Tensor]:
+        """Stage 1 of the latent generators: fedrec's MultVAE (Adam) on the members' rows, then the
+        posterior means and standard deviations of every member (eval mode: no dropout)."""
+        vae = build_model({"name": "multvae", "hidden_dims": list(hidden), "latent_dim": latent_dim,
+                           "anneal_cap": anneal_cap, "total_anneal_steps": anneal_steps},
+                          DataShape(rows.shape[0], self.n_items))
+        real = TrainRows(rows, np.arange(rows.shape[0]))
+        self.train_stage(vae, torch.optim.Adam(vae.parameters(), lr=lr), real, batch_size, epochs)
+        with torch.no_grad():
+            enc = [vae.encode(real.batch(np.arange(s, min(s + 1024, len(real)))).x) for s in range(0, len(real), 1024)]
+        return vae, torch.cat([m for m, _ in enc]), torch.cat([torch.exp(0.5 * lv) for _, lv in enc])
 
     def epsilon(self) -> float:
         """The composed epsilon of everything the fit released (inf without DP)."""
@@ -160,6 +197,9 @@ class SyntheticGenerator:
         """``n`` synthetic users as a 0/1 CSR matrix."""
         seed = self.seed + 1 if seed is None else seed
         g = torch.Generator().manual_seed(seed)
+        if self.binarize == "quantile":
+            scores = torch.cat([self.scores(min(chunk, n - s), g) for s in range(0, n, chunk)])
+            return quantile_binarize(scores, self.activity.density())
         ks = self.activity.draw(n, np.random.default_rng([seed, 2]))
         parts = []
         for s in range(0, n, chunk):
@@ -174,6 +214,15 @@ class SyntheticGenerator:
             parts.append(sp.csr_matrix((np.ones(len(r), np.float32), (r, top[keep].numpy())),
                                        shape=(len(k), self.n_items)))
         return sp.vstack(parts).tocsr()
+
+
+def quantile_binarize(scores: torch.Tensor, share: float) -> sp.csr_matrix:
+    """Ones where a score reaches the (1 - share) quantile of all scores (numpy's linear quantile, as the
+    official SDRM code): the release keeps ``share`` of its cells, however they fall over users."""
+    flat = scores.numpy().ravel()
+    threshold = np.quantile(flat, 1.0 - share)
+    r, c = np.nonzero(scores.numpy() >= threshold)
+    return sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=tuple(scores.shape))
 
 
 class ZooGenerator(SyntheticGenerator):
@@ -216,12 +265,20 @@ class ZooGenerator(SyntheticGenerator):
         return self.model.generate(n, g)
 
 
+def _latent_generators() -> dict[str, tuple[type, type]]:
+    """Generators with their own config dataclass: name -> (generator class, config class)."""
+    from fedrec.privacy.latent_ddpm import LatentDDPM, LatentDDPMConfig
+    from fedrec.privacy.sdrm import SDRM, SDRMConfig
+
+    return {"sdrm": (SDRM, SDRMConfig), "latent_ddpm": (LatentDDPM, LatentDDPMConfig)}
+
+
 def build_generator(cfg, n_items: int, seed: int) -> SyntheticGenerator:
     """The generator of ``conf/generator/<name>.yaml`` (``cfg`` = the ``generator`` block)."""
     from omegaconf import OmegaConf
 
+    from fedrec.config import typed_block
     from fedrec.privacy.dpsgd import dpsgd_config
-    from fedrec.privacy.sdrm import SDRM, SDRMConfig
 
     raw = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
     name = raw.pop("name", None)
@@ -229,15 +286,13 @@ def build_generator(cfg, n_items: int, seed: int) -> SyntheticGenerator:
     off = not dp_raw or (dp_raw.get("target_epsilon") is None and dp_raw.get("noise_multiplier") is None)
     dp = None if off else dpsgd_config(dp_raw, where="generator.dp")
     common = {k: raw.pop(k) for k in ("temperature", "binarize", "activity_bins") if k in raw}
-    if name == "sdrm":
-        known = set(SDRMConfig.__dataclass_fields__)
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ConfigError(f"generator.{unknown[0]}: unknown key for sdrm; known: {sorted(known | set(common))}")
-        return SDRM(SDRMConfig(**raw), n_items, seed, dp=dp, **common)
+    own = _latent_generators()
+    if name in own:
+        cls, cfg_cls = own[name]
+        return cls(typed_block(cfg_cls, raw, "generator"), n_items, seed, dp=dp, **common)
     if name == "zoo":
         unknown = sorted(set(raw) - {"model", "epochs"})
         if unknown or "model" not in raw:
             raise ConfigError(f"generator.{(unknown or ['model'])[0]}: a zoo generator takes 'model' and 'epochs'")
         return ZooGenerator(raw["model"], raw.get("epochs", 100), n_items, seed, dp=dp, **common)
-    raise ConfigError(f"generator.name: unknown generator {name!r}; expected sdrm or zoo")
+    raise ConfigError(f"generator.name: unknown generator {name!r}; expected one of {', '.join([*own, 'zoo'])}")
