@@ -320,25 +320,28 @@ def test_ldiffrec_loss_uses_cluster_order():
 
 
 # ------------------------------------------------------------------ DiffRec inference vs the official loop
-def _ref_betas_linear_var(steps, scale, lo, hi, max_beta=0.999):
+def _ref_betas_linear_var(steps, scale, lo, hi, beta_fixed, max_beta=0.999):
     variance = np.linspace(scale * lo, scale * hi, steps, dtype=np.float64)
     alpha_bar = 1 - variance
     betas = [1 - alpha_bar[0]]
     for i in range(1, steps):
         betas.append(min(1 - alpha_bar[i] / alpha_bar[i - 1], max_beta))
+    if beta_fixed:  # official: betas[0] = 0.00001 (noise_scale != 0 here)
+        betas[0] = 0.00001
     return np.array(betas)
 
 
 @pytest.mark.parametrize("sched", [
-    {"steps": 5},  # the DiffRec defaults, T=5
+    {"steps": 5},  # the DiffRec defaults (beta_fixed on), T=5
     {"steps": 6, "noise_scale": 0.1, "noise_min": 0.001, "noise_max": 0.05},
+    {"steps": 6, "noise_scale": 0.1, "noise_min": 0.001, "noise_max": 0.05, "beta_fixed": False},
 ])
 def test_diffrec_scores_equal_official_reverse_loop(sched):
     model = _build("diffrec", **sched)
     model.eval()
     cfg = model.cfg
     T = cfg.steps
-    betas = _ref_betas_linear_var(T, cfg.noise_scale, cfg.noise_min, cfg.noise_max)
+    betas = _ref_betas_linear_var(T, cfg.noise_scale, cfg.noise_min, cfg.noise_max, cfg.beta_fixed)
     alphas = 1.0 - betas
     ac = np.cumprod(alphas)
     ac_prev = np.append(1.0, ac[:-1])

@@ -73,6 +73,7 @@ class LDiffRecConfig(DiffusionConfig):
     cluster_seed: int = 0
     steps: int = 40
     noise_max: float = 0.02
+    beta_fixed: bool = False  # official L-DiffRec/models/gaussian_diffusion.py default (DiffRec's is on)
 
 
 class LDiffRec(Recommender):
