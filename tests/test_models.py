@@ -175,7 +175,7 @@ def test_yaml_builds(name):
     assert model.name == name
 
 
-@pytest.mark.parametrize("name", ["bpr", "multvae"])
+@pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_yaml_documents_every_field(name):
     from omegaconf import OmegaConf
 
@@ -184,6 +184,15 @@ def test_yaml_documents_every_field(name):
     assert fields == set(cfg) - {"name", "optim"}
     # the yaml values are the dataclass defaults
     assert dataclasses.asdict(model_config(cfg)) == dataclasses.asdict(model_config({"name": name}))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_yaml_comments_every_key(name):
+    """Every key line of conf/model/<name>.yaml but ``name`` and the ``optim`` header says what it is."""
+    lines = (CONF / f"{name}.yaml").read_text().splitlines()
+    keys = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#") and ":" in ln]
+    bare = [ln for ln in keys if "#" not in ln and ln.split(":")[0].strip() not in ("name", "optim")]
+    assert not bare, bare
 
 
 # ------------------------------------------------------------------ BPR specifics
@@ -356,3 +365,59 @@ def test_diffrec_scores_equal_official_reverse_loop(sched):
             x = coef1[i] * out + coef2[i] * x
         got = model.scores(batch).double()
     assert torch.allclose(got, x, atol=1e-5, rtol=1e-5), float((got - x).abs().max())
+
+
+# ------------------------------------------------------------------ L-DiffRec clustering vs kmeans_pytorch
+def ref_kmeans_pytorch(x, k, seed, tol=1e-4):
+    """kmeans_pytorch 0.3's ``kmeans(X, k, distance='euclidean')`` (what the official L-DiffRec calls),
+    rewritten here in NumPy float32 after ``np.random.seed(seed)``: start from ``np.random.choice(n, k,
+    replace=False)`` rows, then assign / re-centre until (sum of centre shifts) ** 2 < tol."""
+    x = np.asarray(x, dtype=np.float32)
+    rs = np.random.RandomState(seed)
+    centers = x[rs.choice(len(x), k, replace=False)].copy()
+    while True:
+        labels = np.argmin(((x[:, None, :] - centers[None]) ** 2).sum(-1), axis=1)
+        prev = centers.copy()
+        for j in range(k):
+            centers[j] = x[labels == j].mean(0)
+        if np.sqrt(((centers - prev) ** 2).sum(1)).sum() ** 2 < tol:
+            return labels
+
+
+@pytest.mark.parametrize("seed,k", [(0, 2), (1, 2), (1, 3), (7, 5)])
+def test_kmeans_is_the_kmeans_pytorch_procedure(seed, k):
+    from fedrec.models.ldiffrec import kmeans
+
+    rng = np.random.default_rng(seed)
+    # overlapping blobs: the start and the iteration count both matter for the final labels
+    x = (rng.standard_normal((400, 6)) + rng.integers(0, 3, 400)[:, None] * 0.8).astype(np.float32)
+    got = kmeans(x, k, seed)
+    ref = ref_kmeans_pytorch(x, k, seed)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_kmeans_empty_cluster_keeps_centre():
+    from fedrec.models.ldiffrec import kmeans
+
+    # the start picks two of the identical rows: one cluster empties at once; the official code gives NaN
+    x = np.zeros((6, 2), dtype=np.float32)
+    x[5] = 10.0
+    labels = kmeans(x, 3, seed=0)
+    assert set(labels.tolist()) <= {0, 1, 2} and labels[5] != labels[0]
+
+
+def test_ldiffrec_official_cluster_sizes_on_ml1m_clean():
+    """Cluster sizes of the official clustering, got by running kmeans_pytorch 0.3 (CPU) on ML-1M clean's
+    item_emb.npy after the official main.py's seeding (np.random.seed(1)): n_cate=2 -> [1850, 960],
+    n_cate=3 -> [1575, 172, 1063] (the official run prints them as 'category length')."""
+    from conftest import need_shared
+    from omegaconf import OmegaConf
+
+    from fedrec.models.ldiffrec import kmeans
+
+    emb = np.load(need_shared("diffrec-ml-1m/ml-1m_clean") / "item_emb.npy")
+    assert np.bincount(kmeans(emb, 3, seed=1)).tolist() == [1575, 172, 1063]
+    cfg = OmegaConf.load(CONF / "ldiffrec.yaml")
+    model = build_model(cfg, DataShape(10, len(emb), item_emb=emb))
+    assert model.group_sizes == [1850, 960]
+    assert model.latent_slices == [197, 103]  # official: int(1850 / 2810 * 300) and the rest
