@@ -150,6 +150,7 @@ def test_optim_block_is_ignored_by_builder(name):
 
 @pytest.mark.parametrize("name,key,value", [
     ("bpr", "embedding_size", 0), ("bpr", "n_samples_per_user", 0), ("bpr", "reg_weight", -1.0),
+    ("bpr", "sampling", "pairs"),
     ("multvae", "latent_dim", 0), ("multvae", "dropout", 1.0), ("multvae", "anneal_cap", -0.1),
     ("multvae", "total_anneal_steps", -1), ("multvae", "hidden_dims", [0]),
     ("diffrec", "steps", 0), ("ldiffrec", "steps", 0),
@@ -238,6 +239,134 @@ def test_bpr_loss_matches_formula():
             reg = u[b] @ u[b] + it[p] @ it[p] + it[n] @ it[n]
             terms.append(-torch.nn.functional.logsigmoid(d) + 0.1 * reg)
         assert float(loss[b].detach()) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+
+
+def _csr_train(seed: int = 0):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    dense = (rng.random((N_USERS, N_ITEMS)) < 0.15).astype(np.float32)
+    dense[4] = 0.0  # a user without training items: TrainRows drops it
+    return sp.csr_matrix(dense)
+
+
+class _Recording:
+    """Wraps ``model.loss`` to keep every batch the trainer feeds."""
+
+    def __init__(self, model):
+        self.batches, self._loss = [], model.loss
+        model.loss = self  # type: ignore[method-assign]
+
+    def __call__(self, batch):
+        self.batches.append(batch)
+        return self._loss(batch)
+
+
+def test_bpr_defaults_follow_recbole():
+    from omegaconf import OmegaConf
+
+    cfg = model_config({"name": "bpr"})
+    assert cfg.sampling == "interaction" and cfg.reg_weight == 0.0
+    assert OmegaConf.load(CONF / "bpr.yaml").optim.batch_size == 2048  # RecBole's train_batch_size
+    assert _build("bpr").train_unit == "interaction"
+    assert _build("bpr", sampling="user").train_unit == "user"
+    assert all(_build(name).train_unit == "user" for name in REGISTRY if name != "bpr")
+
+
+def test_bpr_interaction_epoch_visits_each_training_interaction_once():
+    from fedrec.train import TrainRows, train_epoch
+
+    train = _csr_train()
+    users = np.arange(N_USERS)[::-1].copy()  # row positions differ from user ids
+    rows = TrainRows(train, users)
+    model = _build("bpr")
+    rec = _Recording(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    stats = train_epoch(model, opt, rows, batch_size=7, rng=np.random.default_rng(0))
+    assert stats["examples"] == train.nnz
+    assert all(len(b.users) <= 7 and b.items is not None for b in rec.batches)
+    u = torch.cat([b.users for b in rec.batches]).numpy()
+    i = torch.cat([b.items for b in rec.batches]).numpy()
+    got = sorted(zip(u.tolist(), i.tolist()))
+    nz = train.nonzero()
+    assert got == sorted(zip(nz[0].tolist(), nz[1].tolist()))  # every interaction exactly once
+    assert len(set(got)) == len(got)
+    # each example's row is its user's training row; shuffled across users
+    for b in rec.batches:
+        np.testing.assert_array_equal(b.x.numpy(), train[b.users.numpy()].toarray())
+    assert u.tolist() != sorted(u.tolist())
+
+
+def test_bpr_interaction_loss_is_bpr_with_one_negative_outside_the_row():
+    """Per interaction: -log sigmoid(<e_u, e_i+ - e_j>) for some j outside the user's row, no L2 term."""
+    model = _build("bpr")
+    batch = _data()
+    users = torch.tensor([1, 1, 2, 5, 9])
+    items = torch.stack([torch.nonzero(batch.x[int(v)])[k % 2, 0] for k, v in enumerate(users.tolist())])
+    x = batch.x[users]
+    with torch.no_grad():
+        loss = model.loss(Batch(users=users, x=x, items=items))
+        e_u, e_i = model.user_emb.weight[users], model.item_emb.weight
+        # the loss of every candidate negative j: exactly one candidate outside the row must match
+        cand = -torch.nn.functional.logsigmoid(((e_u[:, None] * (e_i[items][:, None] - e_i[None])).sum(-1)))
+    assert loss.shape == (5,)
+    for b in range(5):
+        match = torch.isclose(cand[b], loss[b], rtol=1e-6, atol=0)
+        assert match.any() and not (match & (x[b] > 0)).any(), b
+
+
+def test_bpr_interaction_negatives_uniform_outside_row():
+    from fedrec.models.bpr import BPRMF
+
+    x = torch.zeros(1, 10)
+    x[0, [0, 3, 4, 8]] = 1.0
+    mask = (x > 0).expand(20000, -1)
+    torch.manual_seed(0)
+    neg, bad = BPRMF._negatives(mask, 1, lambda r: torch.randint(0, 10, (20000, 1)))
+    assert not bad.any()
+    freq = np.bincount(neg[:, 0].numpy(), minlength=10) / 20000
+    assert (freq[[0, 3, 4, 8]] == 0).all()
+    np.testing.assert_allclose(freq[[1, 2, 5, 6, 7, 9]], 1 / 6, atol=5 * np.sqrt(1 / 6 * 5 / 6 / 20000))
+
+
+def test_bpr_interaction_reg_weight_when_configured():
+    """reg_weight adds reg * (|e_u|^2 + |e_i+|^2 + |e_j|^2) for the same draw of the negative j."""
+    a, b = _build("bpr"), _build("bpr", reg_weight=0.5)  # same seed: same embeddings
+    users, items = torch.tensor([1, 2]), torch.tensor([0, 1])
+    x = _data().x[users]
+    x[0, 0], x[1, 1] = 1.0, 1.0
+    losses = []
+    for m in (a, b):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            losses.append(m.loss(Batch(users, x, items=items)))
+    e_u, e_i = b.user_emb.weight.detach()[users], b.item_emb.weight.detach()
+    rest = (losses[1] - losses[0]) / 0.5 - e_u.pow(2).sum(-1) - e_i[items].pow(2).sum(-1)  # = |e_j|^2
+    for r in range(2):
+        match = torch.isclose(e_i.pow(2).sum(-1), rest[r], rtol=1e-4, atol=0)
+        assert match.any() and not (match & (x[r] > 0)).any()
+
+
+def test_bpr_user_sampling_keeps_per_user_epoch():
+    from fedrec.train import TrainRows, train_epoch
+
+    train = _csr_train()
+    rows = TrainRows(train, np.arange(N_USERS))
+    model = _build("bpr", sampling="user")
+    rec = _Recording(model)
+    stats = train_epoch(model, torch.optim.Adam(model.parameters(), lr=1e-2), rows, 8, np.random.default_rng(0))
+    assert stats["examples"] == len(rows) == N_USERS - 1
+    assert all(b.items is None for b in rec.batches)
+    assert sorted(torch.cat([b.users for b in rec.batches]).tolist()) == sorted(rows.users.tolist())
+
+
+def test_dense_rows_reject_interaction_unit():
+    from fedrec.train import DenseRows, train_epoch
+
+    model = _build("bpr")
+    with pytest.raises(ConfigError, match=r"model\.sampling"):
+        train_epoch(model, torch.optim.Adam(model.parameters()), DenseRows(torch.rand(5, N_ITEMS)), 2,
+                    np.random.default_rng(0))
 
 
 def test_bpr_scores_are_dot_products():
