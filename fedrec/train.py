@@ -44,8 +44,10 @@ class TrainRows:
         return len(self.users)
 
     def batch(self, idx: np.ndarray) -> Batch:
-        x = self._dense[idx] if self._dense is not None else torch.from_numpy(
-            self._csr[idx].toarray().astype(np.float32, copy=False))
+        if self._dense is not None:  # index_select: about twice as fast as fancy indexing on CPU
+            x = torch.index_select(self._dense, 0, torch.from_numpy(np.asarray(idx, dtype=np.int64)))
+        else:
+            x = torch.from_numpy(self._csr[idx].toarray().astype(np.float32, copy=False))
         return Batch(users=torch.from_numpy(self.users[idx]), x=x)
 
     def n_examples(self, unit: str) -> int:

@@ -94,18 +94,20 @@ class BPRMF(Recommender):
 
     # -------------------------------------------------------------- sampling
     @staticmethod
-    def _negatives(pos_mask: torch.Tensor, s: int, draw) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, s) uniform item ids outside each row of ``pos_mask`` and the (B, s) mask of failed draws.
+    def _negatives(x: torch.Tensor, s: int, draw) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, s) uniform item ids outside each row of ``x`` (> 0 = in the row) and the (B, s) mask of
+        failed draws. ``draw(r)`` returns a fresh (B, s) uniform draw for round r (0 = the first draw).
 
-        ``draw(r)`` returns a fresh (B, s) uniform draw for round r (0 = the first draw).
+        Only the drawn entries of ``x`` are read (no (B, n_items) mask is built): with interaction
+        batches of 2048 rows that full comparison cost more than the rest of the step.
         """
         neg = draw(0)
-        bad = pos_mask.gather(1, neg)
+        bad = x.gather(1, neg) > 0
         for r in range(_NEG_ROUNDS):
             if not bool(bad.any()):
                 break
             neg = torch.where(bad, draw(r + 1), neg)
-            bad = pos_mask.gather(1, neg)
+            bad = x.gather(1, neg) > 0
         return neg, bad
 
     def _sample_pairs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,7 +119,7 @@ class BPRMF(Recommender):
         # multinomial needs a non-zero row: give empty rows a uniform dummy row, masked out below.
         w = torch.where(has_pos[:, None], pos_mask.float(), torch.ones_like(x, dtype=torch.float32))
         pos = torch.multinomial(w, s, replacement=True)
-        neg, bad = self._negatives(pos_mask, s, lambda r: torch.randint(0, n, (b, s), device=x.device))
+        neg, bad = self._negatives(x, s, lambda r: torch.randint(0, n, (b, s), device=x.device))
         return pos, neg, has_pos[:, None] & ~bad
 
     # -------------------------------------------------------------- interface
@@ -133,7 +135,7 @@ class BPRMF(Recommender):
         cdf = torch.cumsum(w, 1)
         u = rnd.uniform(0, s) * cdf[:, -1:]
         pos = torch.searchsorted(cdf, u, right=True).clamp(max=n - 1)
-        neg, bad = self._negatives(pos_mask, s, lambda r: rnd.randint(1 + r, s, n))
+        neg, bad = self._negatives(x, s, lambda r: rnd.randint(1 + r, s, n))
         return {"pos": pos, "neg": neg, "valid": (has_pos[:, None] & ~bad).float()}
 
     def _pair_loss(self, u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -151,8 +153,8 @@ class BPRMF(Recommender):
         if batch.items is not None:
             with torch.no_grad():
                 n = batch.x.shape[1]
-                neg, bad = self._negatives(batch.x > 0, 1, lambda r: torch.randint(0, n, (len(u), 1),
-                                                                                   device=batch.x.device))
+                neg, bad = self._negatives(batch.x, 1, lambda r: torch.randint(0, n, (len(u), 1),
+                                                                               device=batch.x.device))
             return self._pair_loss(u, batch.items, neg[:, 0]) * (~bad[:, 0]).to(u.dtype)
         if batch.rand is not None:
             pos, neg, valid = batch.rand["pos"], batch.rand["neg"], batch.rand["valid"]
