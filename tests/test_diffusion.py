@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,15 +25,20 @@ def ref_betas_from_linear_variance(steps, variance, max_beta=0.999):
     return np.array(betas)
 
 
-def ref_betas(schedule, steps, scale, lo, hi):
+def ref_betas(schedule, steps, scale, lo, hi, beta_fixed=False):
     start, end = scale * lo, scale * hi
     if schedule == "linear":
-        return np.linspace(start, end, steps, dtype=np.float64)
-    if schedule == "linear-var":
-        return ref_betas_from_linear_variance(steps, np.linspace(start, end, steps, dtype=np.float64))
-    # cosine: official betas_for_alpha_bar
-    f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-    return np.array([min(1 - f((i + 1) / steps) / f(i / steps), 0.999) for i in range(steps)])
+        betas = np.linspace(start, end, steps, dtype=np.float64)
+    elif schedule == "linear-var":
+        betas = ref_betas_from_linear_variance(steps, np.linspace(start, end, steps, dtype=np.float64))
+    else:  # cosine: official betas_for_alpha_bar
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        betas = np.array([min(1 - f((i + 1) / steps) / f(i / steps), 0.999) for i in range(steps)])
+    # official GaussianDiffusion.__init__: `if noise_scale != 0.: ... if beta_fixed: betas[0] = 0.00001`
+    if beta_fixed and scale != 0.0:
+        betas = betas.copy()
+        betas[0] = 0.00001
+    return betas
 
 
 def ref_alphas_cumprod(betas):
@@ -78,6 +84,52 @@ def test_make_betas_matches_official(schedule, steps, scale, lo, hi):
     ref = ref_betas(schedule, steps, scale, lo, hi)
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("steps,scale,lo,hi", [(40, 0.005, 0.005, 0.01), (40, 0.005, 0.005, 0.02),
+                                               (5, 0.1, 1e-4, 0.02), (1, 0.1, 0.01, 0.01), (6, 0.0, 0.01, 0.02)])
+@pytest.mark.parametrize("schedule", ["linear", "linear-var", "cosine"])
+def test_make_betas_beta_fixed_matches_official(schedule, steps, scale, lo, hi):
+    got = make_betas(schedule, steps, scale, lo, hi, beta_fixed=True)
+    ref = ref_betas(schedule, steps, scale, lo, hi, beta_fixed=True)
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=0)
+    if scale != 0:
+        assert got[0] == 1e-5
+    else:  # official: no override when there is no noise
+        np.testing.assert_array_equal(got, make_betas(schedule, steps, scale, lo, hi))
+
+
+@pytest.mark.parametrize("beta_fixed", [False, True])
+def test_buffers_follow_beta_fixed(beta_fixed):
+    """The override moves every alpha_bar_t of linear-var (not only the first) and the posterior."""
+    T, scale, lo, hi = 40, 0.005, 0.005, 0.01  # DiffRec's ML-1M clean schedule
+    d = GaussianDiffusion(T, "linear-var", scale, lo, hi, beta_fixed=beta_fixed)
+    betas = ref_betas("linear-var", T, scale, lo, hi, beta_fixed=beta_fixed)
+    ac = ref_alphas_cumprod(betas)
+    ac_prev = np.append(1.0, ac[:-1])
+    np.testing.assert_allclose(d.betas.double().numpy(), betas, rtol=1e-6)
+    np.testing.assert_allclose(d.alphas_cumprod.double().numpy(), ac, rtol=1e-6)
+    np.testing.assert_allclose(d.posterior_coef1.double().numpy(), betas * np.sqrt(ac_prev) / (1 - ac), rtol=1e-5)
+    np.testing.assert_allclose(d.snr.double().numpy(), ac / (1 - ac), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,expected", [("diffrec", True), ("ldiffrec", False)])
+def test_model_beta_fixed_defaults_are_official(name, expected):
+    """Official DiffRec/models/gaussian_diffusion.py defaults beta_fixed=True, L-DiffRec's False;
+    neither main.py passes it. The yaml files must carry the same value."""
+    from omegaconf import OmegaConf
+
+    from fedrec.models import model_config
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "model" / f"{name}.yaml"
+    assert model_config({"name": name}).beta_fixed is expected
+    assert OmegaConf.load(conf).beta_fixed is expected
+    shape = DataShape(10, 12, item_emb=np.random.default_rng(0).standard_normal((12, 3)))
+    model = build_model({"name": name, "n_cate": 1} if name == "ldiffrec" else {"name": name}, shape)
+    c = model.cfg
+    ref = ref_betas(c.noise_schedule, c.steps, c.noise_scale, c.noise_min, c.noise_max, beta_fixed=expected)
+    np.testing.assert_allclose(model.diffusion.betas.double().numpy(), ref, rtol=1e-6)
+    assert (float(model.diffusion.betas[0]) == pytest.approx(1e-5)) is expected
 
 
 def test_buffers_match_official_formulas():

@@ -150,6 +150,7 @@ def test_optim_block_is_ignored_by_builder(name):
 
 @pytest.mark.parametrize("name,key,value", [
     ("bpr", "embedding_size", 0), ("bpr", "n_samples_per_user", 0), ("bpr", "reg_weight", -1.0),
+    ("bpr", "sampling", "pairs"),
     ("multvae", "latent_dim", 0), ("multvae", "dropout", 1.0), ("multvae", "anneal_cap", -0.1),
     ("multvae", "total_anneal_steps", -1), ("multvae", "hidden_dims", [0]),
     ("diffrec", "steps", 0), ("ldiffrec", "steps", 0),
@@ -175,7 +176,7 @@ def test_yaml_builds(name):
     assert model.name == name
 
 
-@pytest.mark.parametrize("name", ["bpr", "multvae"])
+@pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_yaml_documents_every_field(name):
     from omegaconf import OmegaConf
 
@@ -184,6 +185,15 @@ def test_yaml_documents_every_field(name):
     assert fields == set(cfg) - {"name", "optim"}
     # the yaml values are the dataclass defaults
     assert dataclasses.asdict(model_config(cfg)) == dataclasses.asdict(model_config({"name": name}))
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_yaml_comments_every_key(name):
+    """Every key line of conf/model/<name>.yaml but ``name`` and the ``optim`` header says what it is."""
+    lines = (CONF / f"{name}.yaml").read_text().splitlines()
+    keys = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#") and ":" in ln]
+    bare = [ln for ln in keys if "#" not in ln and ln.split(":")[0].strip() not in ("name", "optim")]
+    assert not bare, bare
 
 
 # ------------------------------------------------------------------ BPR specifics
@@ -229,6 +239,134 @@ def test_bpr_loss_matches_formula():
             reg = u[b] @ u[b] + it[p] @ it[p] + it[n] @ it[n]
             terms.append(-torch.nn.functional.logsigmoid(d) + 0.1 * reg)
         assert float(loss[b].detach()) == pytest.approx(float(torch.stack(terms).mean()), rel=1e-5)
+
+
+def _csr_train(seed: int = 0):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    dense = (rng.random((N_USERS, N_ITEMS)) < 0.15).astype(np.float32)
+    dense[4] = 0.0  # a user without training items: TrainRows drops it
+    return sp.csr_matrix(dense)
+
+
+class _Recording:
+    """Wraps ``model.loss`` to keep every batch the trainer feeds."""
+
+    def __init__(self, model):
+        self.batches, self._loss = [], model.loss
+        model.loss = self  # type: ignore[method-assign]
+
+    def __call__(self, batch):
+        self.batches.append(batch)
+        return self._loss(batch)
+
+
+def test_bpr_defaults_follow_recbole():
+    from omegaconf import OmegaConf
+
+    cfg = model_config({"name": "bpr"})
+    assert cfg.sampling == "interaction" and cfg.reg_weight == 0.0
+    assert OmegaConf.load(CONF / "bpr.yaml").optim.batch_size == 2048  # RecBole's train_batch_size
+    assert _build("bpr").train_unit == "interaction"
+    assert _build("bpr", sampling="user").train_unit == "user"
+    assert all(_build(name).train_unit == "user" for name in REGISTRY if name != "bpr")
+
+
+def test_bpr_interaction_epoch_visits_each_training_interaction_once():
+    from fedrec.train import TrainRows, train_epoch
+
+    train = _csr_train()
+    users = np.arange(N_USERS)[::-1].copy()  # row positions differ from user ids
+    rows = TrainRows(train, users)
+    model = _build("bpr")
+    rec = _Recording(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    stats = train_epoch(model, opt, rows, batch_size=7, rng=np.random.default_rng(0))
+    assert stats["examples"] == train.nnz
+    assert all(len(b.users) <= 7 and b.items is not None for b in rec.batches)
+    u = torch.cat([b.users for b in rec.batches]).numpy()
+    i = torch.cat([b.items for b in rec.batches]).numpy()
+    got = sorted(zip(u.tolist(), i.tolist()))
+    nz = train.nonzero()
+    assert got == sorted(zip(nz[0].tolist(), nz[1].tolist()))  # every interaction exactly once
+    assert len(set(got)) == len(got)
+    # each example's row is its user's training row; shuffled across users
+    for b in rec.batches:
+        np.testing.assert_array_equal(b.x.numpy(), train[b.users.numpy()].toarray())
+    assert u.tolist() != sorted(u.tolist())
+
+
+def test_bpr_interaction_loss_is_bpr_with_one_negative_outside_the_row():
+    """Per interaction: -log sigmoid(<e_u, e_i+ - e_j>) for some j outside the user's row, no L2 term."""
+    model = _build("bpr")
+    batch = _data()
+    users = torch.tensor([1, 1, 2, 5, 9])
+    items = torch.stack([torch.nonzero(batch.x[int(v)])[k % 2, 0] for k, v in enumerate(users.tolist())])
+    x = batch.x[users]
+    with torch.no_grad():
+        loss = model.loss(Batch(users=users, x=x, items=items))
+        e_u, e_i = model.user_emb.weight[users], model.item_emb.weight
+        # the loss of every candidate negative j: exactly one candidate outside the row must match
+        cand = -torch.nn.functional.logsigmoid(((e_u[:, None] * (e_i[items][:, None] - e_i[None])).sum(-1)))
+    assert loss.shape == (5,)
+    for b in range(5):
+        match = torch.isclose(cand[b], loss[b], rtol=1e-6, atol=0)
+        assert match.any() and not (match & (x[b] > 0)).any(), b
+
+
+def test_bpr_interaction_negatives_uniform_outside_row():
+    from fedrec.models.bpr import BPRMF
+
+    x = torch.zeros(1, 10)
+    x[0, [0, 3, 4, 8]] = 1.0
+    mask = (x > 0).expand(20000, -1)
+    torch.manual_seed(0)
+    neg, bad = BPRMF._negatives(mask, 1, lambda r: torch.randint(0, 10, (20000, 1)))
+    assert not bad.any()
+    freq = np.bincount(neg[:, 0].numpy(), minlength=10) / 20000
+    assert (freq[[0, 3, 4, 8]] == 0).all()
+    np.testing.assert_allclose(freq[[1, 2, 5, 6, 7, 9]], 1 / 6, atol=5 * np.sqrt(1 / 6 * 5 / 6 / 20000))
+
+
+def test_bpr_interaction_reg_weight_when_configured():
+    """reg_weight adds reg * (|e_u|^2 + |e_i+|^2 + |e_j|^2) for the same draw of the negative j."""
+    a, b = _build("bpr"), _build("bpr", reg_weight=0.5)  # same seed: same embeddings
+    users, items = torch.tensor([1, 2]), torch.tensor([0, 1])
+    x = _data().x[users]
+    x[0, 0], x[1, 1] = 1.0, 1.0
+    losses = []
+    for m in (a, b):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            losses.append(m.loss(Batch(users, x, items=items)))
+    e_u, e_i = b.user_emb.weight.detach()[users], b.item_emb.weight.detach()
+    rest = (losses[1] - losses[0]) / 0.5 - e_u.pow(2).sum(-1) - e_i[items].pow(2).sum(-1)  # = |e_j|^2
+    for r in range(2):
+        match = torch.isclose(e_i.pow(2).sum(-1), rest[r], rtol=1e-4, atol=0)
+        assert match.any() and not (match & (x[r] > 0)).any()
+
+
+def test_bpr_user_sampling_keeps_per_user_epoch():
+    from fedrec.train import TrainRows, train_epoch
+
+    train = _csr_train()
+    rows = TrainRows(train, np.arange(N_USERS))
+    model = _build("bpr", sampling="user")
+    rec = _Recording(model)
+    stats = train_epoch(model, torch.optim.Adam(model.parameters(), lr=1e-2), rows, 8, np.random.default_rng(0))
+    assert stats["examples"] == len(rows) == N_USERS - 1
+    assert all(b.items is None for b in rec.batches)
+    assert sorted(torch.cat([b.users for b in rec.batches]).tolist()) == sorted(rows.users.tolist())
+
+
+def test_dense_rows_reject_interaction_unit():
+    from fedrec.train import DenseRows, train_epoch
+
+    model = _build("bpr")
+    with pytest.raises(ConfigError, match=r"model\.sampling"):
+        train_epoch(model, torch.optim.Adam(model.parameters()), DenseRows(torch.rand(5, N_ITEMS)), 2,
+                    np.random.default_rng(0))
 
 
 def test_bpr_scores_are_dot_products():
@@ -320,25 +458,28 @@ def test_ldiffrec_loss_uses_cluster_order():
 
 
 # ------------------------------------------------------------------ DiffRec inference vs the official loop
-def _ref_betas_linear_var(steps, scale, lo, hi, max_beta=0.999):
+def _ref_betas_linear_var(steps, scale, lo, hi, beta_fixed, max_beta=0.999):
     variance = np.linspace(scale * lo, scale * hi, steps, dtype=np.float64)
     alpha_bar = 1 - variance
     betas = [1 - alpha_bar[0]]
     for i in range(1, steps):
         betas.append(min(1 - alpha_bar[i] / alpha_bar[i - 1], max_beta))
+    if beta_fixed:  # official: betas[0] = 0.00001 (noise_scale != 0 here)
+        betas[0] = 0.00001
     return np.array(betas)
 
 
 @pytest.mark.parametrize("sched", [
-    {"steps": 5},  # the DiffRec defaults, T=5
+    {"steps": 5},  # the DiffRec defaults (beta_fixed on), T=5
     {"steps": 6, "noise_scale": 0.1, "noise_min": 0.001, "noise_max": 0.05},
+    {"steps": 6, "noise_scale": 0.1, "noise_min": 0.001, "noise_max": 0.05, "beta_fixed": False},
 ])
 def test_diffrec_scores_equal_official_reverse_loop(sched):
     model = _build("diffrec", **sched)
     model.eval()
     cfg = model.cfg
     T = cfg.steps
-    betas = _ref_betas_linear_var(T, cfg.noise_scale, cfg.noise_min, cfg.noise_max)
+    betas = _ref_betas_linear_var(T, cfg.noise_scale, cfg.noise_min, cfg.noise_max, cfg.beta_fixed)
     alphas = 1.0 - betas
     ac = np.cumprod(alphas)
     ac_prev = np.append(1.0, ac[:-1])
@@ -353,3 +494,59 @@ def test_diffrec_scores_equal_official_reverse_loop(sched):
             x = coef1[i] * out + coef2[i] * x
         got = model.scores(batch).double()
     assert torch.allclose(got, x, atol=1e-5, rtol=1e-5), float((got - x).abs().max())
+
+
+# ------------------------------------------------------------------ L-DiffRec clustering vs kmeans_pytorch
+def ref_kmeans_pytorch(x, k, seed, tol=1e-4):
+    """kmeans_pytorch 0.3's ``kmeans(X, k, distance='euclidean')`` (what the official L-DiffRec calls),
+    rewritten here in NumPy float32 after ``np.random.seed(seed)``: start from ``np.random.choice(n, k,
+    replace=False)`` rows, then assign / re-centre until (sum of centre shifts) ** 2 < tol."""
+    x = np.asarray(x, dtype=np.float32)
+    rs = np.random.RandomState(seed)
+    centers = x[rs.choice(len(x), k, replace=False)].copy()
+    while True:
+        labels = np.argmin(((x[:, None, :] - centers[None]) ** 2).sum(-1), axis=1)
+        prev = centers.copy()
+        for j in range(k):
+            centers[j] = x[labels == j].mean(0)
+        if np.sqrt(((centers - prev) ** 2).sum(1)).sum() ** 2 < tol:
+            return labels
+
+
+@pytest.mark.parametrize("seed,k", [(0, 2), (1, 2), (1, 3), (7, 5)])
+def test_kmeans_is_the_kmeans_pytorch_procedure(seed, k):
+    from fedrec.models.ldiffrec import kmeans
+
+    rng = np.random.default_rng(seed)
+    # overlapping blobs: the start and the iteration count both matter for the final labels
+    x = (rng.standard_normal((400, 6)) + rng.integers(0, 3, 400)[:, None] * 0.8).astype(np.float32)
+    got = kmeans(x, k, seed)
+    ref = ref_kmeans_pytorch(x, k, seed)
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_kmeans_empty_cluster_keeps_centre():
+    from fedrec.models.ldiffrec import kmeans
+
+    # the start picks two of the identical rows: one cluster empties at once; the official code gives NaN
+    x = np.zeros((6, 2), dtype=np.float32)
+    x[5] = 10.0
+    labels = kmeans(x, 3, seed=0)
+    assert set(labels.tolist()) <= {0, 1, 2} and labels[5] != labels[0]
+
+
+def test_ldiffrec_official_cluster_sizes_on_ml1m_clean():
+    """Cluster sizes of the official clustering, got by running kmeans_pytorch 0.3 (CPU) on ML-1M clean's
+    item_emb.npy after the official main.py's seeding (np.random.seed(1)): n_cate=2 -> [1850, 960],
+    n_cate=3 -> [1575, 172, 1063] (the official run prints them as 'category length')."""
+    from conftest import need_shared
+    from omegaconf import OmegaConf
+
+    from fedrec.models.ldiffrec import kmeans
+
+    emb = np.load(need_shared("diffrec-ml-1m/ml-1m_clean") / "item_emb.npy")
+    assert np.bincount(kmeans(emb, 3, seed=1)).tolist() == [1575, 172, 1063]
+    cfg = OmegaConf.load(CONF / "ldiffrec.yaml")
+    model = build_model(cfg, DataShape(10, len(emb), item_emb=emb))
+    assert model.group_sizes == [1850, 960]
+    assert model.latent_slices == [197, 103]  # official: int(1850 / 2810 * 300) and the rest

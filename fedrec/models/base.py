@@ -3,8 +3,14 @@
 Modelled on RecBole's ``calculate_loss / full_sort_predict`` but typed and without dataset state
 inside the model: a model is built from its config dataclass plus the dataset's shape, and
 
-* :meth:`Recommender.loss` returns the **per-example** training loss for a batch of users, so that
-  trainers average it, DP-SGD clips it per user and cross-device training can vmap it;
+* :meth:`Recommender.loss` returns the **per-example** training loss for a batch, so that trainers
+  average it, DP-SGD clips it per example and cross-device training can vmap it. An example is a
+  user (a row of ``Batch.x``) unless the batch carries ``Batch.items``: then example b is the
+  interaction (``users[b]``, ``items[b]``) and ``x[b]`` is that user's row;
+* :attr:`Recommender.train_unit` says which examples the shared trainer (``fedrec.train``) feeds:
+  ``"user"`` (every model by default) or ``"interaction"`` (BPR as in RecBole: an epoch visits each
+  training interaction once). DP-SGD and cross-device training always feed users, since the user
+  is their privacy unit and their client;
 * :meth:`Recommender.scores` scores every item for a batch of users (higher = better);
 * :meth:`Recommender.private_parameter_names` names the parameters that belong to a user or client
   (user embeddings, personal heads). They never leave the client in a federation; every other
@@ -54,6 +60,9 @@ class Batch:
     users: torch.Tensor  # (B,) int64 internal user ids
     x: torch.Tensor  # (B, n_items) float32 0/1
     seq: torch.Tensor | None = None  # (B, L) item ids for sequence models; None for user-vector models
+    # (B,) int64: example b is the interaction (users[b], items[b]) rather than the user users[b];
+    # set only by trainers feeding a model whose train_unit is "interaction". None: user examples.
+    items: torch.Tensor | None = None
     # Explicit random draws (noise, timesteps, dropout masks, sampled items) for this batch, made by
     # ``Recommender.draw_randomness``. None: the model draws from torch's global generator.
     rand: dict[str, torch.Tensor] | None = None
@@ -67,8 +76,14 @@ class Recommender(nn.Module):
     #: "user_vector" models read ``Batch.x``; "sequence" models read ``Batch.seq``
     input_kind: ClassVar[str] = "user_vector"
 
+    @property
+    def train_unit(self) -> str:
+        """What one example of the shared trainer is: "user" or "interaction" (see the module docstring)."""
+        return "user"
+
     def loss(self, batch: Batch) -> torch.Tensor:
-        """Per-example training loss, shape (B,). Trainers take its mean."""
+        """Per-example training loss, shape (B,): per user, or per interaction when ``batch.items`` is set.
+        Trainers take its mean."""
         raise NotImplementedError
 
     def scores(self, batch: Batch) -> torch.Tensor:

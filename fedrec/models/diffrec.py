@@ -2,8 +2,9 @@
 
 Implements the official implementation (github.com/YiyanXu/DiffRec, ``DiffRec/``): the user's
 binary interaction vector is diffused with a small ``linear-var`` schedule that never reaches pure
-noise, an MLP with a timestep embedding predicts x0, the per-timestep loss is SNR-reweighted and
-timesteps are importance-sampled. Inference starts from the user's history (no added noise) and
+noise, its first beta fixed to 1e-5 (``beta_fixed``, on by default as in the official code); an
+MLP with a timestep embedding predicts x0, the per-timestep loss is SNR-reweighted and timesteps
+are importance-sampled. Inference starts from the user's history (no added noise) and
 runs the reverse posterior mean through all T steps; its output scores every item.
 
 Deviations: none in the model; ``inference_steps < T`` switches to a DDIM subsequence (an option,
@@ -29,6 +30,7 @@ class DiffusionConfig:
     noise_scale: float = 0.005  # multiplies noise_min/noise_max
     noise_min: float = 0.005
     noise_max: float = 0.01
+    beta_fixed: bool = False  # first beta := 1e-5 (official DiffRec default on, L-DiffRec off)
     mean_type: str = "x0"  # the denoiser predicts x0 or eps
     reweight: bool = True  # SNR-difference loss weights
     importance_sampling: bool = True  # loss-proportional timestep sampling
@@ -45,7 +47,8 @@ class DiffusionConfig:
 
     def build(self) -> GaussianDiffusion:
         return GaussianDiffusion(self.steps, self.noise_schedule, self.noise_scale, self.noise_min,
-                                 self.noise_max, self.mean_type, self.reweight, self.importance_sampling)
+                                 self.noise_max, self.mean_type, self.reweight, self.importance_sampling,
+                                 beta_fixed=self.beta_fixed)
 
 
 @dataclass
@@ -54,6 +57,7 @@ class DiffRecConfig(DiffusionConfig):
     emb_size: int = 10  # timestep embedding size
     norm: bool = False  # L2-normalise the input
     dropout: float = 0.5  # input dropout
+    beta_fixed: bool = True  # official DiffRec/models/gaussian_diffusion.py default, used by every official run
 
 
 class DiffRec(Recommender):

@@ -6,6 +6,10 @@ github.com/YiyanXu/DiffRec ``models/gaussian_diffusion.py``) and the survey's se
 
 * schedules ``linear`` and ``linear-var`` (DiffRec: the *variance* 1 - alpha_bar grows linearly
   from ``noise_scale*noise_min`` to ``noise_scale*noise_max``), plus ``cosine``;
+* ``beta_fixed`` overrides the first beta with 1e-5 (Sohl-Dickstein et al. 2015, section 2.4.1), as
+  the official ``GaussianDiffusion(beta_fixed=...)`` does whenever ``noise_scale != 0``.
+  Its official default is on in ``DiffRec/`` and ``T-DiffRec/`` and off in ``L-DiffRec/`` and
+  ``LT-DiffRec/``; no official ``main.py`` passes it, so those defaults are what every official run used;
 * ``q_sample`` (closed-form forward), x0- or eps-prediction;
 * training loss with DiffRec's SNR reweighting (x0: ``SNR(t-1) - SNR(t)``, 1 at t=0) and
   importance-sampled timesteps (``pt ∝ sqrt(E[L_t^2])`` over the last 10 losses of each t, with
@@ -40,7 +44,25 @@ def betas_from_linear_variance(steps: int, variance: np.ndarray, max_beta: float
     return betas
 
 
-def make_betas(schedule: str, steps: int, noise_scale: float, noise_min: float, noise_max: float) -> np.ndarray:
+#: the official ``beta_fixed`` value of the first beta (Sohl-Dickstein et al. 2015, section 2.4.1)
+FIXED_FIRST_BETA = 1e-5
+
+
+def make_betas(schedule: str, steps: int, noise_scale: float, noise_min: float, noise_max: float,
+               beta_fixed: bool = False) -> np.ndarray:
+    """The schedule's betas in float64; ``beta_fixed`` sets the first to ``FIXED_FIRST_BETA``.
+
+    As in the official code the override applies only when ``noise_scale != 0`` (with no noise the
+    betas are never used) and after the schedule is computed: with ``linear-var`` it changes every
+    alpha_bar_t, not only the first.
+    """
+    betas = _schedule_betas(schedule, steps, noise_scale, noise_min, noise_max)
+    if beta_fixed and noise_scale != 0:
+        betas[0] = FIXED_FIRST_BETA
+    return betas
+
+
+def _schedule_betas(schedule: str, steps: int, noise_scale: float, noise_min: float, noise_max: float) -> np.ndarray:
     if schedule in ("linear", "linear-var"):
         start, end = noise_scale * noise_min, noise_scale * noise_max
         lin = np.linspace(start, end, steps, dtype=np.float64)
@@ -63,6 +85,8 @@ class GaussianDiffusion(nn.Module):
     noise_schedule : str (default: "linear-var")
     noise_scale, noise_min, noise_max : float
         Schedule bounds (DiffRec's names).
+    beta_fixed : bool (default: False)
+        Override the first beta with 1e-5 (official DiffRec: on; official L-DiffRec: off).
     mean_type : str (default: "x0")
         What the denoiser predicts: "x0" or "eps".
     reweight : bool (default: True)
@@ -74,7 +98,8 @@ class GaussianDiffusion(nn.Module):
 
     def __init__(self, steps: int, noise_schedule: str = "linear-var", noise_scale: float = 0.1,
                  noise_min: float = 1e-4, noise_max: float = 0.02, mean_type: str = "x0",
-                 reweight: bool = True, importance_sampling: bool = True, history_per_step: int = 10):
+                 reweight: bool = True, importance_sampling: bool = True, history_per_step: int = 10,
+                 beta_fixed: bool = False):
         super().__init__()
         if steps < 1:
             raise ConfigError(f"model.steps: must be >= 1, got {steps}")
@@ -90,7 +115,7 @@ class GaussianDiffusion(nn.Module):
         self.importance_sampling = importance_sampling
         self.history_per_step = history_per_step
         self.noise_scale = noise_scale
-        betas = make_betas(noise_schedule, steps, noise_scale, noise_min, noise_max)
+        betas = make_betas(noise_schedule, steps, noise_scale, noise_min, noise_max, beta_fixed)
         if noise_scale > 0 and not (np.all(betas > 0) and np.all(betas <= 1)):
             raise ConfigError("model.noise_*: the schedule gives betas outside (0, 1]")
         alphas = 1.0 - betas
