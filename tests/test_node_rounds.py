@@ -203,18 +203,20 @@ def _serve_in_process(cfg, tmp_path, name):
     return grid, run.latest_checkpoint()["arrays"]
 
 
-def test_per_user_uploads_in_pages_equal_one_reply_and_the_mean(tiny_cfg, tmp_path):
-    base = ["federation=device", "federation.num_nodes=2", "federation.rounds=2", "federation.user_fraction=0.5",
-            "train.local_epochs=2", "federation.evaluation=server", "federation.local_lr=0.01"]
+@pytest.mark.parametrize("model,rounds", [("diffrec", 1), ("bpr", 2)])  # BPR: private rows carried across pages
+def test_per_user_uploads_in_pages_equal_one_reply_and_the_mean(tiny_cfg, tmp_path, model, rounds):
+    base = ["federation=device", "federation.num_nodes=2", f"federation.rounds={rounds}",
+            "federation.user_fraction=0.5", "train.local_epochs=2", "federation.local_lr=0.01"]
     # a budget so small that a page holds one or two users: many pages per node and round
     paged_grid, paged = _serve_in_process(tiny_cfg(*base, "federation.upload=per_user",
-                                                   "federation.memory_budget_gb=0.00005"), tmp_path, "paged")
-    one_grid, one = _serve_in_process(tiny_cfg(*base, "federation.upload=per_user"), tmp_path, "one")
-    _, mean = _serve_in_process(tiny_cfg(*base, "federation.upload=sum"), tmp_path, "mean")
+                                                   "federation.memory_budget_gb=0.00005", model=model),
+                                          tmp_path, "paged")
+    one_grid, one = _serve_in_process(tiny_cfg(*base, "federation.upload=per_user", model=model), tmp_path, "one")
+    _, mean = _serve_in_process(tiny_cfg(*base, "federation.upload=sum", model=model), tmp_path, "mean")
     pages = [c.get(P.PAGE) for kind, _, c in paged_grid.sent if kind == MessageType.TRAIN]
-    assert max(pages) >= 3 and [c.get(P.PAGE, 0) for kind, _, c in one_grid.sent if kind == MessageType.TRAIN] \
-        == [0] * 4
-    for k in mean:  # equal up to float32 rounding of the (large) per-user parameters that are averaged
+    assert max(pages) >= 3
+    assert [c.get(P.PAGE, 0) for kind, _, c in one_grid.sent if kind == MessageType.TRAIN] == [0] * (2 * rounds)
+    for k in mean:  # equal up to float32 rounding of the per-user parameters that are averaged
         scale = float(one[k].abs().max()) + 1e-12
         assert float((paged[k] - one[k]).abs().max()) / scale < 1e-5, k
         assert float((paged[k] - mean[k]).abs().max()) / scale < 1e-5, k
