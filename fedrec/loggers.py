@@ -33,7 +33,7 @@ def check_logger(cfg) -> None:
             import tensorboard  # noqa: F401  (torch's SummaryWriter needs it)
         except ImportError:
             raise ConfigError("logger=tensorboard: the tensorboard package is not installed "
-                              "(pip install 'fedrec[tensorboard]')") from None
+                              "(pip install -e '.[tensorboard]')") from None
 
 
 class TensorBoardSink:
