@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fedrec.errors import ConfigError
 from fedrec.train import make_optimizer
 from fedrec.data import load_dataset
 from fedrec.eval import check_ks
+from fedrec.loggers import check_logger, open_sink
 from fedrec.models import build_model, data_shape
 from fedrec.recorder import Recorder
 from fedrec.runs import RunFolder, find_resumable
@@ -52,6 +54,7 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
     from fedrec.federated.validation import check_run
 
     check_run(cfg, data, model)  # strategy, sampling, local training, partition: before any file
+    check_logger(cfg)
 
     resume = None
     root = Path(cfg.paths.output_root)
@@ -73,7 +76,8 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
     bar = _progress(total, "epochs" if mode == "none" else "rounds") if progress else None
     if bar is not None and resume is not None:
         bar.update(int(resume["round"]))
-    recorder = Recorder(run, str(cfg.train.select_metric), bar)
+    sink = open_sink(cfg, run.path, int(resume["round"]) if resume is not None else 0)
+    recorder = Recorder(run, str(cfg.train.select_metric), bar, sink)
     try:
         if mode == "none":
             from fedrec.central import run_central
@@ -90,6 +94,8 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
     finally:
         if bar is not None:
             bar.close()
+        if sink is not None:
+            sink.close()
     summary = recorder.summary() | {
         "dataset": data.summary(),
         "model": cfg.model.name,
@@ -98,8 +104,20 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
         "seed": int(cfg.seed),
         "run_dir": str(run.path),
     }
-    run.write_summary(summary)
+    run.write_summary(summary)  # first: a plot that fails must not cost the run its summary
+    _write_curves(run, summary, "epoch" if mode == "none" else "round")
     return summary
+
+
+def _write_curves(run: RunFolder, summary: dict, unit: str) -> None:
+    """``curves.png`` from the whole metrics.jsonl (a resumed run's earlier sessions included)."""
+    from fedrec.plots import write_curves
+
+    try:
+        write_curves(run.read_metrics(), run.path / "curves.png", summary["select_metric"], unit=unit,
+                     best_round=summary["best_round"])
+    except Exception as e:  # noqa: BLE001  the results are written; a missing picture is only a note
+        log.warning("note: curves.png not written: %s: %s", type(e).__name__, e)
 
 
 def result_table(summary: dict) -> str:
@@ -118,13 +136,35 @@ def result_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _drop_run_simulation_notice(record: logging.LogRecord) -> bool:
+    """False for Flower's "DEPRECATED FEATURE: The `run_simulation` function is deprecated ..." record.
+
+    fedrec/federated/simulation.py calls run_simulation on purpose: it is the one way to hand the
+    ServerApp live objects (dataset, recorder); ``flwr run .`` (supported too) never logs this.
+    """
+    return not (str(record.msg).startswith("DEPRECATED FEATURE") and bool(record.args)
+                and str(record.args[0]).startswith("The `run_simulation` function is deprecated"))
+
+
 def quiet_flower(verbose: bool) -> None:
-    """Keep Flower's per-round INFO log out of the way unless ``verbose=true``.
+    """Keep Flower's per-round INFO log and known-harmless library notices out of the way unless
+    ``verbose=true``; warnings and errors of Flower and Ray still show.
 
     Flower resets its logger when the simulation starts, so the ServerApp calls this again.
     """
     logger = logging.getLogger("flwr")
     logger.propagate = False  # Hydra's root handler would print every line twice
-    if not verbose:
-        logger.setLevel(logging.WARNING)
-        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if _drop_run_simulation_notice in logger.filters:
+        logger.removeFilter(_drop_run_simulation_notice)
+    if verbose:
+        return
+    logger.setLevel(logging.WARNING)
+    logger.addFilter(_drop_run_simulation_notice)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Flower's in-memory state database runs its alembic schema migrations at every start; alembic logs
+    # each step at INFO through the root logger, which Hydra prints. Its warnings and errors still show.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # ray.init() announces a change of its default (zero-GPU actors will see the GPUs); fedrec asks
+    # for num_gpus=0 and trains on CPU, so neither behaviour changes a run.
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray, Ray will no longer override "
+                            "accelerator visible devices", category=FutureWarning)

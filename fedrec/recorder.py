@@ -4,6 +4,7 @@ After every epoch (centralised) or round (federated) the recorder appends one li
 ``metrics.jsonl``, saves a checkpoint, tracks the best round by the validation metric the config
 selects (DiffRec selects by Recall@20) and keeps the test metrics *of that round* — the protocol of
 the DiffRec paper, so the reported test figure was chosen without looking at test data.
+An optional ``sink`` (fedrec/loggers.py, e.g. TensorBoard) gets each line right after it is written.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from fedrec.runs import RunFolder
 
 
 class Recorder:
-    def __init__(self, run: RunFolder, select_metric: str, progress=None):
+    def __init__(self, run: RunFolder, select_metric: str, progress=None, sink=None):
         self.run = run
+        self.sink = sink
         self.select_metric = select_metric
         self.progress = progress
         self.best_round = 0
@@ -61,6 +63,8 @@ class Recorder:
             line.update(extra)
         self.rounds_done = round_
         self.run.append_metrics(line)
+        if self.sink is not None:
+            self.sink.write(line)
         self.run.save_checkpoint(round_, checkpoint() | {"round": round_, "recorder": self.state()}, best=improved)
         if self.progress is not None:
             self.progress.update(1)

@@ -4,6 +4,8 @@
 <run>/config.yaml      resolved config
 <run>/metrics.jsonl    one JSON line per round/epoch (appended, flushed)
 <run>/summary.json     written once at the end (atomically)
+<run>/curves.png       learning curves, drawn from metrics.jsonl after summary.json (fedrec/plots.py)
+<run>/tensorboard/     TensorBoard event files, with logger=tensorboard (fedrec/loggers.py)
 <run>/checkpoints/     round_<n>.pt (the last ``keep``) and best.pt
 ```
 Files are written to a temporary name and renamed, so a reader never sees half a file.
@@ -22,7 +24,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-IGNORED_FOR_RESUME = ("resume",)
+# Keys that do not change a run's results: a run may be resumed with them changed (e.g. TensorBoard turned on).
+IGNORED_FOR_RESUME = ("resume", "logger")
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -407,10 +407,15 @@ def build_strategy(cfg_strategy, *, num_nodes: int, fraction: float, seed: int, 
         raise ConfigError(f"strategy.name: unknown strategy {name!r}; expected one of {sorted(STRATEGIES)}")
     if not 0 < fraction <= 1:
         raise ConfigError(f"federation.fraction: must be in (0, 1], got {fraction}")
+    if "fraction_evaluate" in params:
+        raise ConfigError("strategy.fraction_evaluate: set by fedrec (federation.evaluation decides who evaluates)")
     try:
-        strategy = (cls or STRATEGIES[name])(fraction_evaluate=1.0 if client_evaluation else 0.0,
-                                    evaluate_metrics_aggr_fn=exact_metric_mean, **params)
+        strategy = (cls or STRATEGIES[name])(evaluate_metrics_aggr_fn=exact_metric_mean, **params)
     except TypeError as e:
         raise ConfigError(f"strategy: {e}") from None
+    if not client_evaluation:
+        # Set after construction: FedAvg(fraction_evaluate=0.0) logs a WARNING "Federated evaluation will
+        # be skipped" on every run, though server-side evaluation is the intended default, not a problem.
+        strategy.fraction_evaluate, strategy.min_evaluate_nodes = 0.0, 0
     strategy.setup(num_nodes=num_nodes, fraction=fraction, seed=seed, round_offset=round_offset)
     return strategy

@@ -8,6 +8,7 @@ import pytest
 
 
 from fedrec.experiment import execute
+from tests.test_run_output import assert_png
 
 
 def _lines(run_dir):
@@ -28,6 +29,7 @@ def test_silo_fedavg_diffrec_server_evaluation(tiny_cfg, tmp_path):
     assert len(summary["timing"]["train_s"]) == 2 and len(summary["timing"]["eval_s"]) == 2
     assert (tmp_path / "run" / "checkpoints" / "best.pt").exists()
     assert (tmp_path / "run" / "config.yaml").exists()
+    assert_png(tmp_path / "run" / "curves.png")  # the learning curves of a silo run
 
 
 def test_silo_bpr_private_embeddings_client_evaluation(tiny_cfg, tmp_path):

@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
+from tests.test_run_output import assert_png
 from tests.flower_procs import BIN, flower_env, flwr_run, free_ports, processes, wait_port
 
 TINY = ("federation.num_nodes=2 federation.rounds=2 dataset.n_users=60 dataset.n_items=50 "
@@ -25,6 +27,10 @@ def _check(run_dir, summary, mode):
     assert [x["round"] for x in lines] == [1, 2]
     assert all(x["train"]["clients"] == 2 for x in lines)
     assert summary["federation"] == mode and summary["test"]["ndcg@20"] > 0
+    deadline = time.monotonic() + 30  # the ServerApp draws curves.png just after summary.json
+    while not (run_dir / "curves.png").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert_png(run_dir / "curves.png")  # written by the ServerApp process too
 
 
 def test_flwr_run_simulation_superlink(tmp_path):

@@ -200,6 +200,8 @@ BAD = {
     "negative-rate": (["model.optim.lr=-0.1"], "model.optim.lr"),
     "missing-data": (["dataset=atomic", "dataset.path=/nonexistent", "dataset.name=x"], "/nonexistent"),
     "hydra-group": (["model=nope"], None),
+    "logger-group": (["logger=nope"], None),
+    "logger-key": (["federation=none", "logger=tensorboard", "+logger.flush_sec=1"], "logger.flush_sec"),
 }
 
 
@@ -226,8 +228,9 @@ def test_cli_bad_input_fails_cleanly(cli_failures, case):
     rc, stdout, stderr, out = cli_failures[case]
     _, key = BAD[case]
     assert rc != 0
-    if key is None:  # Hydra's own composition error
-        assert "model" in stderr + stdout
+    if key is None:  # Hydra's own composition error, naming the group
+        group = BAD[case][0][0].split("=")[0]
+        assert f"{group}/nope" in stderr + stdout, stderr
     else:
         assert rc == 2
         lines = [line for line in stderr.splitlines() if line.strip()]

@@ -1,8 +1,10 @@
 """Run the ServerApp and ClientApp on Flower's simulation engine (Ray backend), in-process.
 
 ``flwr.simulation.run_simulation`` is deprecated in Flower 1.42 in favour of ``flwr run`` but is the
-only way to hand the ServerApp live objects (the loaded dataset, the recorder); the apps are the
-same ones ``flwr run .`` deploys. Each virtual node gets ``federation.client_cpus`` CPUs; Ray is
+only way to hand the ServerApp live objects (the loaded dataset, the recorder) — Flower 1.42 has no
+supported in-process alternative (``flwr run`` loads the apps by name in other processes) — so its
+deprecation notice is dropped from the console (``fedrec.experiment.quiet_flower``; ``verbose=true``
+shows it). The apps are the same ones ``flwr run .`` deploys. Each virtual node gets ``federation.client_cpus`` CPUs; Ray is
 started for this run only and shut down by Flower at the end (we never run ``ray stop``). Set
 ``RAY_ADDRESS`` to attach to an existing Ray cluster instead.
 """
