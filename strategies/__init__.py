@@ -33,6 +33,7 @@ from fedrec.errors import ConfigError
 from fedrec.federated import protocol as P
 from fedrec.federated.arrays import check_update
 from fedrec.rng import PURPOSE_NODE_SAMPLING, numpy_stream
+from strategies.update_batch import UpdateBatch, coordinate_median, derive_weights
 
 
 class _Reply:
@@ -67,8 +68,12 @@ def exact_metric_mean(contents: list[RecordDict], weighted_by_key: str) -> Metri
 class FedrecMixin:
     #: set by the server in cross-device mode: round -> user-sampling threshold (device_node.py)
     user_threshold = None
-    #: a strategy that must see every user's update (robust aggregation) sets True
-    needs_per_user_updates = False
+    #: a rule over the whole round's :class:`UpdateBatch` (every user of every node), e.g. a median;
+    #: None: the weighted mean, folded node by node (and page by page)
+    batch_rule = None
+    #: how the server weights users: federation.weighting, capped at federation.max_user_interactions
+    weighting = "uniform"
+    weight_cap: int | None = None
     per_user_uploads = False  # federation.upload=per_user forces per-user replies
     #: per-user replies come in pages of this many users (None: one reply per node); see device_node.py
     page_size: int | None = None
@@ -152,10 +157,16 @@ class FedrecMixin:
         w = weights / weights.sum()
         return {k: _weighted_sum(w, v).astype(v.dtype) for k, v in arrays.items()}
 
+    @property
+    def needs_per_user_updates(self) -> bool:
+        """A batch rule must see every user's update."""
+        return self.batch_rule is not None
+
     def pages_fold(self) -> bool:
         """Per-user replies can come in pages only when the rule is the weighted mean, which folds page
         by page; a rule that must see every user at once (a median) gets every user in one reply."""
-        return self.page_size is not None and type(self).combine_user_updates is FedrecMixin.combine_user_updates
+        return self.page_size is not None and self.batch_rule is None \
+            and type(self).combine_user_updates is FedrecMixin.combine_user_updates
 
     def _later_pages(self, first: dict[int, tuple[RecordDict, int]]) -> None:
         """Ask the nodes for their pages 1.. in lockstep and fold each into the node's running mean.
@@ -184,18 +195,21 @@ class FedrecMixin:
 
     page_timeout = 3600.0
 
-    def _collapse_per_user(self, msg: Message) -> tuple[RecordDict | None, int, list[str]]:
-        """A node's stacked per-user reply -> (node-level content, users rejected, reasons)."""
+    def _user_part(self, msg: Message) -> tuple[UpdateBatch | None, int, list[str]]:
+        """A node's stacked per-user reply -> (its users' valid updates as a batch, users rejected, reasons)."""
         arrays = msg.content.array_records.get(self.arrayrecord_key)
-        wrec = msg.content.array_records.get("user-weights")
+        wrec = msg.content.array_records.get(P.USER_WEIGHTS)
         if arrays is None or wrec is None:
             return None, 0, ["per-user reply without arrays or user-weights"]
-        weights = wrec["weights"].numpy().astype(np.float64)
-        n = len(weights)
+        reported = wrec["weights"].numpy().astype(np.float64)
+        n = len(reported)
+        users = wrec["users"].numpy().astype(np.int64) if "users" in wrec else np.full(n, -1)
         stacked = {k: a.numpy() for k, a in arrays.items()}
         if set(stacked) != set(self._reference):
             return None, n, ["array names differ from the global model's"]
-        good = np.isfinite(weights) & (weights > 0)
+        if len(users) != n:
+            return None, n, [f"user ids for {len(users)} users, weights for {n}"]
+        good = np.isfinite(reported) & (reported > 0)
         reasons = []
         for k, a in stacked.items():
             if a.shape != (n, *self._reference[k]):
@@ -208,11 +222,45 @@ class FedrecMixin:
         if not good.any():
             return None, n, reasons or ["no user with a positive weight"]
         kept = stacked if good.all() else {k: v[good] for k, v in stacked.items()}  # no copy when all are good
-        combined = self.combine_user_updates(kept, weights[good])
-        metrics = MetricRecord(dict(msg.content["metrics"]) | {self.weighted_by_key: float(weights[good].sum())})
-        content = RecordDict({self.arrayrecord_key: ArrayRecord({k: Array(v) for k, v in combined.items()}),
-                              "metrics": metrics})
-        return content, int((~good).sum()), reasons
+        pid = int(msg.content["metrics"].get(P.PARTITION_ID, -1))
+        weights = derive_weights(reported[good], self.weighting, self.weight_cap)
+        return UpdateBatch(kept, users[good], np.full(int(good.sum()), pid), weights), int((~good).sum()), reasons
+
+    def _collapse_per_user(self, msg: Message) -> tuple[RecordDict | None, int, list[str]]:
+        """A node's stacked per-user reply -> (node-level content, users rejected, reasons)."""
+        part, rejected, reasons = self._user_part(msg)
+        if part is None:
+            return None, rejected, reasons
+        combined = self.combine_user_updates(part.arrays, part.weights)
+        return self._content(combined, msg.content["metrics"], float(part.weights.sum())), rejected, reasons
+
+    def _content(self, arrays: dict[str, np.ndarray], metrics, weight: float) -> RecordDict:
+        return RecordDict({self.arrayrecord_key: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                           "metrics": MetricRecord(dict(metrics) | {self.weighted_by_key: weight, P.PER_USER_REPLY: 0})})
+
+    def _batch_round(self, replies: list[Message]) -> tuple[list, int, list[str]]:
+        """A batch rule's round: every node's users in one :class:`UpdateBatch`, the rule's result as the
+        one reply the strategy's own aggregation (FedAvg's mean of one, FedAdam's server step) sees."""
+        parts, rejected, reasons = [], 0, []
+        for msg in replies:
+            metrics = msg.content.metric_records.get("metrics")
+            if metrics is None or float(metrics.get(self.weighted_by_key, 0)) == 0:
+                continue
+            if not int(metrics.get(P.PER_USER_REPLY, 0)):
+                rejected += 1
+                reasons.append("a node sent a mean where the aggregation rule needs every user's update")
+                continue
+            part, bad, why = self._user_part(msg)
+            rejected, reasons = rejected + bad, reasons + why
+            if part is not None:
+                parts.append(part)
+        if not parts:
+            return [], rejected, reasons
+        batch = UpdateBatch.concat(parts)
+        self.last_batch_size = len(batch)
+        result = type(self).batch_rule(batch)
+        metrics = dict(replies[0].content["metrics"]) | {"trained-users": float(len(batch))}
+        return [_Reply(self._content(result, metrics, float(batch.weights.sum())))], rejected, reasons
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         """Flower's FedAvg.configure_train, with the silos chosen by partition (see the module docstring).
@@ -240,7 +288,11 @@ class FedrecMixin:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = self._in_partition_order(list(replies))
         self._raise_on_errors(replies)
-        replies = self._with_all_pages(replies)
+        if self.batch_rule is not None:
+            batched, rejected, reasons = self._batch_round(replies)
+            replies, self._page_rejects, self._page_reasons = batched, rejected, reasons
+        else:
+            replies = self._with_all_pages(replies)
         good, rejected, reasons, empty = [], self._page_rejects, list(self._page_reasons), 0
         for msg in replies:
             metrics = msg.content.metric_records.get("metrics")
@@ -392,8 +444,16 @@ class FedrecFedAvgM(FedrecMixin, FedAvgM):
     """FedAvgM (Hsu et al., 2019): server momentum."""
 
 
+class FedrecUserMedian(FedrecMixin, FedAvg):
+    """Coordinate-wise median over every sampled user's update of the round, from all nodes
+    (cross-device; Yin et al., ICML 2018). Flower's FedMedian takes the median over node uploads."""
+
+    batch_rule = staticmethod(coordinate_median)
+
+
 STRATEGIES = {"fedavg": FedrecFedAvg, "fedprox": FedrecFedProx, "fedadam": FedrecFedAdam,
-              "fedyogi": FedrecFedYogi, "fedavgm": FedrecFedAvgM}
+              "fedyogi": FedrecFedYogi, "fedavgm": FedrecFedAvgM,
+              "user_median": FedrecUserMedian}
 
 
 def build_strategy(cfg_strategy, *, num_nodes: int, fraction: float, seed: int, client_evaluation: bool,

@@ -236,3 +236,44 @@ def test_dpsgd_accountant_history_survives_a_restart(tiny_cfg, tmp_path):
     assert _train_arrays(got).keys() == _train_arrays(want).keys()
     for k, v in _train_arrays(want).items():
         np.testing.assert_array_equal(_train_arrays(got)[k], v)
+
+
+# ----------------------------------------------------------------------------- one update batch per round (issue 9.2)
+def test_user_median_over_all_nodes_equals_numpy_median(tiny_cfg, tmp_path, monkeypatch):
+    """The coordinate-wise median over every sampled user of a round, from three nodes, equals numpy's
+    median over the same users' models as the nodes sent them."""
+    from tests.inprocess_grid import InProcessGrid
+
+    sent: list[dict[str, np.ndarray]] = []
+    user_ids: list[np.ndarray] = []
+    original = InProcessGrid.send_and_receive
+
+    def spy(self, messages, timeout=None):
+        replies = original(self, messages, timeout)
+        for r in replies:
+            if "user-weights" in r.content.array_records:
+                sent.append({k: v.numpy().copy() for k, v in r.content["arrays"].items()})
+                user_ids.append(r.content["user-weights"]["users"].numpy().copy())
+        return replies
+
+    monkeypatch.setattr(InProcessGrid, "send_and_receive", spy)
+    cfg = tiny_cfg("federation=device", "federation.num_nodes=3", "federation.rounds=1", "strategy=user_median",
+                   "federation.user_fraction=0.6", "federation.evaluation=server")
+    _, got = _serve_in_process(cfg, tmp_path, "median")
+    assert len(sent) == 3  # one per-user reply from each node
+    users = np.concatenate(user_ids)
+    assert len(np.unique(users)) == len(users) > 3 * 5
+    for k, v in got.items():
+        want = np.median(np.concatenate([s[k] for s in sent]), axis=0)
+        np.testing.assert_allclose(v.numpy(), want, rtol=1e-6, atol=1e-7)
+    # ... which is not what the per-node medians' mean would be
+    per_node = np.mean([np.median(s["denoiser.out_layers.0.weight"], axis=0) for s in sent], axis=0)
+    assert not np.allclose(got["denoiser.out_layers.0.weight"].numpy(), per_node)
+
+
+def test_batch_rules_need_cross_device(tiny_cfg, tmp_path):
+    from fedrec.errors import ConfigError
+    from fedrec.experiment import execute
+
+    with pytest.raises(ConfigError, match="federation=device"):
+        execute(tiny_cfg("federation=silo", "strategy=user_median"), tmp_path / "run", progress=False)

@@ -380,6 +380,7 @@ def test_per_user_upload_rejects_bad_users_and_averages_the_rest():
 
     rng = np.random.default_rng(7)
     s = fedavg()
+    s.weighting = "interactions"  # the users' reported interaction counts are the weights (uncapped)
     msgs = start_round(s, make_arrays(rng))
     per_user = {k: rng.standard_normal((3, *shape)).astype(np.float32) for k, shape in SHAPES.items()}
     per_user["enc.bias"][1, 0] = np.nan  # user 1 is corrupt
@@ -395,6 +396,15 @@ def test_per_user_upload_rejects_bad_users_and_averages_the_rest():
         want = (per_user[k][keep] * (w[keep] / w[keep].sum()).reshape(-1, *([1] * len(SHAPES[k])))).sum(0)
         np.testing.assert_allclose(got[k].numpy(), want, rtol=1e-6)
     assert s.last_train["rejected-updates"] == 1
+    # the server derives the weights: under uniform weighting (the default) reported weights are ignored,
+    # with a cap they are clipped to it
+    for weighting, cap, w_used in (("uniform", None, np.ones(3)), ("interactions", 2, np.minimum(w, 2))):
+        s2 = fedavg()
+        s2.weighting, s2.weight_cap = weighting, cap
+        got, _ = s2.aggregate_train(1, [Message(content, reply_to=start_round(s2, make_arrays(rng))[0])])
+        for k in SHAPES:
+            want = (per_user[k][keep] * (w_used[keep] / w_used[keep].sum()).reshape(-1, *([1] * len(SHAPES[k])))).sum(0)
+            np.testing.assert_allclose(got[k].numpy(), want, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- silo choice and reply order (issue 8.4)

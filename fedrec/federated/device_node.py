@@ -177,7 +177,8 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
                                                      "unclipped-users": unclipped, "rejected-users": dropped})
     elif per_user:
         content["arrays"] = ArrayRecord({n: Array(v.detach().numpy()) for n, v in upd.per_user.items()})
-        content["user-weights"] = ArrayRecord({"weights": Array(upd.weights.numpy().astype(np.float64))})
+        content["user-weights"] = ArrayRecord({"weights": Array(upd.weights.numpy().astype(np.float64)),
+                                               "users": Array(np.asarray(users, dtype=np.int64))})
     elif upd.mean is not None:
         content["arrays"] = ArrayRecord({n: Array(v.detach().numpy()) for n, v in upd.mean.items()})
     return DeviceRound(reply=content, private=new_private)

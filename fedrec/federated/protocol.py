@@ -25,7 +25,7 @@ NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"  # the partition a node hosts (node-config key of the same name)
 UNIT_WEIGHT = "unit-weight"  # 1.0 for every node: equal weights (node-level DP)
 PER_USER_REPLY = "per-user"  # 1: the reply stacks one model per user (with USER_WEIGHTS)
-USER_WEIGHTS = "user-weights"  # ArrayRecord of a per-user reply: the users' aggregation weights
+USER_WEIGHTS = "user-weights"  # ArrayRecord of a per-user reply: "weights" (reported) and "users" (global ids)
 PAGES = "pages"  # per-user reply: how many pages the node's users fill this round
 CLIPPED_SUM = "clipped-sum"  # 1: the reply is the sum of clipped user updates (user-level DP)
 

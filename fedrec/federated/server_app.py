@@ -119,6 +119,8 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
         sampling_threshold(fed, n_users, seed, 1)  # reject a bad sampling config before round 1
         strategy.user_threshold = lambda rnd: sampling_threshold(fed, n_users, seed, rnd)
         strategy.per_user_uploads = fed.get("upload", "auto") == "per_user"
+        strategy.weighting = str(fed.get("weighting", "uniform"))
+        strategy.weight_cap = int(fed.max_user_interactions) if fed.get("max_user_interactions") else None
         from fedrec.federated.device_node import users_per_page
 
         n_params = sum(int(a.numpy().size) for a in initial.values())

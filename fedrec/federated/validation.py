@@ -30,8 +30,10 @@ def check_run(cfg, data, model) -> None:
     from fedrec.federated.server_app import uses_client_evaluation
 
     client_eval = uses_client_evaluation(cfg, model)
-    build_strategy(cfg.strategy, num_nodes=int(fed.num_nodes), fraction=float(fed.get("fraction", 1.0)),
-                   seed=int(cfg.seed), client_evaluation=client_eval)
+    strategy = build_strategy(cfg.strategy, num_nodes=int(fed.num_nodes), fraction=float(fed.get("fraction", 1.0)),
+                              seed=int(cfg.seed), client_evaluation=client_eval)
+    if strategy.batch_rule is not None and fed.mode != "device":
+        raise ConfigError(f"strategy={cfg.strategy.name}: aggregates every user's update, so it needs federation=device")
     if int(fed.num_nodes) > data.n_users:
         raise ConfigError(f"federation.num_nodes: {fed.num_nodes} nodes for {data.n_users} users")
     partition_from_cfg(data, cfg.partition, int(fed.num_nodes), int(cfg.seed))
