@@ -151,7 +151,7 @@ def drop_condition(cond: Any, null_cond: Any, drop: torch.Tensor) -> Any:
     ``cond`` is (B, ...); ``null_cond`` anything that broadcasts to one example's condition (a learned
     embedding, zeros, a null label); gradients reach a learned null through ``torch.where``.
     """
-    null = torch.as_tensor(null_cond, dtype=cond.dtype, device=cond.device) if not torch.is_tensor(null_cond) else null_cond
+    null = null_cond if torch.is_tensor(null_cond) else torch.as_tensor(null_cond, dtype=cond.dtype, device=cond.device)
     return torch.where(expand_to(drop.to(torch.bool), cond), null, cond)
 
 
@@ -164,7 +164,8 @@ class ClassifierFreeGuidance:
 
     def __post_init__(self) -> None:
         if self.null_cond is None:
-            raise ConfigError("guidance.null_cond: classifier-free guidance needs the null condition the model was trained with")
+            raise ConfigError("guidance.null_cond: classifier-free guidance needs the null condition the model "
+                              "was trained with")
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,10 @@ def split_guidance(guidance: Guidance | Sequence[Guidance] | None,
     The null condition is broadcast to ``cond``'s batch once, so that the denoiser receives it shaped
     as in training (where ``drop_condition`` puts it in place of the dropped conditions).
     """
-    items = [] if guidance is None else [guidance] if isinstance(guidance, (ClassifierFreeGuidance, ClassifierGuidance)) else list(guidance)
+    if guidance is None or isinstance(guidance, (ClassifierFreeGuidance, ClassifierGuidance)):
+        items = [] if guidance is None else [guidance]
+    else:
+        items = list(guidance)
     free = [g for g in items if isinstance(g, ClassifierFreeGuidance)]
     classifiers = [g for g in items if isinstance(g, ClassifierGuidance)]
     if len(free) > 1 or len(free) + len(classifiers) != len(items):
