@@ -1,8 +1,11 @@
 """The Gaussian diffusion core against independent re-implementations of the official DiffRec code
-(github.com/YiyanXu/DiffRec ``models/gaussian_diffusion.py``) written here, not imported."""
+(github.com/YiyanXu/DiffRec ``models/gaussian_diffusion.py``) written here, not imported, against a frozen
+copy of the core as it was at c1bf102 (DiffRec must not move by a bit), and its guided samplers against
+NumPy samplers written here from the formulas (DDPM, DDIM, classifier-free and classifier guidance)."""
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -13,7 +16,8 @@ import torch
 from fedrec.errors import ConfigError
 from fedrec.models import build_model
 from fedrec.models.base import DataShape
-from fedrec.models.diffusion import GaussianDiffusion, make_betas
+from fedrec.models.diffusion import (ClassifierFreeGuidance, ClassifierGuidance, DDIMSampler, DDPMSampler,
+                                     GaussianDiffusion, few_step, make_betas)
 
 
 # ------------------------------------------------------------------ references
@@ -398,3 +402,544 @@ def test_bad_inference_config_at_build(name, kwargs, key):
     shape = DataShape(10, 12, item_emb=np.random.default_rng(0).standard_normal((12, 3)))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build_model(cfg, shape)
+
+
+# ------------------------------------------------------------------ (h) DiffRec unchanged: a frozen copy of c1bf102
+def frozen_training_loss(d, denoise, x0, record=True, t=None, noise=None):
+    """``GaussianDiffusion.training_loss`` (with ``sample_timesteps``) as it was at c1bf102, verbatim logic."""
+    n = x0.shape[0]
+    if t is None:
+        p = d.timestep_probs()
+        if p is None:
+            t, pt = torch.randint(0, d.steps, (n,)), torch.ones(n)
+        else:
+            t = torch.multinomial(p, n, replacement=True)
+            pt = p[t] * d.steps
+    else:
+        pt, record = torch.ones(t.shape, dtype=x0.dtype), False
+    if noise is None:
+        noise = torch.randn_like(x0)
+    x_t = d.sqrt_ac[t].unsqueeze(-1) * x0 + d.sqrt_one_minus_ac[t].unsqueeze(-1) * noise if d.noise_scale > 0 else x0
+    out = denoise(x_t, t)
+
+    def x0_from_eps(eps):
+        ac = d.alphas_cumprod[t].unsqueeze(-1)
+        return (x_t - torch.sqrt(1 - ac) * eps) / torch.sqrt(ac)
+
+    target = x0 if d.mean_type == "x0" else noise
+    mse = ((target - out) ** 2).mean(dim=-1)
+    if d.reweight:
+        if d.mean_type == "x0":
+            weight = d.snr[(t - 1).clamp(min=0)] - d.snr[t]
+            loss = torch.where(t == 0, torch.ones_like(weight), weight) * mse
+        else:
+            weight = (1 - d.alphas_cumprod[t]) / ((1 - d.alphas_cumprod_prev[t]) ** 2 * (1 - d.betas[t]))
+            weight = torch.where(t == 0, torch.ones_like(weight), weight)
+            likelihood = ((x0 - x0_from_eps(out)) ** 2).mean(dim=-1) / 2.0
+            loss = weight * torch.where(t == 0, likelihood, mse)
+    else:
+        loss = mse
+    if record and d.training and d.importance_sampling:
+        d.record_losses(t, loss)
+    return {"loss": loss / pt, "pred_x0": out if d.mean_type == "x0" else x0_from_eps(out), "t": t}
+
+
+@torch.no_grad()
+def frozen_reverse(d, denoise, x_start, sampling_steps=0, inference_steps=None, sampling_noise=False):
+    """``GaussianDiffusion.reverse`` as it was at c1bf102 (draws from torch's global generator)."""
+    T, n = d.steps, x_start.shape[0]
+    x = x_start
+    if sampling_steps:
+        t = torch.full((n,), sampling_steps - 1, dtype=torch.long)
+        x = d.sqrt_ac[t].unsqueeze(-1) * x_start + d.sqrt_one_minus_ac[t].unsqueeze(-1) * torch.randn_like(x_start)
+
+    def x0_hat(x, t):
+        out = denoise(x, t)
+        if d.mean_type == "x0":
+            return out
+        ac = d.alphas_cumprod[t].unsqueeze(-1)
+        return (x - torch.sqrt(1 - ac) * out) / torch.sqrt(ac)
+
+    k = T if inference_steps in (None, 0) else int(inference_steps)
+    if k == T:
+        for i in reversed(range(T)):
+            x0 = x0_hat(x, torch.full((n,), i, dtype=torch.long))
+            mean = d.posterior_coef1[i] * x0 + d.posterior_coef2[i] * x
+            if sampling_noise and i > 0:
+                var = d.betas[i] * (1 - d.alphas_cumprod_prev[i]) / (1 - d.alphas_cumprod[i])
+                mean = mean + torch.sqrt(var) * torch.randn_like(x)
+            x = mean
+        return x
+    seq = np.unique(np.linspace(0, T - 1, k).round().astype(int))[::-1]
+    for j, i in enumerate(seq):
+        x0 = x0_hat(x, torch.full((n,), int(i), dtype=torch.long))
+        if j == len(seq) - 1:
+            return x0
+        s = int(seq[j + 1])
+        eps = (x - d.sqrt_ac[i] * x0) / d.sqrt_one_minus_ac[i]
+        x = d.sqrt_ac[s] * x0 + d.sqrt_one_minus_ac[s] * eps
+
+
+def _diffrec(**over):
+    torch.manual_seed(0)
+    model = build_model({"name": "diffrec", "dims": [32, 64], **over}, DataShape(64, 300))  # steps: T = 40
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(64, 300, generator=g) < 0.05).float()
+    return model, x
+
+
+@pytest.mark.parametrize("over", [{}, {"inference_steps": 7}, {"sampling_steps": 10}, {"mean_type": "eps"},
+                                  {"mean_type": "eps", "inference_steps": 3}])
+def test_diffrec_scores_bit_identical_to_c1bf102_reverse(over):
+    model, x = _diffrec(**over)
+    model.eval()
+    c = model.cfg
+    torch.manual_seed(5)  # the noised start (sampling_steps > 0) draws from the global generator, then as now
+    ref = frozen_reverse(model.diffusion, model.denoiser, x, c.sampling_steps, c.inference_steps)
+    torch.manual_seed(5)
+    got = model.scores(type("B", (), {"x": x})())
+    assert torch.equal(got, ref)
+
+
+def test_diffrec_sampling_noise_matches_c1bf102_reverse():
+    """With posterior noise: the same draws; the posterior variance is now computed in float64 (as the
+    official code) where c1bf102 computed 1 - alpha_bar in float32, so the noise term moves by < 0.2%."""
+    model, x = _diffrec(sampling_noise=True)
+    model.eval()
+    torch.manual_seed(5)
+    ref = frozen_reverse(model.diffusion, model.denoiser, x, 0, None, sampling_noise=True)
+    torch.manual_seed(5)
+    got = model.diffusion.reverse(model.denoiser, x, 0, None, sampling_noise=True)
+    noise_effect = (ref - frozen_reverse(model.diffusion, model.denoiser, x)).abs().max()
+    assert noise_effect > 1e-3
+    assert (got - ref).abs().max() < 2e-3 * noise_effect
+
+
+@pytest.mark.parametrize("mean_type,reweight", [("x0", True), ("eps", True), ("x0", False)])
+def test_training_loss_and_importance_history_bit_identical_to_c1bf102(mean_type, reweight):
+    """30 importance-sampled steps from the same global seed: same t, losses, history and gradients."""
+    model, x = _diffrec(mean_type=mean_type, reweight=reweight, steps=5)
+    model.train()
+    old = copy.deepcopy(model)
+    for step in range(30):
+        rows = slice(step % 4 * 16, step % 4 * 16 + 16)
+        torch.manual_seed(100 + step)  # the denoiser's dropout and the core's draws
+        new_out = model.diffusion.training_loss(model.denoiser, x[rows])
+        torch.manual_seed(100 + step)
+        old_out = frozen_training_loss(old.diffusion, old.denoiser, x[rows])
+        for key in ("loss", "pred_x0", "t"):
+            assert torch.equal(new_out[key], old_out[key]), (step, key)
+    assert model.diffusion.history_full()  # the importance-sampled branch ran
+    assert torch.equal(model.diffusion.loss_history, old.diffusion.loss_history)
+    assert torch.equal(model.diffusion.loss_written, old.diffusion.loss_written)
+    new_out["loss"].mean().backward()
+    old_out["loss"].mean().backward()
+    for p, q in zip(model.denoiser.parameters(), old.denoiser.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
+# ------------------------------------------------------------------ (i) a toy 2-D conditional problem, NumPy samplers
+MUS = np.array([[-1.0, 0.5], [1.0, -0.5]])  # the two clusters; the condition (one-hot) picks one
+SPREAD = 0.4  # each cluster is N(mu_c, SPREAD^2 I)
+
+
+def np_cluster_eps(x, ab, mu):
+    """E[eps | x_t] when x0 ~ N(mu, s^2 I): x_t ~ N(sqrt(ab) mu, v I), v = ab s^2 + 1 - ab."""
+    v = ab * SPREAD ** 2 + 1 - ab
+    return np.sqrt(1 - ab) / v * (x - np.sqrt(ab) * mu)
+
+
+def np_toy_eps(x, ab, onehot):
+    """The exact eps-denoiser: the picked cluster's, or under the null (all-zero) condition the mixture's."""
+    cond = np_cluster_eps(x, ab, onehot @ MUS)
+    v = ab * SPREAD ** 2 + 1 - ab
+    logits = np.stack([-((x - np.sqrt(ab) * m) ** 2).sum(1) / (2 * v) for m in MUS], 1)
+    r = np.exp(logits - logits.max(1, keepdims=True))
+    r /= r.sum(1, keepdims=True)
+    mix = sum(r[:, k:k + 1] * np_cluster_eps(x, ab, MUS[k]) for k in range(2))
+    return np.where(onehot.sum(1, keepdims=True) > 0, cond, mix)
+
+
+def torch_toy(d, mean_type="eps"):
+    """The same denoiser in torch, on the core's (x_t, t, cond=...) call; x0-prediction by conversion."""
+    mus = torch.tensor(MUS, dtype=torch.float32)
+
+    def cluster_eps(x, ab, mu):
+        v = ab * SPREAD ** 2 + 1 - ab
+        return torch.sqrt(1 - ab) / v * (x - torch.sqrt(ab) * mu)
+
+    def fn(x, t, cond):
+        ab = d.alphas_cumprod[t][:, None]
+        v = ab * SPREAD ** 2 + 1 - ab
+        logits = torch.stack([-((x - torch.sqrt(ab) * m) ** 2).sum(1) / (2 * v[:, 0]) for m in mus], 1)
+        r = torch.softmax(logits, 1)
+        mix = sum(r[:, k:k + 1] * cluster_eps(x, ab, mus[k]) for k in range(2))
+        eps = torch.where(cond.sum(1, keepdim=True) > 0, cluster_eps(x, ab, cond @ mus), mix)
+        return eps if mean_type == "eps" else (x - torch.sqrt(1 - ab) * eps) / torch.sqrt(ab)
+    return fn
+
+
+def np_schedule(T):
+    betas = ref_betas("linear", T, 1.0, 1e-4, 0.2)
+    ac = ref_alphas_cumprod(betas)
+    return betas, ac, np.append(1.0, ac[:-1])
+
+
+def np_logistic_grad(x, a, b):
+    """grad_x log sigmoid(a.x + b) = (1 - sigmoid(a.x + b)) a."""
+    return (1 - 1 / (1 + np.exp(-(x @ a + b))))[:, None] * a[None]
+
+
+def np_guided_eps(x, ab, onehot, w):
+    """Classifier-free guidance: (1 + w) eps(x, c) - w eps(x, null)."""
+    return (1 + w) * np_toy_eps(x, ab, onehot) - w * np_toy_eps(x, ab, np.zeros_like(onehot))
+
+
+def np_ddpm(x, noise, onehot, w, T, clf=None):
+    """Ancestral DDPM from the formulas: x0_hat from eps, the posterior mean, + Sigma g, + sqrt(beta~) z."""
+    betas, ac, ac_prev = np_schedule(T)
+    for i in range(T - 1, -1, -1):
+        eps = np_guided_eps(x, ac[i], onehot, w)
+        x0 = (x - np.sqrt(1 - ac[i]) * eps) / np.sqrt(ac[i])
+        c1 = betas[i] * np.sqrt(ac_prev[i]) / (1 - ac[i])
+        c2 = (1 - ac_prev[i]) * np.sqrt(1 - betas[i]) / (1 - ac[i])
+        mean = c1 * x0 + c2 * x
+        var = betas[i] * (1 - ac_prev[i]) / (1 - ac[i])
+        if clf is not None:
+            mean = mean + var * clf[2] * np_logistic_grad(x, clf[0], clf[1])
+        x = mean + (np.sqrt(var) * noise[T - 1 - i] if i > 0 else 0)
+    return x
+
+
+def np_ddim(x, noise, onehot, w, T, seq, eta, clf=None):
+    """DDIM from the formulas on the subsequence ``seq`` (descending to 0); the last step returns x0_hat."""
+    _, ac, _ = np_schedule(T)
+    for j, i in enumerate(seq):
+        eps = np_guided_eps(x, ac[i], onehot, w)
+        if clf is not None:
+            eps = eps - np.sqrt(1 - ac[i]) * clf[2] * np_logistic_grad(x, clf[0], clf[1])
+        x0 = (x - np.sqrt(1 - ac[i]) * eps) / np.sqrt(ac[i])
+        if j == len(seq) - 1:
+            return x0
+        s = seq[j + 1]
+        sigma = eta * np.sqrt((1 - ac[s]) / (1 - ac[i])) * np.sqrt(1 - ac[i] / ac[s])
+        x = np.sqrt(ac[s]) * x0 + np.sqrt(1 - ac[s] - sigma ** 2) * eps + (sigma * noise[j] if eta else 0)
+
+
+def one_hot(labels):
+    return torch.nn.functional.one_hot(labels, 2).float()
+
+
+def _toy(T=30, n=64, mean_type="eps", seed=0):
+    """The diffusion (the schedule of ``np_schedule``), alternating conditions (B, 2) and the generator."""
+    d = GaussianDiffusion(T, "linear", 1.0, 1e-4, 0.2, mean_type=mean_type)
+    return d, one_hot(torch.arange(n) % 2), torch.Generator().manual_seed(seed)
+
+
+def _replay(seed, n_draws, shape):
+    """The draws the core makes from generator ``seed`` (x_T first, then one per noisy step), as NumPy."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).double().numpy() for _ in range(n_draws)]
+
+
+@pytest.mark.parametrize("w", [0.0, 1.5, 4.0])
+@pytest.mark.parametrize("mean_type", ["eps", "x0"])
+def test_cfg_ddpm_on_toy_matches_numpy_given_the_same_noise(w, mean_type):
+    T, n = 30, 64
+    d, onehot, g = _toy(T, n, mean_type)
+    x_T = torch.randn((n, 2), generator=g)
+    guidance = ClassifierFreeGuidance(w, torch.zeros(2))
+    got = DDPMSampler().sample(d, torch_toy(d, mean_type), x_T, g, cond=onehot, guidance=guidance)
+    draws = _replay(0, T, (n, 2))  # x_T, then z for steps T-1..1
+    ref = np_ddpm(draws[0], draws[1:], onehot.double().numpy(), w, T)
+    np.testing.assert_allclose(got.double().numpy(), ref, atol=2e-4, rtol=0)
+    if w:  # the weight moves the samples, and the other common convention u + w (c - u) would be seen
+        unguided = np_ddpm(draws[0], draws[1:], onehot.double().numpy(), 0.0, T)
+        other_convention = np_ddpm(draws[0], draws[1:], onehot.double().numpy(), w - 1.0, T)
+        assert np.abs(unguided - ref).max() > 0.1 and np.abs(other_convention - ref).max() > 0.01  # >> 2e-4
+
+
+def test_ddpm_on_toy_samples_the_conditional_clusters():
+    """w = 0 with the exact denoiser: samples of condition c are N(mu_c, SPREAD^2 I) (up to the
+    discretisation of 400 steps); guidance pushes them away from the other cluster."""
+    n = 4000
+    d = GaussianDiffusion(400, "linear", 1.0, 1e-4, 0.04, mean_type="eps")  # sqrt(alpha_bar_T) = 0.017
+    onehot, g = one_hot(torch.arange(n) % 2), torch.Generator().manual_seed(0)
+    x_T = torch.randn((n, 2), generator=g)
+    fn = torch_toy(d)
+    plain = DDPMSampler().sample(d, fn, x_T, g, cond=onehot).double().numpy()
+    free = ClassifierFreeGuidance(3.0, torch.zeros(2))
+    guided = DDPMSampler().sample(d, fn, x_T, g, cond=onehot, guidance=free).double().numpy()
+    for c in (0, 1):
+        rows = np.arange(n) % 2 == c
+        np.testing.assert_allclose(plain[rows].mean(0), MUS[c], atol=0.03)
+        np.testing.assert_allclose(plain[rows].std(0), SPREAD, rtol=0.07)
+        other = MUS[1 - c]
+        assert np.linalg.norm(guided[rows] - other, axis=1).mean() > np.linalg.norm(plain[rows] - other, axis=1).mean()
+
+
+@pytest.mark.parametrize("k,eta", [(30, 0.0), (8, 0.0), (1, 0.0), (8, 0.7)])
+@pytest.mark.parametrize("w", [0.0, 2.0])
+def test_cfg_ddim_on_toy_matches_numpy(k, eta, w):
+    T, n = 30, 64
+    d, onehot, g = _toy(T, n, seed=3)
+    x_T = torch.randn((n, 2), generator=g)
+    sampler = DDIMSampler(steps=k, eta=eta)
+    got = sampler.sample(d, torch_toy(d), x_T, g, cond=onehot, guidance=ClassifierFreeGuidance(w, torch.zeros(2)))
+    seq = [int(i) for i in np.unique(np.linspace(0, T - 1, k).round().astype(int))[::-1]]
+    assert len(seq) == k
+    draws = _replay(3, 1 + (k - 1 if eta else 0), (n, 2))
+    ref = np_ddim(draws[0], draws[1:], onehot.double().numpy(), w, T, seq, eta)
+    np.testing.assert_allclose(got.double().numpy(), ref, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "ddim-eta"])
+@pytest.mark.parametrize("mean_type", ["eps", "x0"])
+def test_classifier_guidance_matches_numpy_with_an_analytic_classifier(sampler, mean_type):
+    """log p(y=1 | x_t) = log sigmoid(a.x + b), its gradient in closed form on the NumPy side."""
+    T, n, scale = 30, 64, 2.5
+    a, b = np.array([1.5, -0.5]), 0.3
+    d, onehot, g = _toy(T, n, mean_type, seed=7)
+    x_T = torch.randn((n, 2), generator=g)
+    at = torch.tensor(a, dtype=torch.float32)
+    guide = ClassifierGuidance(lambda x, t: torch.nn.functional.logsigmoid(x @ at + b), scale)
+    null = np.zeros((n, 2))
+    fn = torch_toy(d, mean_type)
+    if sampler == "ddpm":
+        got = DDPMSampler().sample(d, fn, x_T, g, cond=torch.zeros(n, 2), guidance=guide)
+        draws = _replay(7, T, (n, 2))
+        ref = np_ddpm(draws[0], draws[1:], null, 0.0, T, clf=(a, b, scale))
+        unguided = np_ddpm(draws[0], draws[1:], null, 0.0, T)
+    else:
+        eta = 0.5 if sampler == "ddim-eta" else 0.0
+        seq = [int(i) for i in np.unique(np.linspace(0, T - 1, 10).round().astype(int))[::-1]]
+        got = DDIMSampler(10, eta).sample(d, fn, x_T, g, cond=torch.zeros(n, 2), guidance=guide)
+        draws = _replay(7, 1 + (9 if eta else 0), (n, 2))
+        ref = np_ddim(draws[0], draws[1:], null, 0.0, T, seq, eta, clf=(a, b, scale))
+        unguided = np_ddim(draws[0], draws[1:], null, 0.0, T, seq, eta)
+    np.testing.assert_allclose(got.double().numpy(), ref, atol=2e-4, rtol=0)
+    assert (ref @ a + b > 0).mean() > (unguided @ a + b > 0).mean()  # pushed towards y = 1
+
+
+def test_classifier_free_and_classifier_guidance_combine():
+    T, n = 30, 64
+    a, b, scale, w = np.array([1.5, -0.5]), 0.3, 1.5, 2.0
+    d, onehot, g = _toy(T, n, seed=11)
+    x_T = torch.randn((n, 2), generator=g)
+    at = torch.tensor(a, dtype=torch.float32)
+    both = [ClassifierFreeGuidance(w, torch.zeros(2)),
+            ClassifierGuidance(lambda x, t: torch.nn.functional.logsigmoid(x @ at + b), scale)]
+    got = DDPMSampler().sample(d, torch_toy(d), x_T, g, cond=onehot, guidance=both)
+    draws = _replay(11, T, (n, 2))
+    ref = np_ddpm(draws[0], draws[1:], onehot.double().numpy(), w, T, clf=(a, b, scale))
+    np.testing.assert_allclose(got.double().numpy(), ref, atol=2e-4, rtol=0)
+    with pytest.raises(ConfigError, match="guidance"):
+        DDPMSampler().sample(d, torch_toy(d), x_T, g, cond=onehot, guidance=[both[0], both[0]])
+
+
+# ------------------------------------------------------------------ (j) condition dropout in training
+def _recording(out_fn=lambda x: x * 0.5):
+    seen = []
+
+    def fn(x, t, cond=None):
+        seen.append(cond)
+        return out_fn(x)
+    return fn, seen
+
+
+def test_condition_dropout_draws_its_mask_after_t_and_noise():
+    d = GaussianDiffusion(5, "linear-var", 0.1, 1e-3, 0.05, importance_sampling=False)
+    x0, cond = torch.rand(200, 3), torch.randn(200, 4)
+    null = torch.full((4,), 9.0)
+    fn, seen = _recording()
+    d.training_loss(fn, x0, cond=cond, null_cond=null, cond_drop_prob=0.3, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(2)
+    torch.randint(0, 5, (200,), generator=g)
+    torch.randn((200, 3), generator=g)
+    drop = torch.rand(200, generator=g) < 0.3
+    assert 30 < int(drop.sum()) < 90
+    expected = torch.where(drop[:, None], null, cond)
+    assert torch.equal(seen[0], expected)
+
+
+def test_condition_dropout_explicit_mask_learned_null_and_no_dropout():
+    d = GaussianDiffusion(5, "linear-var", 0.1, 1e-3, 0.05, importance_sampling=False)
+    x0, cond = torch.rand(6, 3), torch.randn(6, 2, 4)  # a (B, L, d) condition, e.g. a history
+    null = torch.zeros(4, requires_grad=True)
+    mask = torch.tensor([True, False, False, True, False, False])
+    fn, seen = _recording(lambda x: x * 0.5)
+
+    def cond_fn(x, t, cond):
+        seen.append(cond)
+        return x * 0.5 + cond.sum((1, 2))[:, None]
+    out = d.training_loss(cond_fn, x0, t=torch.arange(6) % 5, noise=torch.zeros(6, 3), cond=cond, null_cond=null,
+                          drop_mask=mask)
+    assert torch.equal(seen[0][mask], torch.zeros(2, 2, 4)) and torch.equal(seen[0][~mask], cond[~mask])
+    out["loss"].sum().backward()
+    assert null.grad is not None and bool(null.grad.abs().sum() > 0)  # the learned null embedding trains
+    state = torch.get_rng_state()
+    g = torch.Generator().manual_seed(0)
+    before = g.get_state()
+    d.training_loss(fn, x0, t=torch.zeros(6, dtype=torch.long), noise=torch.zeros(6, 3), cond=cond, generator=g)
+    assert seen[-1] is cond and torch.equal(g.get_state(), before) and torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("kwargs,key", [({"cond_drop_prob": 1.5, "null_cond": 0.0}, "model.cond_drop_prob"),
+                                        ({"cond_drop_prob": 0.2}, "model.cond_drop_prob")])
+def test_condition_dropout_bad_config(kwargs, key):
+    d = GaussianDiffusion(5, "linear-var", 0.1, 1e-3, 0.05)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        d.training_loss(lambda x, t, cond: x, torch.rand(4, 3), cond=torch.rand(4, 2), **kwargs)
+
+
+# ------------------------------------------------------------------ (k) shapes (B, d) and (B, L, d)
+def _rowwise(x, t, cond=None):
+    """A denoiser acting elementwise: its output does not depend on how a row's values are laid out."""
+    out = torch.tanh(0.7 * x + 0.05 * expand(t.float(), x))
+    return out if cond is None else out + 0.1 * cond
+
+
+def expand(v, x):
+    return v.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+@pytest.mark.parametrize("mean_type", ["x0", "eps"])
+def test_sequence_shaped_x_equals_the_flattened_rows(mean_type):
+    B, L, dim, T = 3, 4, 5, 6  # B != L: a coefficient broadcast on the last dim only would fail here
+    d = GaussianDiffusion(T, "linear", 1.0, 1e-3, 0.3, mean_type=mean_type)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(B, L, dim, generator=g), torch.randn(B, L, dim, generator=g)
+    t = torch.tensor([0, 3, 5])
+    flat = lambda v: v.reshape(B, L * dim)  # noqa: E731
+    assert torch.equal(flat(d.q_sample(x0, t, noise)), d.q_sample(flat(x0), t, flat(noise)))
+    seq_out = d.training_loss(_rowwise, x0, t=t, noise=noise)
+    flat_out = d.training_loss(_rowwise, flat(x0), t=t, noise=flat(noise))
+    assert seq_out["loss"].shape == (B,)
+    torch.testing.assert_close(seq_out["loss"], flat_out["loss"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(flat(seq_out["pred_x0"]), flat_out["pred_x0"])
+    d.train()
+    assert d.training_loss(_rowwise, x0, generator=torch.Generator().manual_seed(1))["loss"].shape == (B,)
+    cond = torch.rand(B, L, dim, generator=g)
+    free = ClassifierFreeGuidance(1.0, torch.zeros(dim))
+    for sampler in (DDPMSampler(), DDIMSampler(3, eta=0.5), few_step(2)):
+        x = torch.randn(B, L, dim, generator=g)
+        seq_x = sampler.sample(d, _rowwise, x, torch.Generator().manual_seed(4), cond=cond, guidance=free)
+        flat_x = sampler.sample(d, _rowwise, flat(x), torch.Generator().manual_seed(4), cond=flat(cond),
+                                guidance=ClassifierFreeGuidance(1.0, torch.zeros(L * dim)))
+        assert seq_x.shape == (B, L, dim)
+        torch.testing.assert_close(flat(seq_x), flat_x, rtol=1e-5, atol=1e-6)
+    gen = GaussianDiffusion(T, "cosine", 1.0).generate(_rowwise, (B, L, dim), torch.Generator().manual_seed(0))
+    assert gen.shape == (B, L, dim) and torch.isfinite(gen).all()
+
+
+# ------------------------------------------------------------------ (l) samplers are interchangeable
+class CountingCond(Counting):
+    def __call__(self, x, t, cond=None):
+        self.calls += 1
+        return self.fn(x, t) if cond is None else self.fn(x, t, cond)
+
+
+SAMPLERS = [DDPMSampler(noise=False), DDPMSampler(), DDIMSampler(), DDIMSampler(3), DDIMSampler(4, eta=1.0),
+            few_step(1)]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: f"{type(s).__name__}{vars(s)}")
+@pytest.mark.parametrize("mean_type", ["x0", "eps"])
+@pytest.mark.parametrize("start", [None, 3])
+def test_every_sampler_recovers_x0_from_a_perfect_denoiser(sampler, mean_type, start):
+    T = 7
+    d = GaussianDiffusion(T, "linear", 1.0, 1e-3, 0.3, mean_type=mean_type)
+    x0 = torch.rand(5, 2, 3)
+
+    def perfect(x_t, t, cond=None):
+        if mean_type == "x0":
+            return x0
+        ac = expand(d.alphas_cumprod[t], x_t)
+        return (x_t - torch.sqrt(ac) * x0) / torch.sqrt(1 - ac)
+
+    net = Counting(perfect)
+    got = sampler.sample(d, net, torch.randn(5, 2, 3), torch.Generator().manual_seed(0), start=start)
+    torch.testing.assert_close(got, x0, atol=1e-5, rtol=0)
+    steps = T if start is None else start + 1
+    assert net.calls == (getattr(sampler, "steps", None) or steps)
+
+
+def test_classifier_free_guidance_calls_the_denoiser_twice_per_step_and_not_at_zero_weight():
+    d = GaussianDiffusion(7, "linear", 1.0, 1e-3, 0.3)
+    for w, calls in ((0.0, 7), (2.0, 14)):
+        net = CountingCond(lambda x, t, cond: x * 0.1 + cond)
+        DDPMSampler(noise=False).sample(d, net, torch.rand(3, 2), cond=torch.ones(3, 2),
+                                        guidance=ClassifierFreeGuidance(w, torch.zeros(2)))
+        assert net.calls == calls
+
+
+def test_reverse_accepts_any_sampler_and_defaults_to_diffrecs():
+    d = GaussianDiffusion(7, "linear-var", 0.1, 1e-3, 0.05)
+    net, x = _fixed_net(5), torch.rand(4, 5)
+    assert torch.equal(d.reverse(net, x), DDPMSampler(noise=False).sample(d, net, x))
+    assert torch.equal(d.reverse(net, x, inference_steps=3), DDIMSampler(3).sample(d, net, x))
+    assert torch.equal(d.reverse(net, x, sampler=few_step(2)), few_step(2).sample(d, net, x))
+
+
+# ------------------------------------------------------------------ (m) explicit generators only
+def test_sampling_is_a_function_of_the_generator_alone():
+    d = GaussianDiffusion(10, "cosine", 1.0, mean_type="eps")
+    net = lambda x, t: 0.3 * x  # noqa: E731
+    state = torch.get_rng_state()
+    runs = []
+    for global_seed, seed in ((0, 1), (99, 1), (0, 2)):
+        torch.manual_seed(global_seed)
+        state = torch.get_rng_state()
+        runs.append(d.generate(net, (6, 3), torch.Generator().manual_seed(seed)))
+        assert torch.equal(state, torch.get_rng_state())  # nothing drawn from the global generator
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    # the draws are x_T then one per noisy step, nothing else (the old core drew a seed in between)
+    g = torch.Generator().manual_seed(1)
+    x_T = torch.randn((6, 3), generator=g)
+    assert torch.equal(DDPMSampler().sample(d, net, x_T, g), runs[0])
+
+
+@pytest.mark.parametrize("sampler", [DDPMSampler(), DDIMSampler(4, eta=0.3)])
+def test_samplers_that_draw_refuse_no_generator(sampler):
+    d = GaussianDiffusion(10, "cosine", 1.0, mean_type="eps")
+    with pytest.raises(ValueError, match="torch.Generator"):
+        sampler.sample(d, lambda x, t: x, torch.rand(2, 3))
+    DDPMSampler(noise=False).sample(d, lambda x, t: x, torch.rand(2, 3))  # draws nothing: no generator needed
+    with pytest.raises(ValueError, match="torch.Generator"):
+        d.generate(lambda x, t: x, (2, 3), None)
+
+
+# ------------------------------------------------------------------ (n) purification, bad sampler configs
+def test_purify_noises_to_t_star_then_reverses_from_there():
+    T, t_star = 10, 4
+    d = GaussianDiffusion(T, "linear", 1.0, 1e-3, 0.3)
+    x0 = torch.rand(5, 3)
+    net = Counting(lambda x_t, t: x0)
+    got = d.purify(net, torch.rand(5, 3), t_star, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got, x0, atol=1e-6, rtol=0)
+    assert net.calls == t_star + 1
+    # the forward noise first, then the sampler's: the same as doing both by hand
+    x, g = torch.rand(5, 3), torch.Generator().manual_seed(1)
+    fn = lambda x_t, t: 0.5 * x_t  # noqa: E731
+    x_t = d.q_sample(x, torch.full((5,), t_star), generator=g)
+    assert torch.equal(d.purify(fn, x, t_star, torch.Generator().manual_seed(1)),
+                       DDPMSampler().sample(d, fn, x_t, g, start=t_star))
+    with pytest.raises(ConfigError, match=r"purification\.t_star"):
+        d.purify(fn, x, T, g)
+
+
+@pytest.mark.parametrize("make,key", [(lambda: DDIMSampler(0), "sampler.steps"),
+                                      (lambda: DDIMSampler(3, eta=-1), "sampler.eta"),
+                                      (lambda: DDIMSampler(9).timesteps(5), "sampler.steps")])
+def test_bad_sampler_config(make, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        make()
+
+
+def test_sampler_start_out_of_range_and_no_noise_schedule():
+    d = GaussianDiffusion(5, "linear", 1.0, 1e-3, 0.3)
+    with pytest.raises(ConfigError, match=r"sampler\.start"):
+        DDPMSampler(noise=False).sample(d, lambda x, t: x, torch.rand(2, 3), start=5)
+    flat = GaussianDiffusion(5, "linear", 0.0, 1e-3, 0.3)
+    with pytest.raises(ConfigError, match=r"model\.noise_scale"):
+        DDIMSampler().sample(flat, lambda x, t: x, torch.rand(2, 3))

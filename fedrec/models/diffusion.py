@@ -1,31 +1,65 @@
-"""Gaussian diffusion core shared by every diffusion recommender (DiffRec, L-DiffRec, ...).
+"""Gaussian diffusion core shared by every diffusion model of fedrec (DiffRec, L-DiffRec, the generators, ...).
 
-Follows the official DiffRec implementation (Wang et al., SIGIR 2023,
-github.com/YiyanXu/DiffRec ``models/gaussian_diffusion.py``) and the survey's section 2
-(DDPM forward process, importance-sampled timesteps from Improved DDPM):
+No model keeps its own diffusion machinery: schedules, forward noising, the training loss, guidance and
+the samplers live here, and a model hands the core its denoiser as a callable. What it implements:
 
-* schedules ``linear`` and ``linear-var`` (DiffRec: the *variance* 1 - alpha_bar grows linearly
-  from ``noise_scale*noise_min`` to ``noise_scale*noise_max``), plus ``cosine``;
-* ``beta_fixed`` overrides the first beta with 1e-5 (Sohl-Dickstein et al. 2015, section 2.4.1), as
-  the official ``GaussianDiffusion(beta_fixed=...)`` does whenever ``noise_scale != 0``.
-  Its official default is on in ``DiffRec/`` and ``T-DiffRec/`` and off in ``L-DiffRec/`` and
-  ``LT-DiffRec/``; no official ``main.py`` passes it, so those defaults are what every official run used;
-* ``q_sample`` (closed-form forward), x0- or eps-prediction;
-* training loss with DiffRec's SNR reweighting (x0: ``SNR(t-1) - SNR(t)``, 1 at t=0) and
-  importance-sampled timesteps (``pt ∝ sqrt(E[L_t^2])`` over the last 10 losses of each t, with
-  1/1000 uniform mass; uniform until every t has 10 losses). Deviation: the loss history is a
-  per-timestep ring buffer updated in one vectorised scatter instead of a Python loop over the
-  batch; the kept set (the last 10 losses per t) and so the sampling distribution are identical;
-* reverse process from a given start (the user's history, DiffRec's inference) through all T steps
-  with the posterior mean and no added noise (official), or a DDIM-style deterministic subsequence
-  of ``inference_steps`` steps (faster; see the benchmark for its effect on the metrics).
+1. Schedules (float64, stored float32): ``linear``, ``linear-var`` (DiffRec: the *variance*
+   1 - alpha_bar grows linearly from ``noise_scale*noise_min`` to ``noise_scale*noise_max``) and
+   ``cosine`` (Nichol & Dhariwal 2021); ``beta_fixed`` sets the first beta to 1e-5 (Sohl-Dickstein et
+   al. 2015, 2.4.1) as the official DiffRec ``GaussianDiffusion(beta_fixed=...)`` does whenever
+   ``noise_scale != 0`` (official default on in ``DiffRec/``, off in ``L-DiffRec/``).
+2. The closed-form forward process q(x_t | x_0) (DDPM, Ho et al. 2020), ``q_sample``.
+3. The training loss of DiffRec (Wang et al., SIGIR 2023, github.com/YiyanXu/DiffRec
+   ``models/gaussian_diffusion.py``): x0- or eps-prediction, SNR reweighting (x0: SNR(t-1) - SNR(t),
+   1 at t=0) and importance-sampled timesteps (pt ∝ sqrt(E[L_t^2]) over the last 10 losses of each t,
+   1/1000 uniform mass, uniform until every t has 10 losses; Improved DDPM). Deviation: the history is
+   a per-timestep ring buffer updated in one vectorised scatter instead of a Python loop over the batch;
+   the kept set (the last 10 losses per t) and so the sampling distribution are identical.
+4. A condition: the denoiser is called ``fn(x_t, t)`` without one and ``fn(x_t, t, cond=cond)`` with
+   one, in training and in sampling. Classifier-free guidance (Ho & Salimans 2021): training drops
+   the condition of each example with probability ``cond_drop_prob`` (or where an explicit
+   ``drop_mask`` says), replacing it by the caller's null condition (a learned null embedding, a zero
+   mask, a null label: anything ``torch.where`` can put in its place); sampling with
+   :class:`ClassifierFreeGuidance` uses ``out = (1 + w) f(x_t, t, c) - w f(x_t, t, null)``, the
+   convention of Ho & Salimans' eq. 6 (w = 0: the conditional model alone; their w is the weight on
+   the difference). It is applied to the raw output (x0 or eps): since x0 and eps are affine in each
+   other with weights summing to one, guiding either gives the same step.
+5. Classifier guidance (Dhariwal & Nichol 2021, algorithms 1 and 2) with :class:`ClassifierGuidance`:
+   g = scale * grad_x log p(y | x_t) from the caller's differentiable ``log_prob(x_t, t)`` (y is closed
+   over; any differentiable log-likelihood or energy works). Ancestral steps add Sigma_t g to the
+   posterior mean, Sigma_t the posterior variance beta~_t, whatever the model predicts (the mean is
+   built from x0_hat either way). DDIM steps shift eps_hat <- eps_hat - sqrt(1 - alpha_bar_t) g and
+   recompute x0_hat from it (for an x0-predicting model: eps_hat is first derived from x0_hat, so
+   x0_hat moves by (1 - alpha_bar_t) / sqrt(alpha_bar_t) g).
+6. Samplers, interchangeable objects with one call,
+   ``sampler.sample(diffusion, denoise, x, generator, start=None, cond=None, guidance=None)``, reversing
+   from x at step ``start`` (default T-1: x is x_T, or DiffRec's history) down to x_0:
+   :class:`DDPMSampler` (ancestral: posterior mean plus posterior noise, Ho et al. 2020; ``noise=False``
+   is DiffRec's inference, the posterior mean alone), :class:`DDIMSampler` (Song et al. 2021, ``eta``;
+   eta = 0 deterministic, on an evenly spaced subsequence of ``steps`` steps) and :func:`few_step`,
+   the few-step sampler: deterministic DDIM on k steps. ``reverse`` (DiffRec's inference from the
+   history), ``generate`` (from pure noise) and ``purify`` (forward to step t*, then a guided reverse)
+   run them.
+7. Shapes: x is (B, d) or (B, L, d) (any (B, ...)); per-example quantities (t, the loss weights) are
+   (B,) and per-t coefficients broadcast over all trailing dimensions; the loss is a per-example mean
+   over them.
+8. Randomness: every draw comes from an explicit ``torch.Generator``. Samplers need one whenever they
+   draw (ancestral noise, DDIM with eta > 0) and refuse None, as do ``generate`` and ``purify``. The
+   model-facing training and recommendation paths (``training_loss``: t, the noise, the
+   condition-dropout mask; ``reverse``: a noised start, ``sampling_noise``) take ``generator=None`` to
+   mean torch's global generator: the contract of ``Batch.rand is None`` and of ``Recommender.scores``
+   (``fedrec/models/base.py``), whose trainers seed it per node and round (``fedrec.rng``);
+   cross-device training passes every draw explicitly instead.
 
-The core never imports a model: it takes the denoiser as a callable ``fn(x_t, t) -> output``.
+Draw order (what a reference given "the same noise" must replay): training draws t, then the noise,
+then the dropout mask; an ancestral sampler draws one ``randn(x.shape)`` per step from ``start`` down
+to step 1; DDIM with eta > 0 one per step of its subsequence except the last.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -33,7 +67,8 @@ from torch import nn
 
 from fedrec.errors import ConfigError
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``fn(x_t, t)`` or ``fn(x_t, t, cond=cond)`` -> the predicted x0 or eps, shaped as x_t
+Denoiser = Callable[..., torch.Tensor]
 
 
 def betas_from_linear_variance(steps: int, variance: np.ndarray, max_beta: float = 0.999) -> np.ndarray:
@@ -75,8 +110,114 @@ def _schedule_betas(schedule: str, steps: int, noise_scale: float, noise_min: fl
     raise ConfigError(f"model.noise_schedule: unknown schedule {schedule!r}; expected linear, linear-var or cosine")
 
 
+# ---------------------------------------------------------------------------- shapes, draws, conditions
+def expand_to(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-example values (B,) viewed as (B, 1, ..., 1) so that they broadcast over all of x's trailing dims."""
+    return coef.reshape(coef.shape + (1,) * (x.dim() - coef.dim()))
+
+
+def per_example_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over every dimension but the first: (B, ...) -> (B,)."""
+    return x.mean(dim=tuple(range(1, x.dim())))
+
+
+def gaussian_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """N(0, I) noise shaped as x from ``generator`` (None: torch's global generator, as ``randn_like``)."""
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def global_generator(device) -> torch.Generator:
+    """torch's global generator of ``device`` (what ``generator=None`` means to torch's own functions)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.default_generators[torch.cuda.current_device() if device.index is None else device.index]
+    return torch.default_generator
+
+
+def required(generator: torch.Generator | None, what: str) -> torch.Generator:
+    if generator is None:
+        raise ValueError(f"{what} draws random numbers: pass an explicit torch.Generator")
+    return generator
+
+
+def call_denoiser(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, cond: Any = None) -> torch.Tensor:
+    """``fn(x_t, t)`` when there is no condition, ``fn(x_t, t, cond=cond)`` when there is one."""
+    return denoise(x, t) if cond is None else denoise(x, t, cond=cond)
+
+
+def drop_condition(cond: Any, null_cond: Any, drop: torch.Tensor) -> Any:
+    """The condition with example b replaced by ``null_cond`` where ``drop[b]`` (classifier-free training).
+
+    ``cond`` is (B, ...); ``null_cond`` anything that broadcasts to one example's condition (a learned
+    embedding, zeros, a null label); gradients reach a learned null through ``torch.where``.
+    """
+    null = null_cond if torch.is_tensor(null_cond) else torch.as_tensor(null_cond, dtype=cond.dtype, device=cond.device)
+    return torch.where(expand_to(drop.to(torch.bool), cond), null, cond)
+
+
+@dataclass(frozen=True)
+class ClassifierFreeGuidance:
+    """out = (1 + weight) f(x_t, t, cond) - weight f(x_t, t, null_cond) (Ho & Salimans 2021, eq. 6)."""
+
+    weight: float
+    null_cond: Any
+
+    def __post_init__(self) -> None:
+        if self.null_cond is None:
+            raise ConfigError("guidance.null_cond: classifier-free guidance needs the null condition the model "
+                              "was trained with")
+
+
+@dataclass(frozen=True)
+class ClassifierGuidance:
+    """scale * grad_x log p(y | x_t), ``log_prob(x_t, t)`` -> (B,) (Dhariwal & Nichol 2021)."""
+
+    log_prob: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    scale: float = 1.0
+
+    def gradient(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.log_prob(xg, t).sum(), xg)
+        return self.scale * grad
+
+
+Guidance = Union[ClassifierFreeGuidance, ClassifierGuidance]
+
+
+def split_guidance(guidance: Guidance | Sequence[Guidance] | None,
+                   cond: Any) -> tuple[ClassifierFreeGuidance | None, list[ClassifierGuidance]]:
+    """(the classifier-free guidance or None, the classifier guidances) of one guidance or a sequence of them.
+
+    The null condition is broadcast to ``cond``'s batch once, so that the denoiser receives it shaped
+    as in training (where ``drop_condition`` puts it in place of the dropped conditions).
+    """
+    if guidance is None or isinstance(guidance, (ClassifierFreeGuidance, ClassifierGuidance)):
+        items = [] if guidance is None else [guidance]
+    else:
+        items = list(guidance)
+    free = [g for g in items if isinstance(g, ClassifierFreeGuidance)]
+    classifiers = [g for g in items if isinstance(g, ClassifierGuidance)]
+    if len(free) > 1 or len(free) + len(classifiers) != len(items):
+        raise ConfigError("guidance: at most one ClassifierFreeGuidance plus any ClassifierGuidance")
+    if not free:
+        return None, classifiers
+    if cond is None:
+        raise ConfigError("guidance: classifier-free guidance needs a condition (cond) to guide towards")
+    null = free[0].null_cond
+    if torch.is_tensor(cond):
+        null = drop_condition(cond, null, torch.ones(cond.shape[0], dtype=torch.bool, device=cond.device))
+    return replace(free[0], null_cond=null), classifiers
+
+
+def classifier_gradient(classifiers: list[ClassifierGuidance], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor | None:
+    """The summed scaled gradients of every classifier at (x_t, t), or None without any."""
+    grads = [c.gradient(x, t) for c in classifiers]
+    return sum(grads[1:], grads[0]) if grads else None
+
+
 class GaussianDiffusion(nn.Module):
-    """Schedules, forward noising, the weighted training loss and the samplers.
+    """Schedules, forward noising, the weighted training loss and what the samplers need.
 
     Parameters
     ----------
@@ -125,11 +266,13 @@ class GaussianDiffusion(nn.Module):
             coef1 = betas * np.sqrt(ac_prev) / (1.0 - ac)
             coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
             snr = ac / (1.0 - ac)
+            posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
         # Coefficients are computed in float64 (as the official code) and stored as float32.
         for name, arr in {
             "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
             "sqrt_ac": np.sqrt(ac), "sqrt_one_minus_ac": np.sqrt(1.0 - ac),
-            "posterior_coef1": coef1, "posterior_coef2": coef2, "snr": snr,
+            "posterior_coef1": coef1, "posterior_coef2": coef2, "posterior_variance": posterior_variance,
+            "snr": snr,
         }.items():
             self.register_buffer(name, torch.tensor(arr, dtype=torch.float32), persistent=False)
         # Importance-sampling state (persistent: it is part of a checkpoint, never aggregated).
@@ -137,10 +280,16 @@ class GaussianDiffusion(nn.Module):
         self.register_buffer("loss_written", torch.zeros(steps, dtype=torch.long))
 
     # ----------------------------------------------------------------- forward process
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise, x0 of shape (B, ...), t of shape (B,)."""
         if noise is None:
-            noise = torch.randn_like(x0)
-        return self.sqrt_ac[t].unsqueeze(-1) * x0 + self.sqrt_one_minus_ac[t].unsqueeze(-1) * noise
+            noise = gaussian_like(x0, generator)
+        return expand_to(self.sqrt_ac[t], x0) * x0 + expand_to(self.sqrt_one_minus_ac[t], x0) * noise
+
+    def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        ac = expand_to(self.alphas_cumprod[t], x_t)
+        return (x_t - torch.sqrt(1 - ac) * eps) / torch.sqrt(ac)
 
     # ----------------------------------------------------------------- timestep sampling
     def history_full(self) -> bool:
@@ -154,12 +303,14 @@ class GaussianDiffusion(nn.Module):
         p = lt / lt.sum()
         return p * (1 - uniform_prob) + uniform_prob / self.steps
 
-    def sample_timesteps(self, n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_timesteps(self, n: int, device=None,
+                         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, p(t) * T): uniform while warming up, then importance-sampled."""
         p = self.timestep_probs()
         if p is None:
-            t = torch.randint(0, self.steps, (n,), device=device)
+            t = torch.randint(0, self.steps, (n,), device=device, generator=generator)
             return t, torch.ones(n, device=device)
-        t = torch.multinomial(p, n, replacement=True)
+        t = torch.multinomial(p, n, replacement=True, generator=generator)
         return t, p[t] * self.steps
 
     @torch.no_grad()
@@ -182,48 +333,66 @@ class GaussianDiffusion(nn.Module):
 
     # ----------------------------------------------------------------- training loss
     def training_loss(self, denoise: Denoiser, x0: torch.Tensor, record: bool = True,
-                      t: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Per-example weighted loss (already divided by the sampling probability).
+                      t: torch.Tensor | None = None, noise: torch.Tensor | None = None, cond: Any = None,
+                      null_cond: Any = None, cond_drop_prob: float = 0.0, drop_mask: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Per-example weighted loss (already divided by the sampling probability), x0 of shape (B, ...).
 
         Given explicit ``t`` (uniformly drawn by the caller) and ``noise``, the loss is deterministic
-        and the importance history is neither used nor updated (cross-device training).
+        and the importance history is neither used nor updated (cross-device training). ``cond`` goes
+        to the denoiser; with ``cond_drop_prob`` > 0 (or an explicit boolean ``drop_mask`` (B,)) the
+        dropped examples get ``null_cond`` instead (classifier-free guidance training).
         """
         n = x0.shape[0]
         if t is None:
-            t, pt = self.sample_timesteps(n, x0.device)
+            t, pt = self.sample_timesteps(n, x0.device, generator)
         else:
             pt, record = torch.ones(t.shape, dtype=x0.dtype, device=x0.device), False
         if noise is None:
-            noise = torch.randn_like(x0)
+            noise = gaussian_like(x0, generator)
+        cond = self._training_condition(cond, null_cond, cond_drop_prob, drop_mask, n, x0.device, generator)
         x_t = self.q_sample(x0, t, noise) if self.noise_scale > 0 else x0
-        out = denoise(x_t, t)
-        target = x0 if self.mean_type == "x0" else noise
-        mse = ((target - out) ** 2).mean(dim=-1)
-        if self.reweight:
-            if self.mean_type == "x0":
-                weight = self.snr[(t - 1).clamp(min=0)] - self.snr[t]
-                weight = torch.where(t == 0, torch.ones_like(weight), weight)
-                loss = weight * mse
-            else:
-                weight = (1 - self.alphas_cumprod[t]) / (
-                    (1 - self.alphas_cumprod_prev[t]) ** 2 * (1 - self.betas[t]))
-                weight = torch.where(t == 0, torch.ones_like(weight), weight)
-                x0_hat = self.predict_x0_from_eps(x_t, t, out)
-                likelihood = ((x0 - x0_hat) ** 2).mean(dim=-1) / 2.0
-                loss = weight * torch.where(t == 0, likelihood, mse)
-        else:
-            loss = mse
+        out = call_denoiser(denoise, x_t, t, cond)
+        loss = self._weighted_loss(x0, x_t, t, noise, out)
         if record and self.training and self.importance_sampling:
             self.record_losses(t, loss)
         pred_x0 = out if self.mean_type == "x0" else self.predict_x0_from_eps(x_t, t, out)
         return {"loss": loss / pt, "pred_x0": pred_x0, "t": t}
 
-    def predict_x0_from_eps(self, x_t, t, eps):
-        ac = self.alphas_cumprod[t].unsqueeze(-1)
-        return (x_t - torch.sqrt(1 - ac) * eps) / torch.sqrt(ac)
+    @staticmethod
+    def _training_condition(cond, null_cond, p: float, drop_mask, n: int, device, generator):
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"model.cond_drop_prob: must be in [0, 1], got {p}")
+        if cond is None or (p == 0.0 and drop_mask is None):
+            return cond
+        if null_cond is None:
+            raise ConfigError("model.cond_drop_prob: condition dropout needs a null condition (null_cond)")
+        if drop_mask is None:
+            drop_mask = torch.rand(n, generator=generator, device=device) < p
+        return drop_condition(cond, null_cond, drop_mask)
 
-    def _x0_hat(self, denoise: Denoiser, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = denoise(x_t, t)
+    def _weighted_loss(self, x0, x_t, t, noise, out) -> torch.Tensor:
+        """The per-example loss before the division by p(t): MSE, SNR-reweighted (DiffRec) when ``reweight``."""
+        target = x0 if self.mean_type == "x0" else noise
+        mse = per_example_mean((target - out) ** 2)
+        if not self.reweight:
+            return mse
+        if self.mean_type == "x0":
+            weight = self.snr[(t - 1).clamp(min=0)] - self.snr[t]
+            weight = torch.where(t == 0, torch.ones_like(weight), weight)
+            return weight * mse
+        weight = (1 - self.alphas_cumprod[t]) / ((1 - self.alphas_cumprod_prev[t]) ** 2 * (1 - self.betas[t]))
+        weight = torch.where(t == 0, torch.ones_like(weight), weight)
+        likelihood = per_example_mean((x0 - self.predict_x0_from_eps(x_t, t, out)) ** 2) / 2.0
+        return weight * torch.where(t == 0, likelihood, mse)
+
+    # ----------------------------------------------------------------- one reverse step's prediction
+    def predict_x0(self, denoise: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond: Any = None,
+                   free: ClassifierFreeGuidance | None = None) -> torch.Tensor:
+        """x0_hat at (x_t, t), with classifier-free guidance on the raw output when ``free`` is given."""
+        out = call_denoiser(denoise, x_t, t, cond)
+        if free is not None and free.weight != 0:
+            out = (1 + free.weight) * out - free.weight * call_denoiser(denoise, x_t, t, free.null_cond)
         return out if self.mean_type == "x0" else self.predict_x0_from_eps(x_t, t, out)
 
     # ----------------------------------------------------------------- reverse process
@@ -235,63 +404,182 @@ class GaussianDiffusion(nn.Module):
                               f"step T, so samples from pure noise are meaningless; use a generative schedule "
                               f"(e.g. noise_schedule=cosine, noise_scale=1) reaching <= {tol}")
 
-    @torch.no_grad()
-    def generate(self, denoise: Denoiser, shape: tuple[int, int], generator: torch.Generator,
-                 inference_steps: int | None = None, what: str = "model") -> torch.Tensor:
-        """Samples x_0 by reversing the chain from x_T ~ N(0, I).
+    def default_sampler(self, inference_steps: int | None, noise: bool, what: str = "model") -> "Sampler":
+        """All T steps (None, 0 or T): ancestral DDPM (posterior noise if ``noise``); k < T: DDIM (eta=0) on k steps."""
+        T = self.steps
+        k = T if inference_steps in (None, 0) else int(inference_steps)
+        if not 1 <= k <= T:
+            raise ConfigError(f"{what}.inference_steps: must be in 1..{T}, got {k}")
+        return DDPMSampler(noise=noise) if k == T else DDIMSampler(steps=k)
 
-        All T steps: ancestral DDPM sampling (posterior mean plus posterior noise); fewer: DDIM (eta=0).
-        Every draw comes from ``generator``.
+    @torch.no_grad()
+    def generate(self, denoise: Denoiser, shape: tuple[int, ...], generator: torch.Generator,
+                 inference_steps: int | None = None, what: str = "model", cond: Any = None,
+                 guidance: Guidance | Sequence[Guidance] | None = None,
+                 sampler: "Sampler | None" = None) -> torch.Tensor:
+        """Samples x_0 of ``shape`` by reversing the chain from x_T ~ N(0, I) drawn from ``generator``.
+
+        Default sampler: all T steps, ancestral DDPM; fewer, DDIM (eta=0). Every draw comes from ``generator``.
         """
         self.check_reaches_noise(what)
-        x_t = torch.randn(shape, generator=generator)
-        with torch.random.fork_rng():  # reverse() draws the posterior noise from the global generator
-            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-            return self.reverse(denoise, x_t, 0, inference_steps, sampling_noise=True)
+        sampler = sampler or self.default_sampler(inference_steps, True, what)
+        x_t = torch.randn(shape, generator=required(generator, "generate"))
+        return sampler.sample(self, denoise, x_t, generator, cond=cond, guidance=guidance)
 
+    @torch.no_grad()
+    def purify(self, denoise: Denoiser, x: torch.Tensor, t_star: int, generator: torch.Generator,
+               sampler: "Sampler | None" = None, cond: Any = None,
+               guidance: Guidance | Sequence[Guidance] | None = None) -> torch.Tensor:
+        """Diffusion purification: noise x to step ``t_star`` (q_sample), then reverse from there to x_0.
+
+        Default sampler: ancestral DDPM. ``generator`` gives the forward noise, then the sampler's draws.
+        """
+        if not 0 <= t_star < self.steps:
+            raise ConfigError(f"purification.t_star: must be in 0..{self.steps - 1}, got {t_star}")
+        t = torch.full((x.shape[0],), t_star, dtype=torch.long, device=x.device)
+        x_t = self.q_sample(x, t, gaussian_like(x, required(generator, "purify")))
+        return (sampler or DDPMSampler()).sample(self, denoise, x_t, generator, start=t_star, cond=cond,
+                                                guidance=guidance)
 
     @torch.no_grad()
     def reverse(self, denoise: Denoiser, x_start: torch.Tensor, sampling_steps: int = 0,
-                inference_steps: int | None = None, sampling_noise: bool = False) -> torch.Tensor:
+                inference_steps: int | None = None, sampling_noise: bool = False,
+                generator: torch.Generator | None = None, cond: Any = None,
+                guidance: Guidance | Sequence[Guidance] | None = None,
+                sampler: "Sampler | None" = None) -> torch.Tensor:
         """DiffRec inference: start from the user's history and denoise down to t=0.
 
         ``sampling_steps`` > 0 first noises the history to step ``sampling_steps-1`` (official);
-        0 starts from the history itself. ``inference_steps`` None/T runs all T steps with the
-        posterior mean (official); fewer runs a deterministic DDIM subsequence of that length.
+        0 starts from the history itself. Either way all T steps follow, from step T-1 (official).
+        ``inference_steps`` None/T runs them with the posterior mean (official; plus posterior noise
+        with ``sampling_noise``); fewer runs a deterministic DDIM subsequence of that length; an
+        explicit ``sampler`` replaces both. ``generator`` gives the draws (a noised start, the noise);
+        None is torch's global generator, as in training (``Recommender.scores`` has no generator).
         """
         T = self.steps
         if not 0 <= sampling_steps <= T:
             raise ConfigError(f"model.sampling_steps: must be in 0..{T} (model.steps), got {sampling_steps}")
+        sampler = sampler or self.default_sampler(inference_steps, sampling_noise)
+        generator = global_generator(x_start.device) if generator is None else generator
         n = x_start.shape[0]
         if sampling_steps == 0:
             x = x_start
         else:
-            x = self.q_sample(x_start, torch.full((n,), sampling_steps - 1, dtype=torch.long, device=x_start.device))
-        if self.noise_scale == 0:
+            t = torch.full((n,), sampling_steps - 1, dtype=torch.long, device=x_start.device)
+            x = self.q_sample(x_start, t, gaussian_like(x_start, generator))
+        if self.noise_scale == 0:  # official: without noise the denoiser is applied T times
             for i in reversed(range(T)):
-                x = denoise(x, torch.full((n,), i, dtype=torch.long, device=x.device))
+                x = call_denoiser(denoise, x, torch.full((n,), i, dtype=torch.long, device=x.device), cond)
             return x
-        k = T if inference_steps in (None, 0) else int(inference_steps)
-        if not 1 <= k <= T:
-            raise ConfigError(f"model.inference_steps: must be in 1..{T}, got {k}")
-        if k == T:
-            for i in reversed(range(T)):
-                t = torch.full((n,), i, dtype=torch.long, device=x.device)
-                x0 = self._x0_hat(denoise, x, t)
-                mean = self.posterior_coef1[i] * x0 + self.posterior_coef2[i] * x
-                if sampling_noise and i > 0:
-                    var = self.betas[i] * (1 - self.alphas_cumprod_prev[i]) / (1 - self.alphas_cumprod[i])
-                    mean = mean + torch.sqrt(var) * torch.randn_like(x)
-                x = mean
-            return x
-        # DDIM (eta=0) on an evenly spaced subsequence ending at t=0.
-        seq = np.unique(np.linspace(0, T - 1, k).round().astype(int))[::-1]
+        return sampler.sample(self, denoise, x, generator, cond=cond, guidance=guidance)
+
+
+# ---------------------------------------------------------------------------- samplers
+class Sampler:
+    """One interface: ``sample(diffusion, denoise, x, generator, start=None, cond=None, guidance=None)``.
+
+    ``x`` is the chain at step ``start`` (default T-1: x_T, or DiffRec's history); the result is x_0.
+    """
+
+    def sample(self, diffusion: GaussianDiffusion, denoise: Denoiser, x: torch.Tensor,
+               generator: torch.Generator | None = None, start: int | None = None, cond: Any = None,
+               guidance: Guidance | Sequence[Guidance] | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def _start(diffusion: GaussianDiffusion, start: int | None) -> int:
+        if diffusion.noise_scale == 0:
+            raise ConfigError("model.noise_scale: 0 has no reverse chain to sample")
+        s = diffusion.steps - 1 if start is None else int(start)
+        if not 0 <= s < diffusion.steps:
+            raise ConfigError(f"sampler.start: must be in 0..{diffusion.steps - 1}, got {s}")
+        return s
+
+
+class DDPMSampler(Sampler):
+    """Ancestral DDPM (Ho et al. 2020): x_{t-1} = mu~(x_t, x0_hat) + Sigma_t g + sqrt(beta~_t) z, z ~ N(0, I).
+
+    ``noise=False`` drops the last term (DiffRec's inference: the posterior mean through every step).
+    """
+
+    def __init__(self, noise: bool = True):
+        self.noise = bool(noise)
+
+    @torch.no_grad()
+    def sample(self, diffusion, denoise, x, generator=None, start=None, cond=None, guidance=None):
+        d = diffusion
+        s = self._start(d, start)
+        free, classifiers = split_guidance(guidance, cond)
+        if self.noise and s > 0:
+            required(generator, "DDPMSampler(noise=True)")
+        n = x.shape[0]
+        for i in range(s, -1, -1):
+            t = torch.full((n,), i, dtype=torch.long, device=x.device)
+            x0 = d.predict_x0(denoise, x, t, cond, free)
+            mean = d.posterior_coef1[i] * x0 + d.posterior_coef2[i] * x
+            grad = classifier_gradient(classifiers, x, t)
+            if grad is not None:
+                mean = mean + d.posterior_variance[i] * grad
+            if self.noise and i > 0:
+                mean = mean + torch.sqrt(d.posterior_variance[i]) * gaussian_like(x, generator)
+            x = mean
+        return x
+
+
+class DDIMSampler(Sampler):
+    """DDIM (Song et al. 2021) on an evenly spaced subsequence of ``steps`` steps from ``start`` to 0.
+
+    x_s = sqrt(alpha_bar_s) x0_hat + sqrt(1 - alpha_bar_s - sigma^2) eps_hat + sigma z, with
+    sigma = eta sqrt((1 - alpha_bar_s) / (1 - alpha_bar_t)) sqrt(1 - alpha_bar_t / alpha_bar_s);
+    eta = 0 is deterministic. The last step returns x0_hat. ``steps`` None: every step.
+    """
+
+    def __init__(self, steps: int | None = None, eta: float = 0.0):
+        if steps is not None and int(steps) < 1:
+            raise ConfigError(f"sampler.steps: must be >= 1, got {steps}")
+        if eta < 0:
+            raise ConfigError(f"sampler.eta: must be >= 0, got {eta}")
+        self.steps = None if steps is None else int(steps)
+        self.eta = float(eta)
+
+    def timesteps(self, start: int) -> np.ndarray:
+        """The visited steps, descending from ``start`` to 0."""
+        k = start + 1 if self.steps is None else self.steps
+        if k > start + 1:
+            raise ConfigError(f"sampler.steps: must be in 1..{start + 1}, got {k}")
+        return np.unique(np.linspace(0, start, k).round().astype(int))[::-1]
+
+    @torch.no_grad()
+    def sample(self, diffusion, denoise, x, generator=None, start=None, cond=None, guidance=None):
+        d = diffusion
+        seq = self.timesteps(self._start(d, start))
+        free, classifiers = split_guidance(guidance, cond)
+        if self.eta > 0 and len(seq) > 1:
+            required(generator, "DDIMSampler(eta > 0)")
+        n = x.shape[0]
         for j, i in enumerate(seq):
-            t = torch.full((n,), int(i), dtype=torch.long, device=x.device)
-            x0 = self._x0_hat(denoise, x, t)
+            i = int(i)
+            t = torch.full((n,), i, dtype=torch.long, device=x.device)
+            x0 = d.predict_x0(denoise, x, t, cond, free)
+            eps = (x - d.sqrt_ac[i] * x0) / d.sqrt_one_minus_ac[i]
+            grad = classifier_gradient(classifiers, x, t)
+            if grad is not None:
+                eps = eps - d.sqrt_one_minus_ac[i] * grad
+                x0 = (x - d.sqrt_one_minus_ac[i] * eps) / d.sqrt_ac[i]
             if j == len(seq) - 1:
                 return x0
-            s = int(seq[j + 1])
-            eps = (x - self.sqrt_ac[i] * x0) / self.sqrt_one_minus_ac[i]
-            x = self.sqrt_ac[s] * x0 + self.sqrt_one_minus_ac[s] * eps
+            x = self._step(d, x0, eps, i, int(seq[j + 1]), generator)
         return x
+
+    def _step(self, d: GaussianDiffusion, x0, eps, i: int, s: int, generator) -> torch.Tensor:
+        if self.eta == 0:
+            return d.sqrt_ac[s] * x0 + d.sqrt_one_minus_ac[s] * eps
+        ac_t, ac_s = d.alphas_cumprod[i], d.alphas_cumprod[s]
+        sigma = self.eta * torch.sqrt((1 - ac_s) / (1 - ac_t)) * torch.sqrt(1 - ac_t / ac_s)
+        direction = torch.sqrt((1 - ac_s - sigma ** 2).clamp(min=0))
+        return d.sqrt_ac[s] * x0 + direction * eps + sigma * gaussian_like(x0, generator)
+
+
+def few_step(k: int) -> DDIMSampler:
+    """The few-step sampler: deterministic DDIM (eta = 0) on k evenly spaced steps (Song et al. 2021, 4.2)."""
+    return DDIMSampler(steps=k, eta=0.0)
