@@ -26,7 +26,7 @@ def check_logger(cfg) -> None:
     if name not in LOGGERS:
         raise ConfigError(f"logger.name: unknown logger {name!r}; expected one of {list(LOGGERS)}")
     if name == "tensorboard":
-        from fedrec.config import typed_block
+        from fedrec.typed_config import typed_block
 
         typed_block(TensorBoardConfig, block, "logger")
         try:

@@ -168,7 +168,7 @@ def bench_cross_device(overrides: list[str], opts: dict) -> None:
 
     from fedrec.config import compose
     from fedrec.data import load_dataset
-    from fedrec.experiment import quiet_flower
+    from fedrec.logs import quiet_flower
 
     quiet_flower(False)
     base = ["dataset=ml-100k", "model=diffrec", "federation=device", "federation.rounds=2",
@@ -245,7 +245,7 @@ def bench_per_user_memory(overrides: list[str], opts: dict) -> None:
     import tempfile
 
     from fedrec.config import compose
-    from fedrec.experiment import quiet_flower
+    from fedrec.logs import quiet_flower
     from simulations.memory import TreeMemory
 
     quiet_flower(False)

@@ -25,7 +25,8 @@ from fedrec.errors import FedrecInputError
 
 def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Plain function behind the CLI (tests call it with a composed config)."""
-    from fedrec.experiment import execute, quiet_flower, result_table
+    from fedrec.experiment import execute, result_table
+    from fedrec.logs import quiet_flower
 
     quiet_flower(bool(cfg.get("verbose", False)))
     summary = execute(cfg, run_dir, progress=progress)

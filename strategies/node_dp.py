@@ -52,7 +52,7 @@ class NodeDPConfig:
 
 
 def node_dp_config(cfg) -> NodeDPConfig:
-    from fedrec.config import typed_block
+    from fedrec.typed_config import typed_block
 
     return typed_block(NodeDPConfig, cfg, "privacy")
 

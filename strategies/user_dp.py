@@ -61,7 +61,7 @@ class UserDPConfig:
 
 
 def user_dp_config(cfg) -> UserDPConfig:
-    from fedrec.config import typed_block
+    from fedrec.typed_config import typed_block
 
     return typed_block(UserDPConfig, cfg, "privacy")
 

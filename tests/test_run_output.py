@@ -132,7 +132,7 @@ def test_bad_logger_config_names_the_key_before_any_file(tiny_cfg, tmp_path, ove
 def test_quiet_flower_drops_only_the_run_simulation_notice(caplog):
     from flwr.common.logger import log, warn_deprecated_feature
 
-    from fedrec.experiment import quiet_flower
+    from fedrec.logs import quiet_flower
 
     flwr = logging.getLogger("flwr")
     records: list[logging.LogRecord] = []

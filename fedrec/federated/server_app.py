@@ -4,7 +4,7 @@
 
 * ``python -m simulations.run`` builds a ServerApp around ``serve`` and runs it with the Ray
   simulation engine (``flwr.simulation.run_simulation``);
-* ``flwr run .`` uses the module-level ``app`` below, which composes the same Hydra config from the
+* ``flwr run .`` uses the ServerApp of ``fedrec/federated/flwr_app.py``, which composes the same Hydra config from the
   run-config key ``overrides`` and writes the same run folder (run-config ``run-dir``).
 
 Evaluation is server-side (the global model on every user) unless the model has private
@@ -18,29 +18,16 @@ import math
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
-from flwr.serverapp import Grid, ServerApp
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
 from omegaconf import OmegaConf
 
-from fedrec.errors import ConfigError
 from fedrec.eval import evaluate_model
 from fedrec.federated.arrays import global_arrays, load_arrays
 from fedrec.federated import protocol as P
+from fedrec.federated.validation import uses_client_evaluation
 from fedrec.models import build_model, data_shape
 from fedrec.recorder import Recorder
-
-
-def uses_client_evaluation(cfg, model) -> bool:
-    mode = cfg.federation.get("evaluation", "auto")
-    if mode not in ("auto", "server", "clients"):
-        raise ConfigError(f"federation.evaluation: expected auto, server or clients, got {mode!r}")
-    personal = int(cfg.federation.get("personalize_steps", 0) or 0) > 0
-    if personal and cfg.federation.mode != "device":
-        raise ConfigError("federation.personalize_steps: personalised evaluation needs federation=device")
-    if mode == "server" and (model.private_parameter_names() or personal):
-        raise ConfigError("federation.evaluation: 'server' is impossible with private parameters or "
-                          "personalised evaluation (only the nodes hold them)")
-    return mode == "clients" or (mode == "auto" and (bool(model.private_parameter_names()) or personal))
 
 
 def _split_metrics(record: MetricRecord | None) -> dict:
@@ -67,7 +54,7 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
     from strategies import build_strategy
     from strategies.user_dp import PrivacyBudgetExhausted
 
-    from fedrec.experiment import quiet_flower
+    from fedrec.logs import quiet_flower
 
     quiet_flower(bool(cfg.get("verbose", False)))
     torch.manual_seed(int(cfg.seed))
@@ -178,18 +165,3 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
                        evaluate_config=ConfigRecord({P.CONFIG: cfg_yaml}), evaluate_fn=evaluate_fn)
     except PrivacyBudgetExhausted as e:  # the privacy budget ends a run cleanly; every recorded round is kept
         recorder.extra["stopped"] = str(e)
-
-
-app = ServerApp()
-
-
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Entry point under ``flwr run``: compose the config from run-config and run the experiment."""
-    from fedrec.config import compose
-    from fedrec.experiment import execute
-
-    overrides = str(context.run_config.get("overrides", "")).split()
-    cfg = compose(overrides)
-    run_dir = str(context.run_config.get("run-dir", "")) or None
-    execute(cfg, run_dir, grid=grid)

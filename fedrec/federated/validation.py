@@ -13,6 +13,19 @@ import math
 from fedrec.errors import ConfigError
 
 
+def uses_client_evaluation(cfg, model) -> bool:
+    mode = cfg.federation.get("evaluation", "auto")
+    if mode not in ("auto", "server", "clients"):
+        raise ConfigError(f"federation.evaluation: expected auto, server or clients, got {mode!r}")
+    personal = int(cfg.federation.get("personalize_steps", 0) or 0) > 0
+    if personal and cfg.federation.mode != "device":
+        raise ConfigError("federation.personalize_steps: personalised evaluation needs federation=device")
+    if mode == "server" and (model.private_parameter_names() or personal):
+        raise ConfigError("federation.evaluation: 'server' is impossible with private parameters or "
+                          "personalised evaluation (only the nodes hold them)")
+    return mode == "clients" or (mode == "auto" and (bool(model.private_parameter_names()) or personal))
+
+
 def _rate(fed, key: str) -> None:
     value = float(fed.get(key, 0.0) or 0.0)
     if not 0.0 <= value < 1.0:
@@ -27,8 +40,6 @@ def check_run(cfg, data, model) -> None:
     from strategies import build_strategy
 
     from fedrec.data.partition import partition_from_cfg
-    from fedrec.federated.server_app import uses_client_evaluation
-
     client_eval = uses_client_evaluation(cfg, model)
     strategy = build_strategy(cfg.strategy, num_nodes=int(fed.num_nodes), fraction=float(fed.get("fraction", 1.0)),
                               seed=int(cfg.seed), client_evaluation=client_eval)

@@ -66,7 +66,7 @@ class DPSGDConfig:
 
 def dpsgd_config(cfg, where: str = "privacy") -> DPSGDConfig:
     """The typed config from ``conf/privacy/dpsgd.yaml`` or a generator's ``dp`` block."""
-    from fedrec.config import typed_block
+    from fedrec.typed_config import typed_block
 
     return typed_block(DPSGDConfig, cfg, where)
 

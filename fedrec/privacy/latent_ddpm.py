@@ -31,7 +31,7 @@ from fedrec.errors import ConfigError
 from fedrec.models.base import Batch, Recommender
 from fedrec.models.denoiser import DenoiserMLP
 from fedrec.models.diffusion import GaussianDiffusion
-from fedrec.privacy.generators import SyntheticGenerator
+from fedrec.privacy.generator_base import SyntheticGenerator
 from fedrec.train import DenseRows
 
 

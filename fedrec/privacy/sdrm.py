@@ -71,7 +71,7 @@ from torch import nn
 from fedrec.errors import ConfigError
 from fedrec.models.base import Batch, Recommender
 from fedrec.models.denoiser import timestep_embedding
-from fedrec.privacy.generators import SyntheticGenerator
+from fedrec.privacy.generator_base import SyntheticGenerator
 from fedrec.train import DenseRows
 
 SAMPLING = ("multi", "full")
