@@ -224,6 +224,7 @@ def test_missing_image_names_item_and_folder(tmp_path):
     ({"image_size": 0}, "dataset.image_size"),
     ({"missing_images": "skip"}, "dataset.missing_images"),
     ({"item_graph": "knn"}, "dataset.item_graph"),
+    ({"image_noise": -1}, "dataset.image_noise"),
 ])
 def test_bad_side_options_fail_before_any_file(tmp_path, kw, key):
     with pytest.raises(ConfigError) as e:
@@ -256,6 +257,10 @@ def test_synthetic_images_deterministic_and_carry_the_cluster():
     accuracy = float((pred == cl[held]).mean())
     chance = float(np.bincount(cl[held]).max() / len(held))
     assert accuracy > 0.9 and accuracy > chance + 0.5, (accuracy, chance)
+    # the noise is configurable: more noise, still deterministic, further from the cluster template
+    noisy = load_dataset(synth_cfg(images="synthetic", image_noise=1.0), 5).item_side.images
+    assert np.array_equal(noisy.numpy(), load_dataset(synth_cfg(images="synthetic", image_noise=1.0), 5).item_side.images.numpy())
+    assert float(noisy.std()) > float(x.std())
     # categories: the generator's genres, one of them the cluster's home genre
     assert a.item_side.categories.matrix.shape == (a.n_items, 18)
     assert a.item_side.categories.matrix.sum(axis=1).min() >= 1

@@ -23,7 +23,7 @@ user's **training** row, so it is derived from the users' private interactions, 
 (:mod:`fedrec.privacy.public_only`): the accountant does not cover it.
 
 Config keys (``conf/dataset/*.yaml``, all optional): ``item_category_field``, ``item_graph``,
-``images``, ``image_folder``, ``image_size``, ``missing_images``; :func:`check_side_options` checks
+``images``, ``image_folder``, ``image_size``, ``image_noise`` (synthetic images), ``missing_images``; :func:`check_side_options` checks
 them before any file is read.
 """
 
@@ -216,10 +216,14 @@ def check_side_options(cfg) -> dict:
     size = get_option(cfg, "image_size", 32)
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
         raise ConfigError(f"dataset.image_size={size!r}: expected a positive integer") from None
+    noise = get_option(cfg, "image_noise", 0.25)
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < float("inf"):
+        raise ConfigError(f"dataset.image_noise={noise!r}: expected a non-negative number") from None
     missing = get_option(cfg, "missing_images", "error")
     if missing not in MISSING_POLICIES:
         raise ConfigError(f"dataset.missing_images={missing!r}: expected one of {', '.join(MISSING_POLICIES)}") from None
-    return {"field": field, "graph": graph, "images": images, "folder": folder, "size": int(size), "missing": missing}
+    return {"field": field, "graph": graph, "images": images, "folder": folder, "size": int(size), "noise": float(noise),
+            "missing": missing}
 
 
 def item_side_from_config(opts: dict, data, seed: int, data_folder: Callable[[], Path]) -> ItemSideData:
@@ -236,7 +240,8 @@ def item_side_from_config(opts: dict, data, seed: int, data_folder: Callable[[],
     elif opts["graph"] == "co_interaction":
         side.private_graph = "co_interaction"
     if opts["images"] == "synthetic":
-        side.images = synthetic_images(data.item_features["cluster"], data.item_ids.astype(np.int64), seed, opts["size"])
+        side.images = synthetic_images(data.item_features["cluster"], data.item_ids.astype(np.int64), seed,
+                                       opts["size"], opts["noise"])
     elif opts["images"] == "folder":
         folder = Path(os.path.expanduser(str(opts["folder"])))
         if not folder.is_absolute():
