@@ -32,14 +32,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from fedrec.data.options import get_option
 from fedrec.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # torch is imported on first use: loading a dataset without images does not need it
+    import torch
 
 ITEM_GRAPHS = ("category", "co_interaction")
 IMAGE_SOURCES = ("synthetic", "folder")
@@ -133,6 +135,8 @@ def synthetic_images(cluster: np.ndarray, keys: np.ndarray, seed: int, size: int
     n_keys = int(keys.max()) + 1 if len(keys) else 0
     eps = rng.standard_normal((n_keys, 3, size, size)).astype(np.float32)
     img = templates[cluster] + noise * eps[keys]
+    import torch
+
     return torch.from_numpy(np.clip(img, 0.0, 1.0).astype(np.float32))
 
 
@@ -158,7 +162,7 @@ class ImageFolder:
                 by_token.setdefault(stem, name)
         tokens = np.asarray(item_ids, dtype=str)
         self.files = [by_token.get(t) for t in tokens]
-        absent = [t for t, f in zip(tokens, self.files) if f is None]
+        absent = [str(t) for t, f in zip(tokens, self.files) if f is None]
         if absent and missing == "error":
             raise DataError(f"{self.folder}: no image for item {absent[0]!r} ({absent[0]}.png or .jpg; "
                             f"{len(absent)} item(s) without one; dataset.missing_images=zeros uses black images)") from None
@@ -182,6 +186,8 @@ class ImageFolder:
         return arr.transpose(2, 0, 1)
 
     def __getitem__(self, items) -> torch.Tensor:
+        import torch
+
         idx = np.atleast_1d(np.asarray(items, dtype=np.int64))
         return torch.from_numpy(np.stack([self._read(self.files[i]) for i in idx]))
 
