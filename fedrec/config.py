@@ -50,6 +50,9 @@ def validate(cfg: DictConfig) -> None:
     if privacy not in ("none", "dpsgd", "user_dp", "node_dp"):
         raise ConfigError(f"privacy.name: unknown mechanism {privacy!r}; expected none, dpsgd, user_dp or node_dp")
     if privacy != "none":
+        from fedrec.privacy.public_only import check_side_data
+
+        check_side_data(cfg)  # no private item graph under DP, before any file is read
         _validate_privacy(cfg, privacy, mode)
     if mode != "none":
         if int(cfg.federation.num_nodes) < 1:

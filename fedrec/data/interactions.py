@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from fedrec.data.side import ItemSideData
+
 
 @dataclass
 class Interactions:
@@ -28,6 +30,8 @@ class Interactions:
     item_emb: np.ndarray | None = None
     # Timestamp of each stored training interaction, aligned with ``train.data`` (CSR order).
     train_timestamps: np.ndarray | None = None
+    # Public item side data (categories, embeddings, images, public graph): fedrec.data.side.
+    item_side: ItemSideData = field(default_factory=ItemSideData)
 
     @property
     def n_users(self) -> int:
@@ -51,6 +55,7 @@ class Interactions:
             item_features=self.item_features,
             item_emb=self.item_emb,
             train_timestamps=None,
+            item_side=self.item_side,
         )
 
     def summary(self) -> dict:

@@ -35,6 +35,7 @@ import numpy as np
 
 from fedrec.data.interactions import Interactions
 from fedrec.data.options import get_option as _get
+from fedrec.data.side import check_side_options, item_side_from_config
 from fedrec.data.splits import SPLIT_METHODS, check_ratios, dedupe, split_interactions, to_csr
 from fedrec.data.synthetic import generate_synthetic
 from fedrec.errors import ConfigError, DataError
@@ -300,11 +301,13 @@ def _atomic_interactions(table: _Table):
     return users, items, ratings, ts
 
 
-def _atomic_side_info(data: Interactions, folder: Path, name: str) -> None:
+def _atomic_side_info(data: Interactions, folder: Path, name: str, category_field: str | None = None) -> None:
     item_path = folder / f"{name}.item"
+    if category_field is not None and not item_path.exists():
+        raise DataError(f"{item_path}: not found, but dataset.item_category_field={category_field!r} is set") from None
     if item_path.exists():
-        t = _read_atomic(item_path, required=("item_id",))
-        genre_col = next((c for c in ("class", "genre", "genres") if c in t.columns), None)
+        t = _read_atomic(item_path, required=("item_id",) + ((category_field,) if category_field else ()))
+        genre_col = category_field or next((c for c in ("class", "genre", "genres") if c in t.columns), None)
         if genre_col is not None:
             genre, names = _genre_multihot(data.item_ids, np.array(t.columns["item_id"], dtype=str),
                                            [s.split() for s in t.columns[genre_col]])
@@ -382,7 +385,7 @@ def load_atomic(cfg, seed: int) -> Interactions:
         table = _read_atomic(path, required=("user_id", "item_id"))
         users, items, ratings, ts = _atomic_interactions(table)
         data, _, _ = _from_raw(opts, seed, users, items, ratings, ts, path)
-    _atomic_side_info(data, folder, name)
+    _atomic_side_info(data, folder, name, _get(cfg, "item_category_field"))
     return data
 
 
@@ -537,11 +540,14 @@ _LOADERS = {"synthetic": load_synthetic, "atomic": load_atomic, "movielens": loa
 def load_dataset(cfg, seed: int) -> Interactions:
     """Load ``cfg`` (a ``conf/dataset/*.yaml`` node) as binary train/valid/test matrices.
 
-    ``seed`` drives the random split (``ratio``) and the synthetic generator; the other sources
-    are deterministic.
+    ``seed`` drives the random split (``ratio``), the synthetic generator and synthetic images; the
+    other sources are deterministic. ``data.item_side`` holds the public item side data
+    (:mod:`fedrec.data.side`).
     """
     opts = _common_options(cfg)
+    side_opts = check_side_options(cfg)
     data = _LOADERS[opts["kind"]](cfg, seed)
     if data.n_users == 0:
         raise DataError(f"dataset {opts['name']!r}: zero users after loading") from None
+    data.item_side = item_side_from_config(side_opts, data, seed, lambda: resolve_data_path(cfg))
     return data

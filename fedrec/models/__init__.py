@@ -77,15 +77,27 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
 
     Item embeddings: the dataset's own (DiffRec's LightGCN ``item_emb.npy``) when present,
     otherwise a truncated SVD of the training matrix — a documented stand-in so that L-DiffRec's
-    item clustering works on every dataset.
+    item clustering works on every dataset. Item side data: the dataset's public ``item_side``;
+    with ``dataset.item_graph=co_interaction`` also ``item_graph_fn``, the training co-occurrence
+    graph built on first use (private; refused under DP by :mod:`fedrec.privacy.public_only`).
     """
     def svd_embeddings() -> np.ndarray | None:
         if getattr(data, "_svd_item_emb", None) is None:
             data._svd_item_emb = svd_item_embeddings(data.train, svd_dim, seed)
         return data._svd_item_emb
 
+    def co_graph():
+        if getattr(data, "_co_graph", None) is None:
+            from fedrec.data.side import co_interaction_graph
+
+            data._co_graph = co_interaction_graph(data.train)
+        return data._co_graph
+
+    side = data.item_side
+    wants_co_graph = side.graph is None and side.private_graph == "co_interaction"
     return DataShape(n_users=data.n_users, n_items=data.n_items, item_emb=data.item_emb,
-                     item_emb_fn=None if data.item_emb is not None else svd_embeddings)
+                     item_emb_fn=None if data.item_emb is not None else svd_embeddings,
+                     item_side=side, item_graph_fn=co_graph if wants_co_graph else None)
 
 
 __all__ = ["Batch", "DataShape", "Recommender", "build_model", "model_config", "data_shape", "svd_item_embeddings", "REGISTRY"]

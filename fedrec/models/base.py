@@ -28,9 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 
+from fedrec.data.side import ItemSideData
 from fedrec.errors import ConfigError
 
 
@@ -38,19 +40,33 @@ from fedrec.errors import ConfigError
 class DataShape:
     """What a model may know about the dataset: its shape and item side information.
 
-    ``item_emb_fn`` computes item embeddings on first use (``item_embeddings()``) when the dataset
-    has none, so models that never use them never pay for them.
+    ``item_side`` is the public item side data (:class:`fedrec.data.side.ItemSideData`: categories,
+    embeddings, images, a public item graph). ``item_emb_fn`` computes item embeddings on first use
+    (``item_embeddings()``) when the dataset has none, and ``item_graph_fn`` the item graph
+    (``item_graph()``) when the dataset asks for one built from the training interactions
+    (``dataset.item_graph=co_interaction``: private, refused under DP), so models that never use
+    them never pay for them.
     """
 
     n_users: int
     n_items: int
     item_emb: np.ndarray | None = None
     item_emb_fn: Callable[[], np.ndarray | None] | None = field(default=None, repr=False)
+    item_side: ItemSideData = field(default_factory=ItemSideData, repr=False)
+    item_graph_fn: Callable[[], sp.csr_matrix] | None = field(default=None, repr=False)
 
     def item_embeddings(self) -> np.ndarray | None:
         if self.item_emb is None and self.item_emb_fn is not None:
             self.item_emb = self.item_emb_fn()
         return self.item_emb
+
+    def item_graph(self) -> sp.csr_matrix | None:
+        """The item-item graph: the public one of ``item_side``, else the lazily built one, else None."""
+        if self.item_side.graph is not None:
+            return self.item_side.graph
+        if self.item_graph_fn is not None:
+            return self.item_graph_fn()
+        return None
 
 
 @dataclass
