@@ -552,7 +552,7 @@ def _sequence_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if (counts > 1).any():
         dup = np.flatnonzero(counts > 1)[0]
         again = np.flatnonzero(users == uniq[dup])[1]
-        raise DataError(f"{path}: line {linenos[again]}: user {uniq[dup]!r} already has a line "
+        raise DataError(f"{path}: line {linenos[again]}: user {str(uniq[dup])!r} already has a line "
                         f"(line {linenos[first[dup]]})") from None
     flat = [t for r in rows for t in r[1:]]
     line_of = np.repeat(linenos, lens - 1)
