@@ -47,6 +47,18 @@ def test_split_without_timestamps_keeps_input_order():
     assert s.train_seq.user(1).tolist() == [4, 0, 3, 2]
 
 
+def test_synthetic_data_has_sequences_in_timestamp_order(tiny_cfg):
+    from fedrec.data import load_dataset
+
+    data = load_dataset(tiny_cfg(*SEQ).dataset, 0)
+    ts, train = data.train_timestamps, data.train
+    for u in range(data.n_users):
+        row = slice(train.indptr[u], train.indptr[u + 1])
+        by_time = train.indices[row][np.argsort(ts[row], kind="stable")]
+        assert data.train_seq.user(u).tolist() == by_time.tolist()
+    assert (data.valid_seq.lengths == 1).all() and data.test.nnz == data.n_users
+
+
 def test_padded_subset_and_concatenation():
     seqs = Sequences.from_sorted(np.array([0, 0, 0, 1, 2, 2, 2, 2]), np.array([5, 6, 7, 8, 1, 2, 3, 4]), 4)
     got = seqs.padded(np.array([2, 0, 1, 3]), 3, pad=9).tolist()
