@@ -209,6 +209,10 @@ def test_sasrec_loss_is_per_user_mean_over_positions_and_ignores_padding():
     h = m.hidden(short[:, :-1])
     ce = torch.nn.functional.cross_entropy(m._logits(h)[0], short[0, 1:]).detach()
     assert float(loss[0]) == pytest.approx(float(ce), rel=1e-5)
+    # the vmappable path (explicit draws: every position, padding weighted 0) gives the same losses
+    ones = {"keep": torch.ones(3, m._n_sites(), seq.shape[1], m.item_emb.embedding_dim)}
+    dense = m.loss(Batch(users=torch.arange(3), x=torch.zeros(3, 30), seq=seq, rand=ones)).detach()
+    torch.testing.assert_close(dense, loss)
 
 
 def test_sasrec_vectorised_users_equal_independent_users():

@@ -125,8 +125,19 @@ class SASRecLite(Recommender):
         target = seq[:, 1:]
         # a position counts when both its input and its target are real items
         valid = (target != self.n_items) & (seq[:, :-1] != self.n_items)
-        ce = F.cross_entropy(self._logits(h).transpose(1, 2), target.clamp(max=self.n_items - 1), reduction="none")
-        return (ce * valid).sum(1) / valid.sum(1).clamp(min=1)
+        if keep is None:
+            # Full-catalogue logits only at real positions: short histories are mostly padding
+            # (Beauty: ~7 of 49 positions), and the logits are the whole cost.
+            b_idx, t_idx = valid.nonzero(as_tuple=True)
+            ce = F.cross_entropy(self._logits(h[b_idx, t_idx]), target[b_idx, t_idx], reduction="none")
+            total = torch.zeros(seq.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, b_idx, ce)
+        else:
+            # Explicit draws come from cross-device training, whose per-user function is vmapped and
+            # needs static shapes: every position, padding weighted 0. Same value as above.
+            ce = F.cross_entropy(self._logits(h).transpose(1, 2), target.clamp(max=self.n_items - 1),
+                                 reduction="none")
+            total = (ce * valid).sum(1)
+        return total / valid.sum(1).clamp(min=1)
 
     def draw_randomness(self, batch: Batch, rnd) -> dict[str, torch.Tensor]:
         b, n = batch.seq.shape
