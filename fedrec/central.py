@@ -17,13 +17,13 @@ from fedrec.errors import ConfigError
 from fedrec.eval import evaluate_model
 from fedrec.models import build_model, data_shape
 from fedrec.recorder import Recorder
-from fedrec.train import TrainRows, make_optimizer, train_epoch
+from fedrec.train import make_optimizer, model_rows, train_epoch
 
 
 def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> None:
     model = build_model(cfg.model, data_shape(data, seed=cfg.seed))
     optimizer = make_optimizer(model, cfg.model.optim)
-    rows = TrainRows(data.train, np.arange(data.n_users))
+    rows = model_rows(model, data, np.arange(data.n_users))
     rng = np.random.default_rng(cfg.seed)
     start = 0
     if resume is not None:

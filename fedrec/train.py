@@ -4,7 +4,10 @@ One epoch = one shuffled pass over the examples of the model's ``train_unit``, i
 ``batch_size`` examples: over the users (a batch of dense history rows; every model but BPR) or
 over the training interactions (BPR, RecBole's epoch: each (user, item) once, with the user's
 row in ``x`` and the item in ``Batch.items``). Rows are densified once when they fit in memory
-(ML-1M: 67 MB), else per batch.
+(ML-1M: 67 MB), else per batch. A sequence model (``input_kind == "sequence"``) gets the same
+user examples with ``Batch.seq`` filled too: each user's last ``model.max_len`` training items,
+left-padded with ``n_items`` (:meth:`fedrec.data.sequences.Sequences.padded`); build its rows with
+:func:`model_rows`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from fedrec.data.sequences import Sequences
 from fedrec.errors import ConfigError
 from fedrec.models.base import Batch, Recommender
 
@@ -30,8 +34,9 @@ def _check_unit(unit: str) -> None:
 class TrainRows:
     """Training rows of a user subset, as dense float tensors on demand."""
 
-    def __init__(self, train: sp.csr_matrix, users: np.ndarray):
+    def __init__(self, train: sp.csr_matrix, users: np.ndarray, seq: tuple[Sequences, int] | None = None):
         users = np.asarray(users, dtype=np.int64)
+        self._seq = seq  # (training sequences of all users, padded length) for sequence models
         counts = np.diff(train.indptr)[users]
         self.users = users[counts > 0]  # users without training items have nothing to learn from
         self._csr = train[self.users]
@@ -48,7 +53,11 @@ class TrainRows:
             x = torch.index_select(self._dense, 0, torch.from_numpy(np.asarray(idx, dtype=np.int64)))
         else:
             x = torch.from_numpy(self._csr[idx].toarray().astype(np.float32, copy=False))
-        return Batch(users=torch.from_numpy(self.users[idx]), x=x)
+        seq = None
+        if self._seq is not None:
+            seqs, length = self._seq
+            seq = seqs.padded(self.users[idx], length, pad=self._csr.shape[1])
+        return Batch(users=torch.from_numpy(self.users[idx]), x=x, seq=seq)
 
     def n_examples(self, unit: str) -> int:
         """Users, or training interactions (the stored non-zeros), of this subset."""
@@ -65,6 +74,13 @@ class TrainRows:
         out = self.batch(self._nz_row[idx])
         out.items = torch.from_numpy(self._csr.indices[idx].astype(np.int64))
         return out
+
+
+def model_rows(model: Recommender, data, users: np.ndarray) -> TrainRows:
+    """The training rows of ``users`` in the form ``model`` reads (dense rows, plus sequences for sequence models)."""
+    if model.input_kind == "sequence":
+        return TrainRows(data.train, users, seq=(data.input_sequences("train"), int(model.max_len)))
+    return TrainRows(data.train, users)
 
 
 class DenseRows:

@@ -19,6 +19,7 @@ TINY_MODEL = {
     "ldiffrec": ["model.in_dims=[8]", "model.mlp_dims=[8]", "model.steps=5"],
     "bpr": ["model.embedding_size=8"],
     "multvae": ["model.hidden_dims=[16]", "model.latent_dim=8"],
+    "sasrec_lite": ["model.hidden_dim=16", "model.max_len=10"],
 }
 
 

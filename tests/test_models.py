@@ -23,7 +23,9 @@ TINY: dict[str, dict] = {
                  "vae_anneal_steps": 0},
     "bpr": {"name": "bpr", "embedding_size": 8, "n_samples_per_user": 4},
     "multvae": {"name": "multvae", "hidden_dims": [16], "latent_dim": 8, "total_anneal_steps": 0},
+    "sasrec_lite": {"name": "sasrec_lite", "hidden_dim": 16, "max_len": 6, "dropout": 0.0},
 }
+SEQ_LEN = 6
 
 
 def test_tiny_covers_registry():
@@ -40,7 +42,17 @@ def _data(seed: int = 0) -> Batch:
     x = (torch.rand(N_USERS, N_ITEMS, generator=g) < 0.15).float()
     x[0] = 0.0  # one user without history
     x[1, :3] = 1.0
-    return Batch(users=torch.arange(N_USERS), x=x)
+    # for sequence models: each user's items in a seeded random order, the last SEQ_LEN, left-padded
+    from fedrec.data.sequences import Sequences
+
+    u, i = np.nonzero(x.numpy())
+    order = np.lexsort((np.random.default_rng(seed).random(len(u)), u))
+    seq = Sequences.from_sorted(u[order], i[order], N_USERS).padded(np.arange(N_USERS), SEQ_LEN, pad=N_ITEMS)
+    return Batch(users=torch.arange(N_USERS), x=x, seq=seq)
+
+
+def _head(batch: Batch, n: int) -> Batch:
+    return Batch(batch.users[:n], batch.x[:n], seq=batch.seq[:n])
 
 
 def _build(name: str, seed: int = 0, **over):
@@ -53,7 +65,7 @@ def test_loss_shape_finite_and_backward(name):
     model = _build(name)
     model.train()
     batch = _data()
-    sub = Batch(batch.users[:7], batch.x[:7])
+    sub = _head(batch, 7)
     loss = model.loss(sub)
     assert loss.shape == (7,)
     assert torch.isfinite(loss).all()
@@ -68,7 +80,7 @@ def test_scores_shape_and_finite(name):
     model = _build(name)
     model.eval()
     batch = _data()
-    s = model.scores(Batch(batch.users[:5], batch.x[:5]))
+    s = model.scores(_head(batch, 5))
     assert s.shape == (5, N_ITEMS)
     assert torch.isfinite(s).all()
 
@@ -154,6 +166,7 @@ def test_optim_block_is_ignored_by_builder(name):
     ("multvae", "latent_dim", 0), ("multvae", "dropout", 1.0), ("multvae", "anneal_cap", -0.1),
     ("multvae", "total_anneal_steps", -1), ("multvae", "hidden_dims", [0]),
     ("diffrec", "steps", 0), ("ldiffrec", "steps", 0),
+    ("sasrec_lite", "max_len", 1), ("sasrec_lite", "n_heads", 3), ("sasrec_lite", "dropout", 1.0),
 ])
 def test_bad_values_name_the_key(name, key, value):
     with pytest.raises(ConfigError, match=rf"model\.{key}"):

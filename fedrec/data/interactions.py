@@ -3,6 +3,11 @@
 Rows are users, columns items, both re-indexed to ``0..n-1``; ``user_ids``/``item_ids`` keep the
 original tokens so a run can be traced back to the source files. Matrices are binary
 ``scipy.sparse.csr_matrix`` (float32) so a user's row is cheap to slice on any node.
+
+Sequence models read ``train_seq`` / ``valid_seq`` instead: each user's train and valid items in
+time order (:mod:`fedrec.data.sequences`), kept by every loader that splits an ordered
+interaction list (``synthetic``, ``atomic`` and ``movielens`` unsplit files, ``sequence``); None for
+sources used as given without an order (DiffRec's ``.npy`` splits, pre-split atomic files).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from fedrec.data.side import ItemSideData
+from fedrec.data.sequences import Sequences
+from fedrec.errors import ConfigError
 
 
 @dataclass
@@ -32,6 +39,9 @@ class Interactions:
     train_timestamps: np.ndarray | None = None
     # Public item side data (categories, embeddings, images, public graph): fedrec.data.side.
     item_side: ItemSideData = field(default_factory=ItemSideData)
+    # Each user's train / valid items in time order; None when the source has no order.
+    train_seq: Sequences | None = None
+    valid_seq: Sequences | None = None
 
     @property
     def n_users(self) -> int:
@@ -56,7 +66,21 @@ class Interactions:
             item_emb=self.item_emb,
             train_timestamps=None,
             item_side=self.item_side,
+            train_seq=None if self.train_seq is None else self.train_seq.subset(users),
+            valid_seq=None if self.valid_seq is None else self.valid_seq.subset(users),
         )
+
+    def input_sequences(self, split: str) -> Sequences:
+        """What a sequence model reads to predict ``split``'s items: the training sequence for
+        "train" and "valid", the training sequence followed by the valid items for "test"."""
+        if self.train_seq is None or self.valid_seq is None:
+            raise ConfigError(f"model: a sequence model needs time-ordered interactions, but dataset "
+                              f"{self.name!r} has none (its splits are used as given without an order)")
+        if split == "test":
+            if getattr(self, "_test_input", None) is None:
+                self._test_input = self.train_seq.then(self.valid_seq)
+            return self._test_input
+        return self.train_seq
 
     def summary(self) -> dict:
         """Sizes, plus the users and items that have no training interaction.

@@ -12,6 +12,9 @@ Four kinds of source, one output shape (binary float32 CSR train/valid/test, int
 * ``diffrec``   -- the DiffRec paper's ``{train,valid,test}_list.npy`` splits (+ ``item_emb.npy``),
   used exactly as given so results are comparable with the paper.
 * ``synthetic`` -- :mod:`fedrec.data.synthetic`, for tests and smoke runs.
+* ``sequence``  -- sequential-recommendation text files, one user a line (``user item_1 ... item_n``,
+  items in time order, 1-based integer ids), split leave-one-out (last item test, second-to-last
+  valid, as in SASRec / BERT4Rec); see :func:`load_sequence`.
 
 Unsplit sources go through one pipeline: keep ratings ``>= rating_threshold`` as positives,
 collapse duplicates, drop users with fewer than ``min_user_interactions`` positives (RecBole's
@@ -40,7 +43,7 @@ from fedrec.data.splits import SPLIT_METHODS, check_ratios, dedupe, split_intera
 from fedrec.data.synthetic import generate_synthetic
 from fedrec.errors import ConfigError, DataError
 
-KINDS = ("synthetic", "atomic", "movielens", "diffrec")
+KINDS = ("synthetic", "atomic", "movielens", "diffrec", "sequence")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # ML-100K's u.genre order, used when u.genre itself is absent.
@@ -251,7 +254,7 @@ def _from_raw(opts: dict, seed: int, user_tok, item_tok, ratings, timestamps, so
     data = Interactions(
         name=opts["name"], train=split.train, valid=split.valid, test=split.test,
         user_ids=user_vocab[user_index].astype(str), item_ids=item_vocab[kept_i].astype(str),
-        train_timestamps=split.train_timestamps,
+        train_timestamps=split.train_timestamps, train_seq=split.train_seq, valid_seq=split.valid_seq,
     )
     return data, user_index, kept_i
 
@@ -534,7 +537,64 @@ def load_synthetic(cfg, seed: int) -> Interactions:
     return data
 
 
-_LOADERS = {"synthetic": load_synthetic, "atomic": load_atomic, "movielens": load_movielens, "diffrec": load_diffrec}
+# --------------------------------------------------------------------------- sequence text files
+
+
+def _sequence_lines(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user tokens, item ids, position in the line) of every interaction of a sequence file."""
+    rows, linenos = _read_rows(path, " ")
+    if not rows:
+        raise DataError(f"{path}: line 1: empty file, expected 'user item_1 ... item_n' lines") from None
+    rows = [[t for t in r if t] for r in rows]  # tolerate repeated spaces
+    lens = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    bad = np.flatnonzero(lens < 2)
+    if len(bad):
+        raise DataError(f"{path}: line {linenos[bad[0]]}: expected a user id and at least one item") from None
+    users = np.array([r[0] for r in rows], dtype=str)
+    uniq, first, counts = np.unique(users, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = np.flatnonzero(counts > 1)[0]
+        again = np.flatnonzero(users == uniq[dup])[1]
+        raise DataError(f"{path}: line {linenos[again]}: user {str(uniq[dup])!r} already has a line "
+                        f"(line {linenos[first[dup]]})") from None
+    flat = [t for r in rows for t in r[1:]]
+    line_of = np.repeat(linenos, lens - 1)
+    items = _numeric(path, flat, line_of, "item id")
+    bad = np.flatnonzero((items < 1) | (items != np.floor(items)))
+    if len(bad):
+        raise DataError(f"{path}: line {line_of[bad[0]]}: item id {flat[bad[0]]!r} is not an integer >= 1 "
+                        "(ids are 1-based)") from None
+    pos = np.arange(len(flat)) - np.repeat(np.cumsum(lens - 1) - (lens - 1), lens - 1)
+    return np.repeat(users, lens - 1), items.astype(np.int64), pos.astype(np.float64)
+
+
+def load_sequence(cfg, seed: int) -> Interactions:
+    """A sequence file (``dataset.file`` in the data folder), split leave-one-out.
+
+    The position in the line is the interaction's time, so the ``loo`` split puts each user's last
+    item in test and the second-to-last in valid (users with 2 items: no valid item; 1 item: train
+    only, as RecBole). Item ids are the file's 1-based ids in numeric order made 0-based (id k ->
+    k - 1 when every id 1..n occurs). A repeated item inside a line collapses to its first
+    occurrence, as everywhere (binary feedback); the shipped files have none.
+    """
+    opts = _common_options(cfg)
+    if opts["method"] != "loo":
+        raise ConfigError(f"dataset.split.method={opts['method']!r}: sequence files are split leave-one-out; "
+                          "use loo") from None
+    if opts["threshold"] is not None:
+        raise ConfigError("dataset.rating_threshold: sequence files have no ratings; use null") from None
+    fname = _get(cfg, "file")
+    if not fname:
+        raise ConfigError("dataset.file: the sequence file name is required (e.g. beauty.txt)") from None
+    path = _require(_require(resolve_data_path(cfg)) / str(fname))
+    users, items, pos = _sequence_lines(path)
+    data, _, _ = _from_raw(opts, seed, users, items.astype(str), None, pos, path)
+    data.train_timestamps = None  # positions, not times
+    return data
+
+
+_LOADERS = {"synthetic": load_synthetic, "atomic": load_atomic, "movielens": load_movielens, "diffrec": load_diffrec,
+            "sequence": load_sequence}
 
 
 def load_dataset(cfg, seed: int) -> Interactions:

@@ -27,6 +27,10 @@ earliest row first -- the order a stable sort on the timestamp gives, as RecBole
 
 Duplicated (user, item) pairs collapse to one interaction (the earliest one) before splitting,
 because the feedback is binary.
+
+Every split also keeps each user's train and valid items as time-ordered sequences
+(:class:`fedrec.data.sequences.Sequences`) for sequence models: by timestamp with the same
+input-row tie-break, or in input order when the data has no timestamps.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from fedrec.data.sequences import Sequences
 from fedrec.errors import ConfigError
 
 SPLIT_METHODS = ("ratio", "temporal", "temporal_global", "loo")
@@ -52,6 +57,10 @@ class Split(NamedTuple):
     # Original row indices (into ``0..n_users-1``) of the rows kept; all users unless
     # ``temporal_global`` dropped empty users. The matrices have ``len(kept_users)`` rows.
     kept_users: np.ndarray
+    # Each user's train and valid items in time order (ties, or no timestamps: input order), for
+    # sequence models; the test input is train then valid (``Interactions.input_sequences``).
+    train_seq: Sequences | None = None
+    valid_seq: Sequences | None = None
 
 
 def check_ratios(ratios: Sequence[float], key: str = "dataset.split.ratios") -> tuple[float, float, float]:
@@ -220,6 +229,12 @@ def split_interactions(users, items, timestamps, n_users: int, n_items: int, met
         timestamps = timestamps[keep]
         n_users = len(kept_users)
 
+    # Time order per user (the input row breaks ties; no timestamps: input order, which dedupe keeps).
+    when = np.arange(len(users)) if timestamps is None else timestamps
+    chrono = np.lexsort((np.arange(len(users)), when, users))
+    seqs = [Sequences.from_sorted(users[sel], items[sel], n_users)
+            for sel in (chrono[part[chrono] == k] for k in (0, 1))]
+
     mats = []
     train_ts = None
     for k in range(3):
@@ -228,4 +243,4 @@ def split_interactions(users, items, timestamps, n_users: int, n_items: int, met
         mats.append(mat)
         if k == 0:
             train_ts = ts
-    return Split(mats[0], mats[1], mats[2], train_ts, kept_users)
+    return Split(mats[0], mats[1], mats[2], train_ts, kept_users, seqs[0], seqs[1])

@@ -11,6 +11,13 @@ validation items), take the top K. With binary relevance, per user:
 
 each averaged over the users that have held-out items. Both splits are scored from ONE forward
 pass (the model reads the training row for both, as the official DiffRec evaluation does).
+
+Sequence models (``input_kind == "sequence"``) are evaluated next-item, one pass per split: valid
+scores the items following the training sequence, test the items following the training sequence
+plus the valid items (``Interactions.input_sequences``); with the ``loo`` split each user has one
+held-out item, so hr@K and ndcg@K are the usual next-item HR / NDCG. The masks are the same as
+above, i.e. every item of the history before the target (the model reads only its last
+``max_len``), and the metric sums are the same, so federated nodes pool them exactly.
 """
 
 from __future__ import annotations
@@ -101,6 +108,14 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
     was_training = model.training
     model.eval()
     try:
+        if model.input_kind == "sequence":
+            length = int(model.max_len)
+
+            def next_item(rows, x, split):
+                seq = data.input_sequences(split).padded(rows, length, pad=data.n_items)
+                return model.scores(Batch(users=torch.as_tensor(rows), x=x, seq=seq))
+
+            return evaluate_scores(next_item, data, ks, batch_size, users, splits, per_split=True)
         return evaluate_scores(lambda rows, x: model.scores(Batch(users=torch.as_tensor(rows), x=x)),
                                data, ks, batch_size, users, splits)
     finally:
@@ -109,8 +124,9 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
 
 @torch.no_grad()
 def evaluate_scores(score_fn, data, ks: list[int], batch_size: int = 1024,
-                    users: np.ndarray | None = None, splits=("valid", "test")) -> dict[str, dict]:
-    """Like ``evaluate_model`` for any ``score_fn(user_ids, train_rows) -> (B, n_items)`` scores."""
+                    users: np.ndarray | None = None, splits=("valid", "test"), per_split: bool = False) -> dict[str, dict]:
+    """Like ``evaluate_model`` for any ``score_fn(user_ids, train_rows) -> (B, n_items)`` scores;
+    with ``per_split``, ``score_fn(user_ids, train_rows, split)`` is called once per split."""
     ks = check_ks(ks, data.n_items)
     if users is None:
         users = np.arange(data.n_users)
@@ -118,9 +134,10 @@ def evaluate_scores(score_fn, data, ks: list[int], batch_size: int = 1024,
     for start in range(0, len(users), batch_size):
         rows = users[start:start + batch_size]
         x = dense_rows(data.train, rows)
-        scores = score_fn(rows, x).float()
+        shared = None if per_split else score_fn(rows, x).float()
         seen = x > 0  # validation masks training items; test also masks validation items
         for split in splits:
+            scores = score_fn(rows, x, split).float() if per_split else shared
             mask = seen | (dense_rows(data.valid, rows) > 0) if split == "test" else seen
             target = dense_rows(getattr(data, split), rows)
             sums, n = topk_metric_sums(scores.masked_fill(mask, float("-inf")), target, ks)

@@ -29,7 +29,7 @@ from fedrec.federated.node import node_view
 from fedrec.federated.node_state import NodeStateStore
 from fedrec.models import build_model, data_shape
 from fedrec.rng import PURPOSE_SHUFFLE, PURPOSE_TRAIN, numpy_stream, stream_seed
-from fedrec.train import TrainRows, make_optimizer, train_epoch
+from fedrec.train import make_optimizer, model_rows, train_epoch
 
 CONFIG_KEY = P.CONFIG  # kept for callers that import it from here
 
@@ -106,7 +106,7 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.federation.mode == "device":
         return _train_device(msg, view, cfg, model, rnd, store)
     seed = int(cfg.seed)
-    rows = TrainRows(view.data.train, view.users)
+    rows = model_rows(model, view.data, view.users)
     optimizer = make_optimizer(model, cfg.model.optim)
     extra: dict[str, float] = {}
     history = saved.get("dpsgd_history", [])

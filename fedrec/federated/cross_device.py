@@ -10,7 +10,9 @@ of a chunk at once:
 3. randomness is explicit and keyed by (seed, round, user, step) (``fedrec.rng``), so a user's draws
    do not depend on which node hosts it or how many users share its chunk;
 4. private parameters (tables indexed by user, e.g. BPR's user embeddings) enter each user's
-   function as a one-row table: the user's own row, kept by the node between rounds.
+   function as a one-row table: the user's own row, kept by the node between rounds;
+5. a sequence model's users also carry their padded training sequence (``seq``, (U, L)), vmapped
+   with their rows, so one user is still one example.
 
 Fast path: with plain SGD and one local step, a user's update is ``-lr * grad_u`` at the global
 parameters, which is linear, so the weighted sum over users is one backward pass of the weighted
@@ -120,11 +122,17 @@ class _LossOf(torch.nn.Module):
         return self.m.loss(batch)
 
 
+def _inputs(x: torch.Tensor, seq: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """A user's inputs as one pytree, so vmap slices rows and sequences together."""
+    return {"x": x} if seq is None else {"x": x, "seq": seq}
+
+
 def _single_user_loss(wrapper, buffers):
-    def loss(gparams, pparams, x, rand):
+    def loss(gparams, pparams, inp, rand):
         params = {f"m.{k}": v for k, v in gparams.items()}
         params.update({f"m.{k}": v.unsqueeze(0) for k, v in pparams.items()})  # one-row tables
-        batch = Batch(users=torch.zeros(1, dtype=torch.long), x=x.unsqueeze(0),
+        seq = inp["seq"].unsqueeze(0) if "seq" in inp else None
+        batch = Batch(users=torch.zeros(1, dtype=torch.long), x=inp["x"].unsqueeze(0), seq=seq,
                       rand={k: v.unsqueeze(0) for k, v in rand.items()})
         return functional_call(wrapper, {**params, **buffers}, (batch,))[0]
     return loss
@@ -139,8 +147,10 @@ def schedule_position(model: Recommender, round_: int, step: int, local_epochs: 
 
 def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weights: torch.Tensor,
                 private_rows: dict[str, torch.Tensor], local: LocalTraining, seed: int, round_: int,
-                per_user: bool, schedule_round: int | None = None, fold=None) -> UserUpdates:
-    """Train every user in ``users`` (rows (U, n_items)) from the model's current global parameters.
+                per_user: bool, schedule_round: int | None = None, fold=None,
+                seq: torch.Tensor | None = None) -> UserUpdates:
+    """Train every user in ``users`` (rows (U, n_items); ``seq`` (U, L) for sequence models) from the
+    model's current global parameters.
 
     ``round_`` keys the users' random draws; ``schedule_round`` (default ``round_``) places the
     model's annealing schedule (MultVAE's KL weight, L-DiffRec's lambda and KL weight).
@@ -161,7 +171,8 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
     if local.optimizer == "sgd" and local.local_epochs == 1 and not per_user and fold is None:
         # FedProx's proximal gradient mu (w - w_global) is zero at the first step: nothing to add.
         schedule_position(model, schedule_round, 0, local.local_epochs)
-        return _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, round_, g0, private_names)
+        return _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, round_, g0, private_names,
+                                 seq)
 
     chunk = local.chunk_for(sum(v.numel() for v in g0.values()))
     f = _single_user_loss(wrapper, buffers)
@@ -174,17 +185,19 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
     for start in range(0, len(users), chunk):
         sl = slice(start, start + chunk)
         u, x, w = users[sl], rows[sl], weights[sl]
+        s = None if seq is None else seq[sl]
+        inp = _inputs(x, s)
         c = len(u)
         gp = {n: v.unsqueeze(0).expand(c, *v.shape).clone() for n, v in g0.items()}
         pp = {n: private_rows[n][sl].clone() for n in private_names}
         state = _AdamState(gp, pp) if local.optimizer == "adam" else None
         for step in range(local.local_epochs):
             schedule_position(model, schedule_round, step, local.local_epochs)
-            rand = model.draw_randomness(Batch(users=torch.as_tensor(u), x=x), UserRandom(seed, round_, u, step))
+            rand = model.draw_randomness(Batch(users=torch.as_tensor(u), x=x, seq=s), UserRandom(seed, round_, u, step))
             if step == 0:
                 with torch.no_grad():
-                    loss_acc += float((vloss(gp, pp, x, rand) * w).sum())
-            gg, pg = vgrad(gp, pp, x, rand)
+                    loss_acc += float((vloss(gp, pp, inp, rand) * w).sum())
+            gg, pg = vgrad(gp, pp, inp, rand)
             with torch.no_grad():
                 if local.prox_mu > 0:  # FedProx per user: grad of mu/2 ||w - w_global||^2
                     for n in gg:
@@ -230,7 +243,7 @@ class _AdamState:
                 params[n].addcdiv_(self.m[n], denom, value=-lr / bc1)
 
 
-def _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, round_, g0, private_names):
+def _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, round_, g0, private_names, seq=None):
     """Linear case: sum_u w_u (theta - lr g_u) = theta - lr * grad(sum_u w_u L_u), one backward."""
     wsum = float(weights.sum())
     grads = {n: torch.zeros_like(v) for n, v in g0.items()}
@@ -243,10 +256,11 @@ def _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, ro
     for start in range(0, len(users), chunk):
         sl = slice(start, start + chunk)
         u, x, w = users[sl], rows[sl], weights[sl]
+        s = None if seq is None else seq[sl]
         # The chunk's private rows form a small table addressed by positions 0..c-1.
         pleaf = {n: private_rows[n][sl].clone().requires_grad_(True) for n in private_names}
-        batch = Batch(users=torch.arange(len(u)), x=x)
-        batch.rand = model.draw_randomness(Batch(users=torch.as_tensor(u), x=x), UserRandom(seed, round_, u, 0))
+        batch = Batch(users=torch.arange(len(u)), x=x, seq=s)
+        batch.rand = model.draw_randomness(Batch(users=torch.as_tensor(u), x=x, seq=s), UserRandom(seed, round_, u, 0))
         state = {f"m.{k}": v for k, v in {**gleaf, **pleaf}.items()} | buffers
         per_example = functional_call(wrapper, state, (batch,))
         leaves = [*gleaf.values(), *pleaf.values()]

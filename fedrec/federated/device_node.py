@@ -144,7 +144,11 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
         pos = pos[page * int(page_size):(page + 1) * int(page_size)]
     users = node_users[pos]
     rows = torch.from_numpy(data.train[users].toarray().astype(np.float32))
-    rows = cap_rows(rows, users, fed.get("max_user_interactions"), seed, round_)
+    cap = fed.get("max_user_interactions")
+    rows = cap_rows(rows, users, cap, seed, round_)
+    seq = None
+    if model.input_kind == "sequence":  # the cap keeps a sequence's most recent items (not a random subset)
+        seq = data.input_sequences("train").padded(users, int(model.max_len), pad=data.n_items, keep=cap)
     weighting = fed.get("weighting", "uniform")
     if weighting == "uniform":
         weights = torch.ones(len(users))
@@ -157,7 +161,7 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
     private_names = model.private_parameter_names()
     start = {n: p.detach() for n, p in model.named_parameters() if n not in private_names}
     fold = ClippedSumFold(start, clip) if clip is not None else None
-    upd = train_users(model, users, rows, weights, private_rows, local, seed, round_, per_user, fold=fold)
+    upd = train_users(model, users, rows, weights, private_rows, local, seed, round_, per_user, fold=fold, seq=seq)
     new_private = {n: t.clone() for n, t in private_state.items()}
     for n, rows_n in upd.private.items():
         new_private[n][pos] = rows_n

@@ -35,6 +35,8 @@ def _rate(fed, key: str) -> None:
 def check_run(cfg, data, model) -> None:
     """Reject a federated run's bad values; ``data`` and ``model`` are the loaded dataset and built model."""
     fed = cfg.federation
+    if model.input_kind == "sequence":
+        _check_sequence(cfg, data, model)
     if fed.mode == "none":
         return
     from strategies import build_strategy
@@ -58,6 +60,17 @@ def check_run(cfg, data, model) -> None:
         raise ConfigError(f"federation.ray_cpus: must be null or >= 1, got {fed.ray_cpus}")
     if fed.mode == "device":
         _check_device(cfg, data, model)
+
+
+def _check_sequence(cfg, data, model) -> None:
+    """A sequence model needs ordered data and is not wired to DP-SGD or personalised evaluation yet."""
+    data.input_sequences("train")  # ConfigError when the dataset has no order
+    privacy = cfg.get("privacy")
+    if privacy is not None and privacy.get("name") == "dpsgd":
+        raise ConfigError(f"privacy=dpsgd: model {model.name!r} reads sequences, which DP-SGD does not support yet")
+    if int(cfg.federation.get("personalize_steps", 0) or 0) > 0:
+        raise ConfigError(f"federation.personalize_steps: personalised evaluation of sequence models "
+                          f"({model.name!r}) is not supported yet; use 0")
 
 
 def _check_device(cfg, data, model) -> None:

@@ -20,6 +20,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "ldiffrec": ("fedrec.models.ldiffrec", "LDiffRec", "LDiffRecConfig"),
     "bpr": ("fedrec.models.bpr", "BPRMF", "BPRConfig"),
     "multvae": ("fedrec.models.multvae", "MultVAE", "MultVAEConfig"),
+    "sasrec_lite": ("fedrec.models.sasrec", "SASRecLite", "SASRecConfig"),
 }
 
 NON_MODEL_KEYS = {"name", "optim"}

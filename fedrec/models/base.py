@@ -19,7 +19,10 @@ inside the model: a model is built from its config dataclass plus the dataset's 
   (L-DiffRec trains its autoencoder and its denoiser at different rates).
 
 Trainers, Flower clients, attacks, defenses, DP and evaluation touch models only through this
-interface. Sequence models use the same class with ``Batch.seq`` filled instead of ``Batch.x``.
+interface. Sequence models (``input_kind = "sequence"``, e.g. SASRec-lite) use the same class and
+read ``Batch.seq``: trainers, cross-device training and evaluation fill it with the user's most
+recent items (``model.max_len`` of them, left-padded with ``n_items``; :mod:`fedrec.data.sequences`)
+next to ``Batch.x``, and one example is still one user.
 """
 
 from __future__ import annotations
@@ -75,7 +78,8 @@ class Batch:
 
     users: torch.Tensor  # (B,) int64 internal user ids
     x: torch.Tensor  # (B, n_items) float32 0/1
-    seq: torch.Tensor | None = None  # (B, L) item ids for sequence models; None for user-vector models
+    # (B, L) int64 for sequence models: the last L items, oldest first, left-padded with n_items; else None
+    seq: torch.Tensor | None = None
     # (B,) int64: example b is the interaction (users[b], items[b]) rather than the user users[b];
     # set only by trainers feeding a model whose train_unit is "interaction". None: user examples.
     items: torch.Tensor | None = None

@@ -109,6 +109,11 @@ class DPSGDTrainer:
                  cfg: DPSGDConfig, epochs: int, seed: int):
         from opacus import PrivacyEngine
 
+        if model.input_kind != "user_vector":
+            # Opacus's per-sample hooks need every layer's input batched by example; a sequence
+            # model's positional table is not, so its per-user gradients would be wrong.
+            raise ConfigError(f"privacy=dpsgd: model {model.name!r} reads sequences, which DP-SGD does not "
+                              "support yet; use a user-vector model or privacy=none")
         self.model, self.rows, self.cfg = model, rows, cfg
         n = len(rows)
         self.delta = cfg.delta if cfg.delta is not None else 1.0 / n
