@@ -206,8 +206,8 @@ def bench_cross_device_round(overrides: list[str], opts: dict) -> None:
     """One cross-device round on ML-1M against a centralised epoch over the same users."""
     from fedrec.config import compose
     from fedrec.data import load_dataset
-    from fedrec.federated.cross_device import LocalTraining, train_users
-    from fedrec.federated.device_node import STREAM_SAMPLE, sampling_threshold, user_coins
+    from fedrec.federated.cross_device import train_users
+    from fedrec.federated.device_node import STREAM_SAMPLE, local_training, sampling_threshold, user_coins
     from fedrec.models import build_model, data_shape
     from fedrec.train import TrainRows, make_optimizer, train_epoch
 
@@ -220,10 +220,7 @@ def bench_cross_device_round(overrides: list[str], opts: dict) -> None:
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model, data_shape(data))
     rows = torch.from_numpy(data.train[users].toarray().astype(np.float32))
-    local = LocalTraining(optimizer=str(fed.local_optimizer), lr=float(fed.local_lr),
-                          local_epochs=int(cfg.train.local_epochs),
-                          chunk_size=int(fed.chunk_size) if fed.get("chunk_size") else None,
-                          memory_budget_gb=float(fed.get("memory_budget_gb", 2.0)))
+    local = local_training(cfg)
     per_user = str(opts.get("per_user", "false")).lower() == "true"
     t_dev, t_cen = [], []
     central = TrainRows(data.train, users)

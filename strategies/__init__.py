@@ -33,7 +33,7 @@ from fedrec.errors import ConfigError
 from fedrec.federated import protocol as P
 from fedrec.federated.arrays import check_update
 from fedrec.rng import PURPOSE_NODE_SAMPLING, numpy_stream
-from strategies.update_batch import UpdateBatch, coordinate_median, derive_weights
+from strategies.update_batch import UpdateBatch, coordinate_median, derive_weights, weighted_mean
 
 
 class _Reply:
@@ -80,6 +80,8 @@ class FedrecMixin:
     node_clip = None  # user-level DP: the bound nodes clip each user's update to
     #: rounds with evaluation on the nodes (client evaluation); None: every round
     evaluates_in = None
+    query_timeout = 600.0  # seconds to wait for every node's partition-id
+    page_timeout = 3600.0  # seconds to wait for a page of per-user uploads
 
     def setup(self, *, num_nodes: int, fraction: float, seed: int, round_offset: int = 0) -> None:
         self.num_nodes = num_nodes
@@ -123,7 +125,7 @@ class FedrecMixin:
             _, node_ids = sample_nodes(grid, self.num_nodes, self.num_nodes)  # waits until all connected
             query = [Message(RecordDict({"config": ConfigRecord({P.QUERY_PARTITION: 1})}),
                              message_type=MessageType.QUERY, dst_node_id=int(nid)) for nid in node_ids]
-            replies = list(grid.send_and_receive(query, timeout=float(getattr(self, "query_timeout", 600))))
+            replies = list(grid.send_and_receive(query, timeout=self.query_timeout))
             self._raise_on_errors(replies)
             found = {int(m.metadata.src_node_id): int(m.content["metrics"][P.PARTITION_ID]) for m in replies}
             pids = sorted(found.values())
@@ -152,11 +154,6 @@ class FedrecMixin:
             return int(metrics.get(P.PARTITION_ID, -1)) if metrics is not None else -1
         return sorted(replies, key=key)
 
-    def combine_user_updates(self, arrays: dict[str, np.ndarray], weights: np.ndarray) -> dict[str, np.ndarray]:
-        """Per-user updated parameters (U, ...) -> one array each; override for robust/DP rules."""
-        w = weights / weights.sum()
-        return {k: _weighted_sum(w, v).astype(v.dtype) for k, v in arrays.items()}
-
     @property
     def needs_per_user_updates(self) -> bool:
         """A batch rule must see every user's update."""
@@ -165,15 +162,16 @@ class FedrecMixin:
     def pages_fold(self) -> bool:
         """Per-user replies can come in pages only when the rule is the weighted mean, which folds page
         by page; a rule that must see every user at once (a median) gets every user in one reply."""
-        return self.page_size is not None and self.batch_rule is None \
-            and type(self).combine_user_updates is FedrecMixin.combine_user_updates
+        return self.page_size is not None and self.batch_rule is None
 
-    def _later_pages(self, first: dict[int, tuple[RecordDict, int]]) -> None:
+    def _later_pages(self, first: dict[int, tuple[RecordDict, int]]) -> tuple[int, list[str]]:
         """Ask the nodes for their pages 1.. in lockstep and fold each into the node's running mean.
 
         ``first`` maps partition -> (collapsed content of page 0, number of pages); updated in place.
         Only one page per node is in flight at a time, so memory stays at a page whatever the users.
+        Returns the users rejected on those pages and why.
         """
+        rejected, reasons = 0, []
         node_of = {pid: nid for nid, pid in self.partitions(self._grid).items()}
         pages = {pid: n for pid, (_, n) in first.items()}
         for k in range(1, max(pages.values(), default=1)):
@@ -187,13 +185,11 @@ class FedrecMixin:
             for msg in replies:
                 pid = int(msg.content["metrics"][P.PARTITION_ID])
                 content, bad_users, why = self._collapse_per_user(msg)
-                self._page_rejects += bad_users
-                self._page_reasons += why
+                rejected, reasons = rejected + bad_users, reasons + why
                 if content is not None:
                     first[pid] = (_merge_means(first[pid][0], content, self.arrayrecord_key, self.weighted_by_key),
                                   pages[pid])
-
-    page_timeout = 3600.0
+        return rejected, reasons
 
     def _user_part(self, msg: Message) -> tuple[UpdateBatch | None, int, list[str]]:
         """A node's stacked per-user reply -> (its users' valid updates as a batch, users rejected, reasons)."""
@@ -231,7 +227,7 @@ class FedrecMixin:
         part, rejected, reasons = self._user_part(msg)
         if part is None:
             return None, rejected, reasons
-        combined = self.combine_user_updates(part.arrays, part.weights)
+        combined = weighted_mean(part)
         return self._content(combined, msg.content["metrics"], float(part.weights.sum())), rejected, reasons
 
     def _content(self, arrays: dict[str, np.ndarray], metrics, weight: float) -> RecordDict:
@@ -257,7 +253,6 @@ class FedrecMixin:
         if not parts:
             return [], rejected, reasons
         batch = UpdateBatch.concat(parts)
-        self.last_batch_size = len(batch)
         result = type(self).batch_rule(batch)
         metrics = dict(replies[0].content["metrics"]) | {"trained-users": float(len(batch))}
         return [_Reply(self._content(result, metrics, float(batch.weights.sum())))], rejected, reasons
@@ -289,11 +284,10 @@ class FedrecMixin:
         replies = self._in_partition_order(list(replies))
         self._raise_on_errors(replies)
         if self.batch_rule is not None:
-            batched, rejected, reasons = self._batch_round(replies)
-            replies, self._page_rejects, self._page_reasons = batched, rejected, reasons
+            replies, rejected, reasons = self._batch_round(replies)
         else:
-            replies = self._with_all_pages(replies)
-        good, rejected, reasons, empty = [], self._page_rejects, list(self._page_reasons), 0
+            replies, rejected, reasons = self._with_all_pages(replies)
+        good, empty = [], 0
         for msg in replies:
             metrics = msg.content.metric_records.get("metrics")
             if metrics is not None and float(metrics.get(self.weighted_by_key, -1)) == 0:
@@ -339,34 +333,27 @@ class FedrecMixin:
         self.last_train_s = time.perf_counter() - self._t_train
         return arrays, metrics
 
-    def _with_all_pages(self, replies: list[Message]) -> list:
-        """Replies with pages: each node's pages folded into one node-level reply (mean over its users)."""
-        self._page_rejects, self._page_reasons = 0, []
-        paged = [m for m in replies if int(m.content["metrics"].get(P.PAGES, 1)) > 1]
-        if not paged:
-            return replies
+    def _with_all_pages(self, replies: list[Message]) -> tuple[list, int, list[str]]:
+        """Replies with pages: each node's pages folded into one node-level reply (mean over its users).
+        Returns the replies, the users rejected on the pages and why."""
         first: dict[int, tuple[RecordDict, int]] = {}
-        out = []
+        out, rejected, reasons = [], 0, []
         for msg in replies:
             metrics = msg.content["metrics"]
             if int(metrics.get(P.PAGES, 1)) <= 1:
                 out.append(msg)
                 continue
             content, bad_users, why = self._collapse_per_user(msg)
-            self._page_rejects += bad_users
-            self._page_reasons += why
-            pid = int(metrics[P.PARTITION_ID])
+            rejected, reasons = rejected + bad_users, reasons + why
             if content is None:  # page 0 unusable: start the node's mean from its next good page
                 content = RecordDict({"metrics": MetricRecord(dict(metrics) | {self.weighted_by_key: 0.0})})
-            first[pid] = (content, int(metrics[P.PAGES]))
-        self._later_pages(first)
-        for pid in sorted(first):
-            content = first[pid][0]
-            if self.arrayrecord_key in content.array_records:
-                metrics = MetricRecord(dict(content["metrics"]) | {P.PER_USER_REPLY: 0})
-                out.append(_Reply(RecordDict({self.arrayrecord_key: content[self.arrayrecord_key],
-                                              "metrics": metrics})))
-        return self._in_partition_order(out)
+            first[int(metrics[P.PARTITION_ID])] = (content, int(metrics[P.PAGES]))
+        if not first:
+            return replies, 0, []
+        more, why = self._later_pages(first)
+        # a node's folded content is a node-level mean reply (per-user flag cleared by _content)
+        out += [_Reply(content) for content, _ in first.values() if self.arrayrecord_key in content.array_records]
+        return self._in_partition_order(out), rejected + more, reasons + why
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         self._t_eval = time.perf_counter()
@@ -398,14 +385,6 @@ class FedrecMixin:
     def load_state(self, st: dict) -> None:
         for k, v in st.items():
             setattr(self, k, v)
-
-
-def _weighted_sum(w: np.ndarray, stacked: np.ndarray, block: int = 8) -> np.ndarray:
-    """sum_u w[u] * stacked[u] in float64, a few users at a time (no float64 copy of the whole stack)."""
-    out = np.zeros(stacked.shape[1:], dtype=np.float64)
-    for start in range(0, len(w), block):
-        out += np.tensordot(w[start:start + block], stacked[start:start + block].astype(np.float64), axes=1)
-    return out
 
 
 def _merge_means(a: RecordDict, b: RecordDict, arrays_key: str, weight_key: str) -> RecordDict:

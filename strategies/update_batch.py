@@ -43,9 +43,17 @@ def derive_weights(reported: np.ndarray, weighting: str, cap: int | None) -> np.
     return np.clip(w, 0, cap) if cap else w
 
 
-def weighted_mean(batch: UpdateBatch) -> dict[str, np.ndarray]:
+def weighted_mean(batch: UpdateBatch, block: int = 8) -> dict[str, np.ndarray]:
+    """sum_u w_u x_u / sum_u w_u, accumulated in float64 a few users at a time (never a float64 copy
+    of the whole stack: at ML-1M scale a page of users is hundreds of MB)."""
     w = batch.weights / batch.weights.sum()
-    return {k: np.tensordot(w, v.astype(np.float64), axes=1).astype(v.dtype) for k, v in batch.arrays.items()}
+    out = {}
+    for k, v in batch.arrays.items():
+        acc = np.zeros(v.shape[1:], dtype=np.float64)
+        for start in range(0, len(w), block):
+            acc += np.tensordot(w[start:start + block], v[start:start + block].astype(np.float64), axes=1)
+        out[k] = acc.astype(v.dtype)
+    return out
 
 
 def coordinate_median(batch: UpdateBatch) -> dict[str, np.ndarray]:

@@ -216,8 +216,8 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
         del gp, state
     out = fold.result()
     return UserUpdates(
-        users=users, weights=weights, mean=out if isinstance(fold, MeanFold) and not custom else None,
-        per_user=out if isinstance(fold, StackFold) and not custom else None,
+        users=users, weights=weights, mean=None if custom or per_user else out,
+        per_user=out if per_user and not custom else None,
         private={n: torch.cat(v) for n, v in new_private.items()}, loss=loss_acc / wsum,
         folded=out if custom else None)
 

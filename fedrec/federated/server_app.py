@@ -103,7 +103,6 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
         from fedrec.federated.device_node import sampling_threshold
 
         n_users, seed = data.n_users, int(cfg.seed)
-        sampling_threshold(fed, n_users, seed, 1)  # reject a bad sampling config before round 1
         strategy.user_threshold = lambda rnd: sampling_threshold(fed, n_users, seed, rnd)
         strategy.per_user_uploads = fed.get("upload", "auto") == "per_user"
         strategy.weighting = str(fed.get("weighting", "uniform"))
@@ -126,8 +125,12 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
     strategy.round_extras = {P.RUN_ID: run_id(recorder.run.path), P.RESUMED_AT: start}
     if simulated:
         strategy.round_extras[P.STATE_DIR_HINT] = str((recorder.run.path / "node-state").resolve())
-    if client_eval:  # the nodes evaluate on the rounds the config names, like the server would
-        strategy.evaluates_in = lambda rnd: rnd % every == 0 or rnd == rounds
+
+    def evaluates(rnd: int) -> bool:  # train.eval_every, and always the last round
+        return rnd % every == 0 or rnd == rounds
+
+    if client_eval:  # the nodes evaluate on the same rounds the server would
+        strategy.evaluates_in = evaluates
 
     def evaluate_fn(local_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if local_round == 0:
@@ -137,7 +140,7 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
         if client_eval:
             if strategy.last_eval is not None:
                 evaluation, eval_s = _split_metrics(strategy.last_eval), strategy.last_eval_s
-        elif rnd % every == 0 or rnd == rounds:
+        elif evaluates(rnd):
             load_arrays(model, arrays, "aggregated arrays")
             t0 = time.perf_counter()
             evaluation = evaluate_model(model, data, ks, int(cfg.eval.batch_size))

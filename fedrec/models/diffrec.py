@@ -7,8 +7,12 @@ MLP with a timestep embedding predicts x0, the per-timestep loss is SNR-reweight
 are importance-sampled. Inference starts from the user's history (no added noise) and
 runs the reverse posterior mean through all T steps; its output scores every item.
 
-Deviations: none in the model; ``inference_steps < T`` switches to a DDIM subsequence (an option,
-off by default); the importance history update is vectorised (see ``diffusion.py``).
+Deviations: none in the centralised model with the defaults (checked: scores equal an
+official-structure reverse loop in tests/test_models.py, ML-1M figures in docs/RESULTS.md);
+``inference_steps < T`` switches to a DDIM subsequence (an option, off by default); the importance
+history update is vectorised (see ``diffusion.py``). Outside the official setting: cross-device users
+draw timesteps uniformly (``draw_randomness``: a user's few steps cannot feed an importance history),
+and under any DP mechanism importance sampling is switched off (``fedrec/privacy/public_only.py``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ the official cluster sizes (ML-1M clean, n_cate=2: 1850 / 960 items).
 Deviations: when a dataset has no item embeddings, they are taken from a truncated SVD of the
 training matrix (documented in ``DataShape``); k-means keeps the centre of an empty cluster and
 stops after ``KMEANS_MAX_ITER`` iterations where the official code would produce NaN or loop on;
-scores are returned in the original item order instead of the cluster order.
+scores are returned in the original item order instead of the cluster order; the denoiser is
+DiffRec's (``denoiser.py``), whose biases start at N(0, 0.001) where the official L-DiffRec
+denoiser starts them at 0 (not measured; see docs/RESULTS.md for the Recall@20 gap on ML-1M).
 """
 
 from __future__ import annotations
