@@ -100,6 +100,7 @@ PURPOSE_DP_SAMPLING = 3  # Opacus's Poisson sampling of users
 PURPOSE_DP_NOISE = 4  # Opacus's Gaussian noise on the clipped gradient sum
 PURPOSE_NODE_SAMPLING = 5  # which silos train in a round (server)
 PURPOSE_SERVER_NOISE = 6  # the server's DP noise (node-level DP through Flower's wrapper)
+PURPOSE_EVAL = 7  # torch's global generator while a node evaluates (a sampler with noise, if configured)
 
 
 def stream_seed(*key: int) -> int:

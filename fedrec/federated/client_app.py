@@ -28,7 +28,7 @@ from fedrec.federated.arrays import global_arrays, load_arrays, local_state
 from fedrec.federated.node import node_view
 from fedrec.federated.node_state import NodeStateStore
 from fedrec.models import build_model, data_shape
-from fedrec.rng import PURPOSE_SHUFFLE, PURPOSE_TRAIN, numpy_stream, stream_seed
+from fedrec.rng import PURPOSE_EVAL, PURPOSE_SHUFFLE, PURPOSE_TRAIN, numpy_stream, stream_seed
 from fedrec.train import make_optimizer, model_rows, train_epoch
 
 CONFIG_KEY = P.CONFIG  # kept for callers that import it from here
@@ -84,8 +84,8 @@ def _prepare(msg: Message, context: Context, *, evaluating: bool):
     if saved is not None:
         load_arrays(model, saved["local"], "node state")
     load_arrays(model, msg.content["arrays"], "global arrays from the server")
-    # From here on torch's global generator is this node's stream for this round.
-    torch.manual_seed(stream_seed(seed, view.partition_id, rnd, PURPOSE_TRAIN))
+    # From here on torch's global generator is this node's stream for this round and purpose.
+    torch.manual_seed(stream_seed(seed, view.partition_id, rnd, PURPOSE_EVAL if evaluating else PURPOSE_TRAIN))
     return view, cfg, model, rnd, store, saved or {}
 
 
