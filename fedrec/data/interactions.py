@@ -8,6 +8,12 @@ Sequence models read ``train_seq`` / ``valid_seq`` instead: each user's train an
 time order (:mod:`fedrec.data.sequences`), kept by every loader that splits an ordered
 interaction list (``synthetic``, ``atomic`` and ``movielens`` unsplit files, ``sequence``); None for
 sources used as given without an order (DiffRec's ``.npy`` splits, pre-split atomic files).
+
+``injected`` marks users added by a data transform (:mod:`fedrec.data.transforms`, e.g. shilling
+profiles from :mod:`attacks.shilling`): one bool per user, None when nobody was injected. Injected
+users train and are partitioned like any other user, but no metric ever counts them
+(:func:`fedrec.eval.metrics.evaluate_scores` drops them), so the mask travels with every row
+selection (:meth:`Interactions.subset_users`, :meth:`Interactions.append_users`).
 """
 
 from __future__ import annotations
@@ -42,6 +48,26 @@ class Interactions:
     # Each user's train / valid items in time order; None when the source has no order.
     train_seq: Sequences | None = None
     valid_seq: Sequences | None = None
+    # True for users a data transform injected (fake profiles); None = no injected user.
+    injected: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.injected is not None:
+            self.injected = np.asarray(self.injected, dtype=bool)
+            if self.injected.shape != (self.n_users,):
+                raise ValueError(f"Interactions.injected: expected one flag per user ({self.n_users}), "
+                                 f"got shape {self.injected.shape}")
+
+    @property
+    def n_injected(self) -> int:
+        return 0 if self.injected is None else int(self.injected.sum())
+
+    def genuine(self, users: np.ndarray | None = None) -> np.ndarray:
+        """``users`` (default: all) without the injected ones, order kept: the users a metric may count."""
+        users = np.arange(self.n_users, dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64)
+        if self.injected is None:
+            return users
+        return users[~self.injected[users]]
 
     @property
     def n_users(self) -> int:
@@ -68,6 +94,73 @@ class Interactions:
             item_side=self.item_side,
             train_seq=None if self.train_seq is None else self.train_seq.subset(users),
             valid_seq=None if self.valid_seq is None else self.valid_seq.subset(users),
+            injected=None if self.injected is None else self.injected[users],
+        )
+
+    def append_users(self, train: sp.csr_matrix, user_ids: np.ndarray, *, injected: bool,
+                     valid: sp.csr_matrix | None = None, test: sp.csr_matrix | None = None,
+                     train_seq: Sequences | None = None) -> "Interactions":
+        """A new ``Interactions`` with ``len(user_ids)`` users appended after the existing ones.
+
+        ``train`` (and optionally ``valid``/``test``, else empty) are the new users' rows over the
+        same catalogue; existing users keep their row indices, so anything indexed by them
+        (partitions of the genuine users, private tables) stays valid. The new users' flag is
+        ``injected``. Per-user features get the loaders' "missing" value for the new users (-1 for
+        integer codes, NaN for floats, "" for text). A dataset with sequences needs ``train_seq``
+        (the new users' training items in order); their valid sequences are the order of their
+        valid items by item id (they have no timestamps). The timestamps of the new training
+        entries are the latest genuine one: appended users arrive after the data was collected.
+        """
+        n_new = len(user_ids)
+        empty = sp.csr_matrix((n_new, self.n_items), dtype=np.float32)
+        valid = empty if valid is None else valid
+        test = empty if test is None else test
+        for name, m in (("train", train), ("valid", valid), ("test", test)):
+            if m.shape != (n_new, self.n_items):
+                raise ValueError(f"append_users: {name} rows have shape {m.shape}, expected {(n_new, self.n_items)}")
+        clash = np.intersect1d(np.asarray(user_ids).astype(str), self.user_ids.astype(str))
+        if len(clash):
+            raise ValueError(f"append_users: user id {clash[0]!r} already exists")
+        if self.train_seq is not None and (train_seq is None or len(train_seq.lengths) != n_new):
+            raise ValueError(f"append_users: dataset {self.name!r} keeps sequences; the new users' training "
+                             "sequences are required")
+        flags = np.concatenate([self.injected if self.injected is not None else np.zeros(self.n_users, bool),
+                                np.full(n_new, bool(injected))])
+
+        def stack(a, b):
+            return sp.csr_matrix(sp.vstack([a, b.astype(np.float32)], format="csr"), dtype=np.float32)
+
+        def extend(key, v):
+            if key.endswith("_vocab") or np.ndim(v) == 0 or len(v) != self.n_users:
+                return v
+            v = np.asarray(v)
+            if np.issubdtype(v.dtype, np.integer):
+                pad = np.full((n_new,) + v.shape[1:], -1, dtype=v.dtype)
+            elif np.issubdtype(v.dtype, np.floating):
+                pad = np.full((n_new,) + v.shape[1:], np.nan, dtype=v.dtype)
+            else:
+                pad = np.full((n_new,) + v.shape[1:], "", dtype=v.dtype)
+            return np.concatenate([v, pad])
+
+        ts = self.train_timestamps
+        if ts is not None:
+            latest = ts.max() if len(ts) else 0
+            ts = np.concatenate([ts, np.full(int(train.nnz), latest, dtype=ts.dtype)])
+        seq_new = None
+        if self.valid_seq is not None:
+            v = sp.csr_matrix(valid)
+            seq_new = self.valid_seq.append(Sequences(v.indptr.astype(np.int64), v.indices.astype(np.int64)))
+        return Interactions(
+            name=self.name,
+            train=stack(self.train, train), valid=stack(self.valid, valid), test=stack(self.test, test),
+            user_ids=np.concatenate([self.user_ids.astype(str), np.asarray(user_ids).astype(str)]),  # no truncation
+            item_ids=self.item_ids,
+            user_features={k: extend(k, v) for k, v in self.user_features.items()},
+            item_features=self.item_features, item_emb=self.item_emb, train_timestamps=ts,
+            item_side=self.item_side,
+            train_seq=None if self.train_seq is None else self.train_seq.append(train_seq),
+            valid_seq=seq_new,
+            injected=flags,
         )
 
     def input_sequences(self, split: str) -> Sequences:
@@ -83,11 +176,12 @@ class Interactions:
         return self.train_seq
 
     def summary(self) -> dict:
-        """Sizes, plus the users and items that have no training interaction.
+        """Sizes, plus the users and items that have no training interaction, and the injected users.
 
         Pre-split benchmark files can hold users who are only evaluated, and any split can leave
         items that are only ever ranked (all their interactions in valid/test); counting them
-        puts that next to the results.
+        puts that next to the results. ``users`` includes the ``injected_users`` (fake profiles a
+        data transform added), which train but are never evaluated.
         """
         return {
             "dataset": self.name,
@@ -98,4 +192,5 @@ class Interactions:
             "test": int(self.test.nnz),
             "users_without_train": int((np.diff(self.train.indptr) == 0).sum()),
             "items_without_train": int(self.n_items - len(np.unique(self.train.indices))),
+            "injected_users": self.n_injected,
         }

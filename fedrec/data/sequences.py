@@ -46,6 +46,11 @@ class Sequences:
         offset = np.arange(indptr[-1]) - np.repeat(indptr[:-1], lens)
         return Sequences(indptr, self.items[np.repeat(self.indptr[users], lens) + offset])
 
+    def append(self, other: "Sequences") -> "Sequences":
+        """``other``'s users after this one's (rows n..n+m-1): how a data transform adds users."""
+        indptr = np.concatenate((self.indptr, self.indptr[-1] + np.asarray(other.indptr[1:], dtype=np.int64)))
+        return Sequences(indptr.astype(np.int64), np.concatenate((self.items, np.asarray(other.items, dtype=np.int64))))
+
     def then(self, other: "Sequences") -> "Sequences":
         """Each user's sequence followed by the same user's sequence in ``other`` (test input = train + valid)."""
         la, lb = self.lengths, other.lengths
