@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from fedrec.config import validate
 from fedrec.errors import ConfigError
 from fedrec.train import make_optimizer
-from fedrec.data import load_dataset
+from fedrec.data import load_run_data
 from fedrec.eval import check_ks
 from fedrec.loggers import check_logger, open_sink
 from fedrec.models import build_model, data_shape
@@ -34,12 +34,17 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="round" if desc != "epochs" else "epoch", dynamic_ncols=True)
 
 
-def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress: bool = True) -> dict:
-    """Run the experiment ``cfg`` into ``run_dir`` and return its summary."""
+def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress: bool = True,
+            transforms=()) -> dict:
+    """Run the experiment ``cfg`` into ``run_dir`` and return its summary.
+
+    ``transforms`` are the run's data transforms (``fedrec.data.transforms``; the mechanisms' data
+    hooks); every node must be handed the same ones for its ``node_view``.
+    """
     validate(cfg)
     if int(cfg.get("threads", 0)) > 0:
         torch.set_num_threads(int(cfg.threads))
-    data = load_dataset(cfg.dataset, int(cfg.seed))
+    data = load_run_data(cfg.dataset, int(cfg.seed), transforms)
     check_ks(cfg.eval.ks, data.n_items)
     from fedrec.privacy.public_only import enforce_public_only
 

@@ -154,7 +154,7 @@ def test_co_interaction_graph_refused_under_dp_before_any_file(tiny_cfg, tmp_pat
     def no_load(*a, **k):
         raise AssertionError("the dataset was read")
 
-    monkeypatch.setattr(experiment, "load_dataset", no_load)
+    monkeypatch.setattr(experiment, "load_run_data", no_load)
     cfg = tiny_cfg("federation=none", "privacy=dpsgd", override)
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError) as e:
