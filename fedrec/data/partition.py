@@ -12,6 +12,14 @@ controls heterogeneity across nodes:
   placed greedily on the least-loaded node (largest groups first) to balance node sizes;
 * ``user``      -- one user per node (cross-device FL: every user is a client).
 
+Injected users (``Interactions.injected``: fake profiles added by a data transform) are users like
+any other here: ``iid`` and ``user`` treat them alike, ``dirichlet`` labels them by their own items
+like everyone. ``attribute`` is the exception: injected users have no attribute of their own (the
+transform gives them the "missing" value), so they do not form a group; the genuine users' groups
+are placed exactly as without them, and the injected users are then dealt round-robin, in a seeded
+order, over all nodes -- fake accounts spread over the organisations rather than all landing in
+the node that hosts the "missing" group.
+
 Every method returns ``num_nodes`` sorted, disjoint int64 arrays covering all users, and every node
 gets at least one user.
 """
@@ -69,7 +77,14 @@ def _dirichlet(labels: np.ndarray, num_nodes: int, alpha: float, rng: np.random.
     return node
 
 
-def _attribute(values: np.ndarray, num_nodes: int, attribute: str) -> np.ndarray:
+def _attribute(values: np.ndarray, num_nodes: int, attribute: str, injected: np.ndarray | None = None,
+               rng: np.random.Generator | None = None) -> np.ndarray:
+    if injected is not None and injected.any():
+        node = np.empty(len(values), dtype=np.int64)
+        node[~injected] = _attribute(values[~injected], num_nodes, attribute)
+        fakes = rng.permutation(np.flatnonzero(injected))
+        node[fakes] = np.arange(len(fakes)) % num_nodes
+        return node
     groups, inv = np.unique(values, return_inverse=True)
     if len(groups) < num_nodes:
         raise ConfigError(
@@ -98,9 +113,12 @@ def partition_users(data: Interactions, method: str, num_nodes: int | None, seed
         if num_nodes in (None, 0):
             num_nodes = n_users
         if num_nodes != n_users:
+            injected = getattr(data, "injected", None)
+            n_fake = 0 if injected is None else int(np.sum(injected))
+            fakes = f", {n_fake} of them injected" if n_fake else ""
             raise ConfigError(
                 f"num_nodes={num_nodes}: partition.method=user needs one node per user "
-                f"(num_nodes = {n_users} or 0)"
+                f"(num_nodes = {n_users}{fakes}, or 0)"
             ) from None
     if num_nodes is None or isinstance(num_nodes, bool) or int(num_nodes) != num_nodes:
         raise ConfigError(f"num_nodes={num_nodes!r}: expected an integer number of nodes") from None
@@ -136,7 +154,7 @@ def partition_users(data: Interactions, method: str, num_nodes: int | None, seed
         raise ConfigError(
             f"partition.attribute={attribute!r}: expected one value per user, got shape {values.shape}"
         ) from None
-    return _as_parts(_attribute(values, num_nodes, attribute), num_nodes)
+    return _as_parts(_attribute(values, num_nodes, attribute, getattr(data, "injected", None), rng), num_nodes)
 
 
 def partition_from_cfg(data: Interactions, cfg_partition, num_nodes: int | None, seed: int) -> list[np.ndarray]:
