@@ -18,6 +18,11 @@ plus the valid items (``Interactions.input_sequences``); with the ``loo`` split 
 held-out item, so hr@K and ndcg@K are the usual next-item HR / NDCG. The masks are the same as
 above, i.e. every item of the history before the target (the model reads only its last
 ``max_len``), and the metric sums are the same, so federated nodes pool them exactly.
+
+Injected users (``data.injected``: fake profiles a data transform added) never count: whatever
+``users`` a caller passes, :func:`evaluated_users` removes them before any scoring, so the server,
+every node's metric sums and the next-item protocol all follow one rule, even for a transform that
+gave its fake users valid/test items.
 """
 
 from __future__ import annotations
@@ -95,11 +100,19 @@ class RankingAccumulator:
         return {k: v / self.users for k, v in self.sums.items()}
 
 
+def evaluated_users(data, users: np.ndarray | None = None) -> np.ndarray:
+    """``users`` (default: all of ``data``'s) minus the injected ones: the users metrics may count."""
+    users = np.arange(data.n_users, dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64)
+    injected = getattr(data, "injected", None)
+    return users if injected is None else users[~np.asarray(injected, dtype=bool)[users]]
+
+
 @torch.no_grad()
 def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
                    users: np.ndarray | None = None, splits=("valid", "test")) -> dict[str, dict]:
     """Valid and test metrics of ``model`` on ``data`` from one scoring pass per user batch.
 
+    ``users`` (default: all) are the users to evaluate; injected users among them are skipped.
     Returns ``{"valid": {...}, "test": {...}}`` plus the raw sums and user counts under
     ``"_sums"`` so federated nodes can be combined exactly.
     """
@@ -128,8 +141,7 @@ def evaluate_scores(score_fn, data, ks: list[int], batch_size: int = 1024,
     """Like ``evaluate_model`` for any ``score_fn(user_ids, train_rows) -> (B, n_items)`` scores;
     with ``per_split``, ``score_fn(user_ids, train_rows, split)`` is called once per split."""
     ks = check_ks(ks, data.n_items)
-    if users is None:
-        users = np.arange(data.n_users)
+    users = evaluated_users(data, users)  # the one place injected users leave every metric
     acc = {s: RankingAccumulator(ks) for s in splits}
     for start in range(0, len(users), batch_size):
         rows = users[start:start + batch_size]

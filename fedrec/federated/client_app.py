@@ -22,7 +22,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrec.eval import evaluate_model
+from fedrec.eval import evaluate_model, evaluated_users
 from fedrec.federated import protocol as P
 from fedrec.federated.arrays import global_arrays, load_arrays, local_state
 from fedrec.federated.node import node_view
@@ -149,17 +149,18 @@ def _train_dpsgd(model, optimizer, rows, cfg, history, seed: int):
 def evaluate(msg: Message, context: Context) -> Message:
     view, cfg, model, rnd, _, _ = _prepare(msg, context, evaluating=True)
     steps = int(cfg.federation.get("personalize_steps", 0) or 0)
+    users = evaluated_users(view.data, view.users)  # injected users never count in a metric
     if steps > 0:  # personalised evaluation: a few local steps per user before scoring
         from fedrec.eval.metrics import evaluate_scores
         from fedrec.federated.cross_device import personalised_scorer
         from fedrec.federated.device_node import local_training
 
         local = local_training(cfg, local_epochs=steps)
-        score = personalised_scorer(model, view.data, view.users, local, int(cfg.seed), 10**6 + rnd)
-        res = evaluate_scores(score, view.data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=view.users)
+        score = personalised_scorer(model, view.data, users, local, int(cfg.seed), 10**6 + rnd)
+        res = evaluate_scores(score, view.data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=users)
     else:
-        res = evaluate_model(model, view.data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=view.users)
-    values: dict[str, float | int] = {P.NUM_EXAMPLES: max(1, len(view.users)), P.PARTITION_ID: view.partition_id}
+        res = evaluate_model(model, view.data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=users)
+    values: dict[str, float | int] = {P.NUM_EXAMPLES: max(1, len(users)), P.PARTITION_ID: view.partition_id}
     for split, agg in res["_sums"].items():
         values[f"{split}/users"] = agg["users"]
         values.update({f"{split}/{k}/sum": v for k, v in agg["sums"].items()})
