@@ -5,7 +5,7 @@ Reads every ``*/summary.json`` with its ``config.yaml`` under the folder (a Hydr
 mechanism ``synthetic:<generator>``, the utility model trained on the synthetic users only, evaluated on
 the real held-out users), writes
 ``report.csv`` and ``report.md`` (one row per run: mechanism, model, target and achieved epsilon,
-test metrics, wall time) and ``privacy_accuracy.png`` (epsilon vs test NDCG@20, one line per
+injected (fake) users, test metrics, wall time) and ``privacy_accuracy.png`` (epsilon vs test NDCG@20, one line per
 mechanism and model; the non-private point is drawn at the right edge, labelled inf) into the folder.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-COLUMNS = ["run", "mechanism", "model", "federation", "target_epsilon", "epsilon", "test_ndcg@20",
+COLUMNS = ["run", "mechanism", "model", "federation", "target_epsilon", "epsilon", "injected_users", "test_ndcg@20",
            "test_recall@20", "valid_ndcg@20", "best_round", "rounds", "wall_s", "stopped"]
 
 
@@ -37,6 +37,7 @@ def collect(root: Path) -> list[dict]:
             "model": s.get("model"), "federation": s.get("federation"),
             "target_epsilon": float(target) if target is not None else math.inf,
             "epsilon": float(priv["epsilon"]) if priv.get("epsilon") is not None else math.inf,
+            "injected_users": (s.get("dataset") or {}).get("injected_users", 0),
             "test_ndcg@20": s["test"].get("ndcg@20"), "test_recall@20": s["test"].get("recall@20"),
             "valid_ndcg@20": s["valid"].get("ndcg@20"), "best_round": s.get("best_round"),
             "rounds": s.get("rounds"), "wall_s": round(float(s.get("wall_s", 0)), 1), "stopped": s.get("stopped", ""),
@@ -53,7 +54,7 @@ def collect(root: Path) -> list[dict]:
             "mechanism": f"synthetic:{gen.get('model', {}).get('name') if gen['name'] == 'zoo' else gen['name']}",
             "model": r.get("utility_model"), "federation": "none",
             "target_epsilon": float(target) if target is not None else math.inf,
-            "epsilon": math.inf if eps == "inf" else float(eps),
+            "epsilon": math.inf if eps == "inf" else float(eps), "injected_users": 0,
             "test_ndcg@20": syn["test"].get("ndcg@20"), "test_recall@20": syn["test"].get("recall@20"),
             "valid_ndcg@20": syn["valid"].get("ndcg@20"), "best_round": syn.get("epoch"),
             "rounds": r.get("utility_epochs"), "wall_s": float(r.get("wall_s", 0)), "stopped": "",

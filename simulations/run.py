@@ -31,6 +31,9 @@ def run(cfg: DictConfig, run_dir: str | Path | None = None, progress: bool = Tru
     quiet_flower(bool(cfg.get("verbose", False)))
     summary = execute(cfg, run_dir, progress=progress)
     print(result_table(summary))
+    data = summary.get("dataset") or {}
+    if data.get("injected_users"):  # fake users train but never count: say so next to the results
+        print(f"data: {data['users']} users, {data['injected_users']} of them injected (trained on, never evaluated)")
     print(f"wall time {summary['wall_s']:.1f} s; best {summary['select_metric']} at round/epoch "
           f"{summary['best_round']}")
     print(f"run folder: {summary['run_dir']}")

@@ -276,3 +276,6 @@ def test_run_summary_counts_injected_users(tiny_cfg, tmp_path, capsys):
     cfg = tiny_cfg("federation=none", "train.epochs=1", model="multvae")
     summary = execute(cfg, tmp_path / "run", progress=False, transforms=(CopyUsers(4),))
     assert summary["dataset"]["injected_users"] == 4 and summary["dataset"]["users"] == 64
+    from simulations.report import collect
+
+    assert [r["injected_users"] for r in collect(tmp_path)] == [4]  # and the sweep table shows it
