@@ -59,7 +59,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from fedrec.data.interactions import Interactions
+from fedrec.data import Interactions  # the package before its submodules (see fedrec/federated/node.py)
 from fedrec.data.sequences import Sequences
 from fedrec.errors import ConfigError
 from fedrec.rng import numpy_stream

@@ -20,9 +20,13 @@ from typing import Sequence
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+# The package first, then its submodules (as this module always did): with a submodule imported
+# first, a `flwr run` simulation once failed loading the ClientApp with "partially initialized module
+# fedrec.data.interactions" -- likely the ServerApp's thread importing fedrec.data at the same time.
+from fedrec.data import load_run_data, transform_keys
 from fedrec.data.interactions import Interactions
 from fedrec.data.partition import partition_from_cfg
-from fedrec.data.transforms import DataTransform, load_run_data, transform_keys
+from fedrec.data.transforms import DataTransform
 from fedrec.errors import ConfigError
 
 
