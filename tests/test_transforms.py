@@ -12,7 +12,6 @@ import torch
 from omegaconf import OmegaConf
 
 from fedrec.data import Interactions, load_dataset, load_run_data, partition_users
-from fedrec.data.sequences import Sequences
 from fedrec.data.transforms import apply_transforms
 from fedrec.errors import DataError
 from fedrec.eval import RankingAccumulator, evaluate_model
