@@ -41,10 +41,11 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
         torch.set_num_threads(int(cfg.threads))
     data = load_dataset(cfg.dataset, int(cfg.seed))
     check_ks(cfg.eval.ks, data.n_items)
-    from fedrec.privacy.public_only import enforce_public_only
+    from fedrec.mechanisms import build_mechanisms
 
-    for note in enforce_public_only(cfg, data):  # before the model is built: it changes cfg.model
-        log.warning("note: %s", note)
+    for m in build_mechanisms(cfg):  # before the model is built: a mechanism may change cfg.model
+        for note in m.adjust_config(cfg, data):
+            log.warning("note: %s", note)
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model, data_shape(data, seed=int(cfg.seed)))  # rejects bad model configs now
     make_optimizer(model, cfg.model.optim)  # ... and bad rates
