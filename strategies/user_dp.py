@@ -33,7 +33,7 @@ from fedrec.errors import ConfigError
 from fedrec.federated import protocol as P
 from fedrec.mechanisms import RunStopped
 from fedrec.privacy.accounting import check_noise_or_target
-from strategies import ClientFailure, FedrecMixin, _Reply
+from strategies import ClientFailure, FedrecMixin, _Reply, _summed_counts
 
 
 class PrivacyBudgetExhausted(RunStopped):
@@ -189,7 +189,7 @@ class UserLevelDP(Strategy):
         arrays, _ = self.strategy.aggregate_train(server_round, [mean])
         self.strategy.last_train = {"clients": sum(1 for m in replies if not m.has_error()), "users": users,
                                     "rejected-updates": rejected, "clip": clip_used, "unclipped-share":
-                                    unclipped / max(users, 1), "epsilon": eps}
+                                    unclipped / max(users, 1), "epsilon": eps} | _summed_counts(replies)
         self.strategy.last_train_s = time.perf_counter() - t0
         return arrays, MetricRecord({"users": float(users), "epsilon": eps})
 

@@ -212,6 +212,8 @@ def test_attack_defense_and_user_dp_compose_in_one_run(tiny_cfg, tmp_path):
     _, got, _, rec = _serve(cfg, tmp_path, "all")
     _close(got, _device_reference(g0, uploads, bad, 5.0, bound, clip, denominator=0.5 * 60))
     assert set(rec.extra) >= {"attack", "defense", "privacy"} and rec.extra["privacy"]["mechanism"] == "user_dp"
+    last = (tmp_path / "all" / "metrics.jsonl").read_text().splitlines()[-1]
+    assert f'"count/malicious-users": {float(len(bad & set(uploads)))}' in last and '"count/bounded-users"' in last
 
 
 def test_user_dp_wraps_a_server_optimiser(tiny_cfg, tmp_path):
