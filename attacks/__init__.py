@@ -1,14 +1,9 @@
-"""Attacks: the attacker's side of a run (see docs: never imported by ``fedrec.eval``).
+"""Attacks on federated recommenders: the attacker's side of a run (never imported by ``fedrec.eval``).
 
-* :mod:`attacks.shilling` -- heuristic fake-user profiles (random, average, bandwagon, segment),
-  data transforms (:mod:`fedrec.data.transforms`) that inject users marked ``injected``.
+* :mod:`attacks.shilling` -- heuristic fake-user profiles (random, average, bandwagon, segment), data
+  transforms (:mod:`fedrec.data.transforms`) that inject users marked ``injected``;
+* :mod:`attacks.model_poisoning` -- malicious clients craft their uploads (scaling / sign-flip baselines);
+* :mod:`attacks.threat` -- the keyed choice of malicious clients.
+
+Each attack is a mechanism (``fedrec.mechanisms``, Hydra group ``attack``).
 """
-
-from attacks.shilling import (ATTACKS, AverageAttack, AverageAttackConfig, BandwagonAttack, BandwagonAttackConfig,
-                              RandomAttack, RandomAttackConfig, SegmentAttack, SegmentAttackConfig, ShillingAttack,
-                              ShillingConfig, build_shilling)
-
-__all__ = [
-    "ATTACKS", "AverageAttack", "AverageAttackConfig", "BandwagonAttack", "BandwagonAttackConfig", "RandomAttack",
-    "RandomAttackConfig", "SegmentAttack", "SegmentAttackConfig", "ShillingAttack", "ShillingConfig", "build_shilling",
-]

@@ -62,6 +62,7 @@ import scipy.sparse as sp
 from fedrec.data import Interactions  # the package before its submodules (see fedrec/federated/node.py)
 from fedrec.data.sequences import Sequences
 from fedrec.errors import ConfigError
+from fedrec.mechanisms import Mechanism, register
 from fedrec.rng import numpy_stream
 
 STREAM_SHILLING = 0x5348494C  # "SHIL": this module's randomness, apart from every other stream
@@ -386,3 +387,42 @@ def build_shilling(cfg, kind: str | None = None, where: str = "attack") -> Shill
         return cls(typed_block(cls.config_class, raw, where))
     except ConfigError as e:  # the dataclasses name their keys attack.*: name the block they came from
         raise ConfigError(str(e).replace("attack.", f"{where}.", 1)) from None
+
+
+# --------------------------------------------------------------------------- as mechanisms (attack=...)
+class _ShillingMechanism(Mechanism):
+    """``attack=random|average|bandwagon|segment``: the profiles enter through the data hook, so
+    every process (server and nodes) loads the same fake users; they then train like any user, as
+    users or as clients, in every federation mode."""
+
+    kind = "attack"
+    transform: type[ShillingAttack] = ShillingAttack
+
+    def data_transforms(self) -> list:
+        return [self.transform(self.config)]
+
+    def report(self, ctx) -> dict:
+        data = ctx.data
+        targets = self.transform(self.config).target_items(data, int(ctx.cfg.seed))
+        return {"name": self.name, "injected_users": int(data.n_injected),
+                "targets": [str(data.item_ids[t]) for t in targets]}  # ids as in the data files
+
+
+@register
+class RandomShilling(_ShillingMechanism):
+    name, Config, transform = "random", RandomAttackConfig, RandomAttack
+
+
+@register
+class AverageShilling(_ShillingMechanism):
+    name, Config, transform = "average", AverageAttackConfig, AverageAttack
+
+
+@register
+class BandwagonShilling(_ShillingMechanism):
+    name, Config, transform = "bandwagon", BandwagonAttackConfig, BandwagonAttack
+
+
+@register
+class SegmentShilling(_ShillingMechanism):
+    name, Config, transform = "segment", SegmentAttackConfig, SegmentAttack

@@ -34,24 +34,27 @@ def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> No
         recorder.load_state(resume["recorder"])
         start = resume["round"]
     ks = list(cfg.eval.ks)
-    private = None
-    if cfg.get("privacy") is not None and cfg.privacy.name == "dpsgd":
-        from fedrec.privacy.dpsgd import DPSGDTrainer, dpsgd_config
+    from fedrec.mechanisms import ServerContext, build_mechanisms
 
-        if resume is not None:
-            raise ConfigError("resume: resuming a DP-SGD run is not supported (the accountant's history "
-                              "would restart); start it again")
-        private = DPSGDTrainer(model, optimizer, rows, int(cfg.model.optim.batch_size), dpsgd_config(cfg.privacy),
-                               int(cfg.train.epochs), int(cfg.seed))
-        recorder.extra["privacy"] = {"mechanism": "dpsgd", "grad_sample_mode": private.mode,
-                                     "noise_multiplier": private.noise_multiplier, "delta": private.delta}
+    mechanisms = build_mechanisms(cfg)
+    ctx = ServerContext(cfg=cfg, data=data, model=model, strategy=None)  # no strategy: centralised
+    private = None  # a mechanism's trainer replacing the epoch (DP-SGD)
+    for m in mechanisms:
+        trainer = m.central_trainer(model, optimizer, rows, cfg, resume)
+        if trainer is not None:
+            if private is not None:
+                raise ConfigError("two mechanisms replace the centralised trainer; at most one can")
+            private = trainer
     for epoch in range(start + 1, cfg.train.epochs + 1):
         t0 = time.perf_counter()
         if private is not None:
             stats = private.epoch()
-            recorder.extra["privacy"]["epsilon"] = stats["epsilon"]
         else:
             stats = train_epoch(model, optimizer, rows, int(cfg.model.optim.batch_size), rng)
+        for m in mechanisms:
+            section = m.report(ctx)
+            if section is not None:
+                recorder.extra[m.kind] = section
         train_s = time.perf_counter() - t0
         evaluation = eval_s = None
         if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:

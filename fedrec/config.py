@@ -46,43 +46,11 @@ def validate(cfg: DictConfig) -> None:
     metric, _, k = str(cfg.train.select_metric).partition("@")
     if metric not in ("recall", "ndcg", "hr", "precision", "mrr") or not k.isdigit() or int(k) not in list(cfg.eval.ks):
         raise ConfigError(f"train.select_metric: {cfg.train.select_metric!r} must be <metric>@K with K in eval.ks")
-    privacy = cfg.get("privacy", {}).get("name", "none")
-    if privacy not in ("none", "dpsgd", "user_dp", "node_dp"):
-        raise ConfigError(f"privacy.name: unknown mechanism {privacy!r}; expected none, dpsgd, user_dp or node_dp")
-    if privacy != "none":
-        from fedrec.privacy.public_only import check_side_data
+    from fedrec.mechanisms import build_mechanisms
 
-        check_side_data(cfg)  # no private item graph under DP, before any file is read
-        _validate_privacy(cfg, privacy, mode)
+    build_mechanisms(cfg)  # privacy/attack/defense: typed blocks and what each needs, before any file is read
     if mode != "none":
         if int(cfg.federation.num_nodes) < 1:
             raise ConfigError(f"federation.num_nodes: must be >= 1, got {cfg.federation.num_nodes}")
         if int(cfg.federation.rounds) < 1:
             raise ConfigError(f"federation.rounds: must be >= 1, got {cfg.federation.rounds}")
-
-
-def _validate_privacy(cfg: DictConfig, privacy: str, mode: str) -> None:
-    """The mechanism's own block, then the federation and aggregation its analysis assumes."""
-    from fedrec.privacy.dpsgd import DPSGDConfig
-    from strategies.node_dp import NodeDPConfig
-    from strategies.user_dp import UserDPConfig
-
-    fed = cfg.federation
-    # mechanism -> (typed block, does the federation fit?, what it needs, why FedAvg (None: any strategy))
-    rules = {
-        "dpsgd": (DPSGDConfig, mode != "device",
-                  "federation=none or federation=silo (DP-SGD centralised or inside silos); with one client per "
-                  "user use privacy=user_dp", None),
-        "user_dp": (UserDPConfig, mode == "device" and fed.get("sampling") == "poisson",
-                    "federation=device with federation.sampling=poisson (each user a client, sampled "
-                    "independently for the amplification analysis)", "implemented on FedAvg aggregation"),
-        "node_dp": (NodeDPConfig, mode == "silo" and float(fed.get("fraction", 1.0)) == 1.0,
-                    "federation=silo with federation.fraction=1.0 (every node every round: the accounting takes "
-                    "no amplification by sampling)", "Flower's DP wrapper is used on FedAvg aggregation"),
-    }
-    block, fits, needs, fedavg_only = rules[privacy]
-    typed_block(block, cfg.privacy, "privacy")
-    if not fits:
-        raise ConfigError(f"privacy={privacy}: needs {needs}")
-    if fedavg_only and cfg.strategy.name != "fedavg":
-        raise ConfigError(f"privacy={privacy}: {fedavg_only} (strategy=fedavg)")

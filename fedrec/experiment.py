@@ -35,21 +35,29 @@ def _progress(total: int, desc: str):
 
 
 def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress: bool = True,
-            transforms=()) -> dict:
+            transforms=None) -> dict:
     """Run the experiment ``cfg`` into ``run_dir`` and return its summary.
 
-    ``transforms`` are the run's data transforms (``fedrec.data.transforms``; the mechanisms' data
-    hooks); every node must be handed the same ones for its ``node_view``.
+    ``transforms`` are the run's data transforms (``fedrec.data.transforms``); None: the data hooks of
+    the config's mechanisms, which every node builds from the same config (``node_view``). Explicit
+    transforms reach only this process: for centralised runs and tests.
     """
     validate(cfg)
     if int(cfg.get("threads", 0)) > 0:
         torch.set_num_threads(int(cfg.threads))
+    from fedrec.mechanisms import build_mechanisms, data_transforms
+
+    mechanisms = build_mechanisms(cfg)
+    if transforms is None:
+        transforms = data_transforms(mechanisms)
+    elif transforms and cfg.federation.mode != "none":
+        raise ConfigError("execute(transforms=...): explicit transforms do not reach the nodes; configure them "
+                          "as a mechanism's data hook")
     data = load_run_data(cfg.dataset, int(cfg.seed), transforms)
     check_ks(cfg.eval.ks, data.n_items)
-    from fedrec.privacy.public_only import enforce_public_only
-
-    for note in enforce_public_only(cfg, data):  # before the model is built: it changes cfg.model
-        log.warning("note: %s", note)
+    for m in mechanisms:  # before the model is built: a mechanism may change cfg.model
+        for note in m.adjust_config(cfg, data):
+            log.warning("note: %s", note)
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model, data_shape(data, seed=int(cfg.seed)))  # rejects bad model configs now
     make_optimizer(model, cfg.model.optim)  # ... and bad rates

@@ -65,6 +65,11 @@ def exact_metric_mean(contents: list[RecordDict], weighted_by_key: str) -> Metri
     return MetricRecord(out)
 
 
+#: per-round counts the nodes report and the server sums over nodes (mechanisms add theirs with a
+#: ``count/`` prefix, e.g. ``count/malicious-users``)
+COUNTED = ("sampled-users", "trained-users", "dropped-users", "straggler-users", "empty-users")
+
+
 class FedrecMixin:
     #: set by the server in cross-device mode: round -> user-sampling threshold (device_node.py)
     user_threshold = None
@@ -77,7 +82,9 @@ class FedrecMixin:
     per_user_uploads = False  # federation.upload=per_user forces per-user replies
     #: per-user replies come in pages of this many users (None: one reply per node); see device_node.py
     page_size: int | None = None
-    node_clip = None  # user-level DP: the bound nodes clip each user's update to
+    #: functions ``(content, global_arrays) -> (content, metrics)`` applied, in order, to every valid
+    #: node-level update before aggregation (a defense's per-update rule; set by mechanisms)
+    reply_transforms: tuple = ()
     #: rounds with evaluation on the nodes (client evaluation); None: every round
     evaluates_in = None
     query_timeout = 600.0  # seconds to wait for every node's partition-id
@@ -112,8 +119,6 @@ class FedrecMixin:
             cfg[P.PER_USER] = int(self.needs_per_user_updates or self.per_user_uploads)
             if cfg[P.PER_USER] and self.pages_fold():
                 cfg[P.PAGE], cfg[P.PAGE_SIZE] = 0, int(self.page_size)
-        if self.node_clip is not None:  # user-level DP: nodes clip each user's update and send the sum
-            cfg[P.CLIP] = float(self.node_clip)
         return cfg
 
     # ----------------------------------------------------------------- which silos train
@@ -254,7 +259,7 @@ class FedrecMixin:
             return [], rejected, reasons
         batch = UpdateBatch.concat(parts)
         result = type(self).batch_rule(batch)
-        metrics = dict(replies[0].content["metrics"]) | {"trained-users": float(len(batch))}
+        metrics = dict(replies[0].content["metrics"]) | _summed_counts(replies) | {"trained-users": float(len(batch))}
         return [_Reply(self._content(result, metrics, float(batch.weights.sum())))], rejected, reasons
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -264,6 +269,7 @@ class FedrecMixin:
         configure_train of the subclass is run for its record; the nodes it drew are discarded.
         """
         self._reference = {k: tuple(a.numpy().shape) for k, a in arrays.items()}
+        self._global_arrays = arrays  # what per-update rules measure updates against
         self._t_train = time.perf_counter()
         rnd = self.round_offset + server_round
         cfg = self._round_config(server_round, config)
@@ -287,7 +293,7 @@ class FedrecMixin:
             replies, rejected, reasons = self._batch_round(replies)
         else:
             replies, rejected, reasons = self._with_all_pages(replies)
-        good, empty = [], 0
+        good, empty, transformed = [], 0, {}
         for msg in replies:
             metrics = msg.content.metric_records.get("metrics")
             if metrics is not None and float(metrics.get(self.weighted_by_key, -1)) == 0:
@@ -310,6 +316,11 @@ class FedrecMixin:
                 if why is None and not (math.isfinite(n) and n > 0):
                     why = f"{self.weighted_by_key} is {n}"
             if why is None:
+                for transform in self.reply_transforms:
+                    content, counts = transform(msg.content, self._global_arrays)
+                    msg = _Reply(content)
+                    for key, value in counts.items():
+                        transformed[key] = transformed.get(key, 0.0) + float(value)
                 good.append(msg)
             else:
                 rejected += 1
@@ -317,14 +328,18 @@ class FedrecMixin:
         # The global round (not the resumed session's local one): FedAdam's bias correction uses it.
         arrays, metrics = super().aggregate_train(self.round_offset + server_round, good) if good else (None, None)
         self.last_train = dict(metrics or {}) | {"clients": len(good), "rejected-updates": rejected,
-                                                 "empty-replies": empty}
+                                                 "empty-replies": empty} | transformed
         def reported(key: str) -> list[float]:
             return [float(m.content["metrics"][key]) for m in replies
                     if m.content.metric_records.get("metrics") is not None and key in m.content["metrics"]]
 
-        for key in ("sampled-users", "trained-users", "dropped-users", "straggler-users", "empty-users"):
+        for key in COUNTED:
             if reported(key):
                 self.last_train[key] = sum(reported(key))
+        mechanism_counts = sorted({k for m in replies if m.content.metric_records.get("metrics") is not None
+                                   for k in m.content["metrics"] if k.startswith("count/")})
+        for key in mechanism_counts:
+            self.last_train[key] = sum(reported(key))
         for key in ("dp-epsilon", "dp-noise-multiplier"):  # per-silo DP-SGD: the weakest silo's guarantee
             if reported(key):
                 self.last_train[key] = max(reported(key))
@@ -387,6 +402,14 @@ class FedrecMixin:
             setattr(self, k, v)
 
 
+def _summed_counts(replies, keys=COUNTED) -> dict[str, float]:
+    """The per-round counts (``keys`` and every mechanism's ``count/...``) summed over replies."""
+    metrics = [m.content["metrics"] for m in replies if m.content.metric_records.get("metrics") is not None]
+    names = set(keys) | {k for mr in metrics for k in mr if k.startswith("count/")}
+    return {k: float(sum(float(mr[k]) for mr in metrics if k in mr)) for k in sorted(names)
+            if any(k in mr for mr in metrics)}
+
+
 def _merge_means(a: RecordDict, b: RecordDict, arrays_key: str, weight_key: str) -> RecordDict:
     """Two weighted means (arrays + weight in metrics) -> the weighted mean of their union."""
     wa, wb = float(a["metrics"][weight_key]), float(b["metrics"][weight_key])
@@ -395,9 +418,8 @@ def _merge_means(a: RecordDict, b: RecordDict, arrays_key: str, weight_key: str)
     total = wa + wb
     arrays = {k: ((wa * v.numpy().astype(np.float64) + wb * b[arrays_key][k].numpy()) / total).astype(v.numpy().dtype)
               for k, v in a[arrays_key].items()}
-    metrics = dict(a["metrics"])
+    metrics = dict(a["metrics"]) | _summed_counts([_Reply(a), _Reply(b)], ("trained-users",))
     metrics[weight_key] = total
-    metrics["trained-users"] = float(metrics.get("trained-users", 0)) + float(b["metrics"].get("trained-users", 0))
     if "train-loss" in b["metrics"]:
         metrics["train-loss"] = (wa * float(a["metrics"].get("train-loss", 0)) + wb * float(b["metrics"]["train-loss"])) / total
     return RecordDict({arrays_key: ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": MetricRecord(metrics)})

@@ -26,14 +26,17 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy import Strategy
 
 from fedrec.errors import ConfigError
+from fedrec.federated import protocol as P
+from fedrec.mechanisms import RunStopped
 from fedrec.privacy.accounting import check_noise_or_target
-from strategies import ClientFailure, FedrecFedAvg
+from strategies import ClientFailure, FedrecMixin, _Reply, _summed_counts
 
 
-class PrivacyBudgetExhausted(Exception):
+class PrivacyBudgetExhausted(RunStopped):
     """Raised before a round that would exceed ``max_epsilon``; the server ends the run cleanly."""
 
 
@@ -66,16 +69,24 @@ def user_dp_config(cfg) -> UserDPConfig:
     return typed_block(UserDPConfig, cfg, "privacy")
 
 
-class UserDPFedAvg(FedrecFedAvg):
-    """Nodes clip every sampled user's update to ``clip`` and upload only the sum of clipped updates
-    (as DP-FedAvg's clients clip locally); the server adds the noise and divides by q N."""
+class UserLevelDP(Strategy):
+    """User-level DP around any fedrec strategy, in Flower's wrapper style: nodes clip every sampled
+    user's update to ``clip`` and upload only the sum of clipped updates (as DP-FedAvg's clients clip
+    locally); this wrapper adds the noise and divides by q N, and hands the noisy mean to the wrapped
+    strategy as the round's one update, so FedAvg keeps it and FedAdam/FedYogi/FedAvgM take their
+    server step on it (post-processing: the guarantee is unchanged)."""
 
-    def setup_dp(self, cfg: UserDPConfig, *, n_users: int, sample_rate: float, seed: int, rounds: int = 1) -> None:
+    def __init__(self, strategy: FedrecMixin, cfg: UserDPConfig, *, n_users: int, sample_rate: float, seed: int,
+                 rounds: int = 1):
         from dataclasses import replace
 
         from opacus.accountants import PRVAccountant, RDPAccountant
         from opacus.accountants.utils import get_noise_multiplier
 
+        if strategy.batch_rule is not None:
+            raise ConfigError("privacy=user_dp: the nodes upload clipped sums, so a rule over every user's "
+                              "update (strategy.batch_rule) cannot run; use a mean-based strategy")
+        self.strategy = strategy
         delta = cfg.delta if cfg.delta is not None else 1.0 / n_users
         if cfg.target_epsilon is not None:
             z = 0.0 if math.isinf(cfg.target_epsilon) else get_noise_multiplier(
@@ -86,9 +97,8 @@ class UserDPFedAvg(FedrecFedAvg):
         self.q = sample_rate
         self.n_users = n_users
         self.expected_users = sample_rate * n_users
-        self.delta = cfg.delta if cfg.delta is not None else 1.0 / n_users
+        self.delta = delta
         self.clip = cfg.clip
-        self.node_clip = self.clip
         self.sigma_b = cfg.count_noise if cfg.count_noise is not None else self.expected_users / 20.0
         z = cfg.noise_multiplier
         if cfg.adaptive_clip and z > 0:
@@ -99,6 +109,10 @@ class UserDPFedAvg(FedrecFedAvg):
             self.z_update = z
         self.accountant = RDPAccountant() if cfg.accountant == "rdp" else PRVAccountant()
         self.noise_rng = np.random.default_rng([seed, 7])
+
+    @property
+    def last_train(self) -> dict:
+        return self.strategy.last_train
 
     def epsilon(self) -> float:
         if self.dp.noise_multiplier == 0:
@@ -118,15 +132,19 @@ class UserDPFedAvg(FedrecFedAvg):
         if self.dp.max_epsilon is not None and self.dp.noise_multiplier > 0 \
                 and self._epsilon_after_one_more() > self.dp.max_epsilon:
             raise PrivacyBudgetExhausted(
-                f"round {self.round_offset + server_round} would exceed max_epsilon={self.dp.max_epsilon}")
+                f"round {self.strategy.round_offset + server_round} would exceed max_epsilon={self.dp.max_epsilon}")
         self._global = {k: a.numpy().astype(np.float64) for k, a in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)
+        # the bound every node clips each user's update to (it moves under adaptive clipping)
+        config = ConfigRecord(dict(config) | {P.CLIP: float(self.clip)})
+        return self.strategy.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies):
-        replies = self._in_partition_order(list(replies))
+        t0 = self.strategy._t_train
+        replies = self.strategy._in_partition_order(list(replies))
         for msg in replies:
             if msg.has_error():
                 raise ClientFailure(f"a ClientApp failed: {msg.error.reason}")
+        key = self.strategy.weighted_by_key
         total = {k: np.zeros_like(v) for k, v in self._global.items()}
         users = unclipped = rejected = 0
         for msg in replies:
@@ -135,16 +153,16 @@ class UserDPFedAvg(FedrecFedAvg):
                 rejected += 1  # DP needs clipped sums; anything else is dropped, not aggregated
                 continue
             rejected += int(metrics.get("rejected-users", 0))
-            if float(metrics.get(self.weighted_by_key, 0)) == 0:
+            if float(metrics.get(key, 0)) == 0:
                 continue
-            arrays = msg.content.array_records.get(self.arrayrecord_key)
+            arrays = msg.content.array_records.get(self.strategy.arrayrecord_key)
             sums = {k: a.numpy().astype(np.float64) for k, a in arrays.items()} if arrays is not None else {}
             if set(sums) != set(self._global) or any(v.shape != self._global[k].shape for k, v in sums.items()) \
                     or not all(np.isfinite(v).all() for v in sums.values()):
                 rejected += 1
                 continue
             # a node's clipped sum over n users has norm <= n C; anything larger was not clipped
-            n = float(metrics[self.weighted_by_key])
+            n = float(metrics[key])
             norm = math.sqrt(sum(float((v ** 2).sum()) for v in sums.values()))
             if norm > n * self.clip * (1 + 1e-4):
                 rejected += 1
@@ -164,13 +182,31 @@ class UserDPFedAvg(FedrecFedAvg):
         if self.dp.adaptive_clip:
             b = (unclipped + (self.noise_rng.normal(0.0, self.sigma_b) if z > 0 else 0.0)) / self.expected_users
             self.clip *= math.exp(-self.dp.clip_lr * (b - self.dp.target_quantile))
-            self.node_clip = self.clip
         eps = self.epsilon()
-        self.last_train = {"clients": sum(1 for m in replies if not m.has_error()), "users": users,
-                           "rejected-updates": rejected, "clip": clip_used, "unclipped-share":
-                           unclipped / max(users, 1), "epsilon": eps}
-        self.last_train_s = time.perf_counter() - self._t_train
-        return ArrayRecord({k: Array(v) for k, v in new.items()}), MetricRecord(
-            {"users": float(users), "epsilon": eps})
+        # The noisy mean is the round's one update for the wrapped strategy's own aggregation.
+        mean = _Reply(RecordDict({self.strategy.arrayrecord_key: ArrayRecord({k: Array(v) for k, v in new.items()}),
+                                  "metrics": MetricRecord({key: 1.0})}))
+        arrays, _ = self.strategy.aggregate_train(server_round, [mean])
+        self.strategy.last_train = {"clients": sum(1 for m in replies if not m.has_error()), "users": users,
+                                    "rejected-updates": rejected, "clip": clip_used, "unclipped-share":
+                                    unclipped / max(users, 1), "epsilon": eps} | _summed_counts(replies)
+        self.strategy.last_train_s = time.perf_counter() - t0
+        return arrays, MetricRecord({"users": float(users), "epsilon": eps})
 
-    STATE_ATTRS = FedrecFedAvg.STATE_ATTRS + ("clip", "node_clip", "accountant", "noise_rng")
+    def configure_evaluate(self, server_round, arrays, config, grid):
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round, replies):
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    STATE_ATTRS = ("clip", "accountant", "noise_rng")
+
+    def state(self) -> dict:
+        return {a: getattr(self, a) for a in self.STATE_ATTRS}
+
+    def load_state(self, st: dict) -> None:
+        for k, v in st.items():
+            setattr(self, k, v)

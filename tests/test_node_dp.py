@@ -91,9 +91,9 @@ def test_target_epsilon_calibrates_and_budget_stops_before_exceeding():
 def test_node_dp_needs_every_silo_every_round(tiny_cfg):
     from fedrec.config import validate
 
-    with pytest.raises(ConfigError, match="privacy=node_dp: needs federation=silo"):
+    with pytest.raises(ConfigError, match="privacy=node_dp: needs federation.fraction=1.0"):
         validate(tiny_cfg("federation=silo", "federation.fraction=0.5", "privacy=node_dp"))
-    with pytest.raises(ConfigError, match="privacy=node_dp: Flower's DP wrapper"):
+    with pytest.raises(ConfigError, match="privacy=node_dp: works with strategy=fedavg"):
         validate(tiny_cfg("federation=silo", "privacy=node_dp", "strategy=fedadam"))
     with pytest.raises(ConfigError, match="privacy.clipping_norm"):
         validate(tiny_cfg("federation=silo", "privacy=node_dp", "privacy.clipping_norm=0"))

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from strategies.user_dp import PrivacyBudgetExhausted, UserDPConfig, UserDPFedAvg
+from strategies import FedrecFedAvg
+from strategies.user_dp import PrivacyBudgetExhausted, UserDPConfig, UserLevelDP
 from tests.dp_reference import epsilon_from_rdp, sgm_rdp
 from tests.test_strategies import FakeGrid, task_identity  # noqa: F401  (autouse fixture: Message() needs it)
 
 
-def _strategy(**dp):
-    s = UserDPFedAvg(fraction_evaluate=0.0)
-    s.setup(num_nodes=2, fraction=1.0, seed=0)
-    s.setup_dp(UserDPConfig(**dp), n_users=100, sample_rate=0.1, seed=0)
-    return s
+def _strategy(inner=None, **dp):
+    inner = inner or FedrecFedAvg(fraction_evaluate=0.0)
+    inner.setup(num_nodes=2, fraction=1.0, seed=0)
+    return UserLevelDP(inner, UserDPConfig(**dp), n_users=100, sample_rate=0.1, seed=0)
 
 
 def _reply(to, stacked, clip, start):
@@ -101,5 +101,5 @@ def test_adaptive_clip_moves_towards_quantile():
     for r in range(1, 30):
         msgs = list(s.configure_train(r, ArrayRecord({k: Array(v) for k, v in g.items()}), ConfigRecord(), FakeGrid(2)))
         users = [{"w": rng.standard_normal((5, 8)) * 0.1} for _ in range(2)]  # norms ~ 0.28
-        s.aggregate_train(r, [_reply(m, u, s.node_clip, g) for m, u in zip(msgs, users)])
+        s.aggregate_train(r, [_reply(m, u, s.clip, g) for m, u in zip(msgs, users)])
     assert 0.1 < s.clip < 1.0

@@ -28,8 +28,8 @@ BAD = {
     "cap": (DEVICE + ["federation.max_user_interactions=0"], "federation.max_user_interactions"),
     "upload": (DEVICE + ["federation.upload=all"], "federation.upload"),
     "mechanism-federation": (["privacy=user_dp"], "privacy=user_dp"),
-    "mechanism-strategy": (DEVICE + ["privacy=user_dp", "federation.sampling=poisson", "strategy=fedadam"],
-                           "strategy=fedavg"),
+    "mechanism-strategy": (DEVICE + ["privacy=user_dp", "federation.sampling=poisson", "strategy=user_median"],
+                           "strategy=user_median"),
     "evaluation": (["federation.evaluation=somewhere"], "federation.evaluation"),
 }
 

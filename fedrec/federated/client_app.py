@@ -1,8 +1,9 @@
 """The ClientApp: cross-silo training and evaluation of the node's users (Message API).
 
 train: receive global arrays + config -> load the node's own state (``node_state.py``) ->
-``train.local_epochs`` epochs over the node's users -> save the node's state -> reply with the global
-arrays, ``num-examples`` (users trained) and the node's ``partition-id``.
+``train.local_epochs`` epochs over the node's users (wrapped by the run's mechanisms' node hooks,
+``fedrec.mechanisms``: DP-SGD replaces it, an attack crafts the reply) -> save the node's state ->
+reply with the global arrays, ``num-examples`` (users trained) and the node's ``partition-id``.
 evaluate: full-ranking metric *sums* over the node's users, so the server can form the exact
 global mean (needed for models with private parameters, which the server never sees).
 query: the partition this node hosts, so that the server samples silos by partition, not by Flower's
@@ -22,11 +23,13 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedrec.errors import ConfigError
 from fedrec.eval import evaluate_model, evaluated_users
 from fedrec.federated import protocol as P
 from fedrec.federated.arrays import global_arrays, load_arrays, local_state
 from fedrec.federated.node import node_view
 from fedrec.federated.node_state import NodeStateStore
+from fedrec.mechanisms import NodeContext, node_mechanisms
 from fedrec.models import build_model, data_shape
 from fedrec.rng import PURPOSE_EVAL, PURPOSE_SHUFFLE, PURPOSE_TRAIN, numpy_stream, stream_seed
 from fedrec.train import make_optimizer, model_rows, train_epoch
@@ -39,7 +42,7 @@ app = ClientApp()
 class _MemoryStore:
     """Node state in ``context.state`` (no state directory): survives rounds, not a restart."""
 
-    LOCAL, DPSGD = "fedrec-local", "fedrec-dpsgd"
+    LOCAL, MECHANISM = "fedrec-local", "fedrec-mechanism-"
 
     def __init__(self, context: Context):
         self.state = context.state
@@ -47,15 +50,14 @@ class _MemoryStore:
     def load_before(self, round_: int) -> dict | None:
         if self.LOCAL not in self.state:
             return None
-        out = {"local": self.state[self.LOCAL].to_torch_state_dict(), "dpsgd_history": []}
-        if self.DPSGD in self.state:
-            out["dpsgd_history"] = [tuple(h) for h in self.state[self.DPSGD]["history"].numpy().tolist()]
-        return out
+        mechanisms = {key[len(self.MECHANISM):]: {k: a.numpy() for k, a in self.state[key].items()}
+                      for key in self.state.array_records if key.startswith(self.MECHANISM)}
+        return {"local": self.state[self.LOCAL].to_torch_state_dict(), "mechanisms": mechanisms}
 
     def save(self, round_: int, state: dict) -> None:
         self.state[self.LOCAL] = ArrayRecord(OrderedDict(state["local"]))
-        if state.get("dpsgd_history"):
-            self.state[self.DPSGD] = ArrayRecord({"history": Array(np.asarray(state["dpsgd_history"], np.float64))})
+        for kind, arrays in state.get("mechanisms", {}).items():  # a mechanism's node state: named arrays
+            self.state[self.MECHANISM + kind] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
 
 
 def _store(conf, context: Context, partition_id: int):
@@ -89,8 +91,15 @@ def _prepare(msg: Message, context: Context, *, evaluating: bool):
     return view, cfg, model, rnd, store, saved or {}
 
 
-def _save(store, rnd: int, model, dpsgd_history=None) -> None:
-    store.save(rnd, {"local": local_state(model).to_torch_state_dict(), "dpsgd_history": list(dpsgd_history or [])})
+def _save(store, rnd: int, model, mechanism_state: dict | None = None) -> None:
+    store.save(rnd, {"local": local_state(model).to_torch_state_dict(), "mechanisms": dict(mechanism_state or {})})
+
+
+def _context(view, cfg, model, rnd: int, conf, saved: dict) -> NodeContext:
+    private = set(model.private_parameter_names())
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if n not in private}
+    return NodeContext(cfg=cfg, data=view.data, users=view.users, partition_id=view.partition_id, round=rnd,
+                       config=conf, start=start, state={k: dict(v) for k, v in saved.get("mechanisms", {}).items()})
 
 
 @app.query()
@@ -103,46 +112,38 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     view, cfg, model, rnd, store, saved = _prepare(msg, context, evaluating=False)
+    conf = msg.content["config"]
+    mechanisms = node_mechanisms(cfg)
+    ctx = _context(view, cfg, model, rnd, conf, saved)
+    if isinstance(store, _MemoryStore) and int(conf.get(P.RESUMED_AT, 0)) > 0 and not saved:
+        for m in mechanisms:
+            if m.keeps_node_state:
+                raise ConfigError(f"resume: this node keeps the state of {m.kind}={m.name} in memory only, so a "
+                                  "resumed run would restart it; give the SuperNode a node-config state-dir")
     if cfg.federation.mode == "device":
-        return _train_device(msg, view, cfg, model, rnd, store)
+        return _train_device(msg, view, cfg, model, rnd, store, mechanisms, ctx)
     seed = int(cfg.seed)
     rows = model_rows(model, view.data, view.users)
     optimizer = make_optimizer(model, cfg.model.optim)
-    extra: dict[str, float] = {}
-    history = saved.get("dpsgd_history", [])
-    if cfg.privacy.name == "dpsgd" and isinstance(store, _MemoryStore) and int(msg.content["config"].get(
-            P.RESUMED_AT, 0)) > 0 and not saved:
-        from fedrec.errors import ConfigError
+    mu = float(conf.get(P.PROXIMAL_MU, 0.0))
 
-        raise ConfigError("resume: this node keeps its DP-SGD accountant history in memory only, so a resumed run "
-                          "would restart it; give the SuperNode a node-config state-dir")
-    if cfg.privacy.name == "dpsgd" and len(rows):
-        losses, extra, history = _train_dpsgd(model, optimizer, rows, cfg, history,
-                                              seed=stream_seed(seed, view.partition_id, rnd))
-    else:
-        mu = float(msg.content["config"].get(P.PROXIMAL_MU, 0.0))
+    def local_training(model, optimizer, rows):
         prox = (mu, {k: v.detach().clone() for k, v in global_arrays(model).to_torch_state_dict().items()}) if mu > 0 else None
         order = numpy_stream(seed, view.partition_id, rnd, PURPOSE_SHUFFLE)
         losses = [train_epoch(model, optimizer, rows, int(cfg.model.optim.batch_size), order, prox)["loss"]
                   for _ in range(int(cfg.train.local_epochs))] if len(rows) else [float("nan")]
-    _save(store, rnd, model, history)
+        return losses, {}
+
+    for m in mechanisms:  # a mechanism may wrap or replace local training (DP-SGD)
+        local_training = m.local_training(ctx, local_training)
+    losses, extra = local_training(model, optimizer, rows)
+    _save(store, rnd, model, ctx.state)
     metrics = MetricRecord({P.NUM_EXAMPLES: len(rows), P.UNIT_WEIGHT: 1.0, P.PARTITION_ID: view.partition_id,
                             "train-loss": float(losses[-1]) if len(rows) else 0.0, **extra})
-    return Message(RecordDict({"arrays": global_arrays(model), "metrics": metrics}), reply_to=msg)
-
-
-def _train_dpsgd(model, optimizer, rows, cfg, history, seed: int):
-    """Local DP-SGD for this round; the node keeps its accountant history between rounds."""
-    import math
-
-    from fedrec.privacy.dpsgd import dpsgd_config, local_dpsgd_round
-
-    out = local_dpsgd_round(model, optimizer, rows, int(cfg.model.optim.batch_size), dpsgd_config(cfg.privacy),
-                            int(cfg.federation.rounds), int(cfg.train.local_epochs), history, seed=seed)
-    extra = {"dp-noise-multiplier": out["noise_multiplier"], "dp-delta": out["delta"]}
-    if math.isfinite(out["epsilon"]):
-        extra["dp-epsilon"] = out["epsilon"]
-    return out["losses"], extra, out["history"]
+    content = RecordDict({"arrays": global_arrays(model), "metrics": metrics})
+    for m in mechanisms:  # e.g. a poisoning attack crafts what a malicious silo sends
+        content = m.node_reply(ctx, content)
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()
@@ -167,7 +168,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
 
 
-def _train_device(msg: Message, view, cfg, model, rnd: int, store) -> Message:
+def _train_device(msg: Message, view, cfg, model, rnd: int, store, mechanisms, ctx) -> Message:
     """Cross-device: every sampled user of this node is its own client (see device_node.py)."""
     from fedrec.federated.device_node import device_round
 
@@ -175,14 +176,13 @@ def _train_device(msg: Message, view, cfg, model, rnd: int, store) -> Message:
     params = dict(model.named_parameters())
     # Private tables are indexed by user; the node owns (and keeps) its users' rows only.
     private = {n: params[n].detach()[view.users].clone() for n in model.private_parameter_names()}
-    clip = float(conf[P.CLIP]) if P.CLIP in conf else None
     page_size = int(conf[P.PAGE_SIZE]) if P.PAGE_SIZE in conf else None
     result = device_round(model, cfg, view.data, view.users, private, rnd, float(conf[P.USER_THRESHOLD]),
-                          bool(int(conf.get(P.PER_USER, 0))), clip, prox_mu=float(conf.get(P.PROXIMAL_MU, 0.0)),
-                          page=int(conf.get(P.PAGE, 0)), page_size=page_size)
+                          bool(int(conf.get(P.PER_USER, 0))), prox_mu=float(conf.get(P.PROXIMAL_MU, 0.0)),
+                          page=int(conf.get(P.PAGE, 0)), page_size=page_size, mechanisms=mechanisms, ctx=ctx)
     with torch.no_grad():
         for n, rows in result.private.items():
             params[n][view.users] = rows
-    _save(store, rnd, model)
+    _save(store, rnd, model, ctx.state)
     result.reply["metrics"][P.PARTITION_ID] = view.partition_id
     return Message(result.reply, reply_to=msg)

@@ -88,7 +88,7 @@ class MeanFold:
         self.sum = {n: torch.zeros_like(v) for n, v in g0.items()}
         self.weight = 0.0
 
-    def add(self, params: dict[str, torch.Tensor], w: torch.Tensor) -> None:
+    def add(self, params: dict[str, torch.Tensor], w: torch.Tensor, users: np.ndarray | None = None) -> None:
         for n, p in params.items():
             self.sum[n] += (p * w.view(-1, *([1] * (p.dim() - 1)))).sum(0)
         self.weight += float(w.sum())
@@ -103,7 +103,7 @@ class StackFold:
     def __init__(self, g0: dict[str, torch.Tensor]):
         self.parts: dict[str, list[torch.Tensor]] = {n: [] for n in g0}
 
-    def add(self, params: dict[str, torch.Tensor], w: torch.Tensor) -> None:
+    def add(self, params: dict[str, torch.Tensor], w: torch.Tensor, users: np.ndarray | None = None) -> None:
         for n, p in params.items():
             self.parts[n].append(p)
 
@@ -155,7 +155,7 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
     ``round_`` keys the users' random draws; ``schedule_round`` (default ``round_``) places the
     model's annealing schedule (MultVAE's KL weight, L-DiffRec's lambda and KL weight).
     What leaves: the weighted mean (``per_user=False``), every user's model (``per_user=True``), or
-    what ``fold`` (an object with ``add(params, weights)`` / ``result()``) makes of each chunk.
+    what ``fold`` (an object with ``add(params, weights, users)`` / ``result()``) makes of each chunk.
     """
     schedule_round = round_ if schedule_round is None else schedule_round
     model.train()
@@ -210,7 +210,7 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
                 else:
                     state.step(gp, pp, gg, pg, local.lr)
         with torch.no_grad():
-            fold.add(gp, w)
+            fold.add(gp, w, u)
             for n in private_names:
                 new_private[n].append(pp[n])
         del gp, state

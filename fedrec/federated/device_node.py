@@ -100,14 +100,15 @@ def users_per_page(memory_budget_gb: float, n_params: int, nodes_per_round: int)
 
 
 class ClippedSumFold:
-    """User-level DP on the node, chunk by chunk: the running sum of the users' clipped updates."""
+    """User-level DP on the node, chunk by chunk: the running sum of the users' clipped updates.
+    Only the sum leaves the node (``reply``)."""
 
     def __init__(self, start: dict[str, torch.Tensor], clip: float):
         self.start, self.clip = start, float(clip)
         self.sums: dict[str, torch.Tensor] | None = None
         self.kept = self.unclipped = self.dropped = 0
 
-    def add(self, params: dict[str, torch.Tensor], w: torch.Tensor) -> None:
+    def add(self, params: dict[str, torch.Tensor], w: torch.Tensor, users: np.ndarray | None = None) -> None:
         sums, kept, unclipped, dropped = clipped_sum(params, self.start, self.clip)
         self.sums = sums if self.sums is None else {k: self.sums[k] + v for k, v in sums.items()}
         self.kept, self.unclipped, self.dropped = self.kept + kept, self.unclipped + unclipped, self.dropped + dropped
@@ -115,16 +116,66 @@ class ClippedSumFold:
     def result(self):
         return self.sums, self.kept, self.unclipped, self.dropped
 
+    def reply(self, metrics: dict) -> RecordDict:
+        content = RecordDict()
+        if self.sums is not None:
+            content["arrays"] = ArrayRecord({n: Array(v.numpy()) for n, v in self.sums.items()})
+        content["metrics"] = MetricRecord(metrics | {"clipped-sum": 1, "per-user": 0, "num-examples": float(self.kept),
+                                                     "unclipped-users": self.unclipped, "rejected-users": self.dropped})
+        return content
+
+
+class TransformFold:
+    """Users' updates through mechanisms' per-user transforms (``Mechanism.user_transform``: an attack
+    crafting malicious users' updates, a bound on every update), then into the next fold.
+
+    A transform sees deltas (trained minus start parameters, (U, ...) per name) and the users' ids;
+    it returns the new deltas and counts for the round's metrics (``count/...``)."""
+
+    def __init__(self, start: dict[str, torch.Tensor], transforms: list, inner):
+        self.start, self.transforms, self.inner = start, transforms, inner
+        self.counts: dict[str, float] = {}
+
+    def add(self, params: dict[str, torch.Tensor], w: torch.Tensor, users: np.ndarray | None = None) -> None:
+        deltas = {n: p - self.start[n].unsqueeze(0) for n, p in params.items()}
+        for transform in self.transforms:
+            deltas, counts = transform(users, deltas)
+            for key, value in counts.items():
+                self.counts[key] = self.counts.get(key, 0.0) + float(value)
+        self.inner.add({n: self.start[n].unsqueeze(0) + d for n, d in deltas.items()}, w, users)
+
+    def result(self):
+        return self.inner.result()
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self.counts)
+
+
+def _fold_for(mechanisms, ctx, start: dict[str, torch.Tensor], per_user: bool):
+    """The fold the run's mechanisms ask for: a privacy fold replacing the mean (user-level DP's clipped
+    sum), wrapped by their per-user transforms; None: no mechanism touches users' updates."""
+    from fedrec.federated.cross_device import MeanFold, StackFold
+
+    folds = [f for m in mechanisms if (f := m.user_fold(ctx, start)) is not None]
+    if len(folds) > 1:
+        raise ConfigError("two mechanisms replace how users' updates are summed; at most one can")
+    transforms = [t for m in mechanisms if (t := m.user_transform(ctx)) is not None]
+    fold = folds[0] if folds else None
+    if transforms:
+        fold = TransformFold(start, transforms, fold or (StackFold(start) if per_user else MeanFold(start)))
+    return fold
+
 
 def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_state: dict[str, torch.Tensor],
-                 round_: int, threshold: float, per_user: bool, clip: float | None = None,
-                 prox_mu: float = 0.0, page: int = 0, page_size: int | None = None) -> DeviceRound:
+                 round_: int, threshold: float, per_user: bool, prox_mu: float = 0.0, page: int = 0,
+                 page_size: int | None = None, mechanisms=(), ctx=None) -> DeviceRound:
     """One round of the node's sampled users.
 
     Per-user uploads come in pages: with ``page_size`` set, this call trains and returns only the
     node's trained users at positions ``[page * page_size, (page + 1) * page_size)`` (the server asks
     for the pages one after another, so that no process holds more than a page of user models);
-    the reply says how many pages there are. User-level DP's clipped sum is folded chunk by chunk.
+    the reply says how many pages there are. ``mechanisms`` (with their node context ``ctx``) may
+    transform users' updates or replace their sum (user-level DP's clipped sum, folded chunk by chunk).
     """
     fed, seed = cfg.federation, int(cfg.seed)
     counts = np.diff(data.train.indptr)[node_users]
@@ -135,9 +186,13 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
     straggled = active & ~dropped & (user_coins(seed, round_, node_users, STREAM_STRAGGLER)
                                      < float(fed.get("straggler_rate", 0.0)))
     train_mask = active & ~dropped & ~straggled
+    private_names = model.private_parameter_names()
+    start = {n: p.detach() for n, p in model.named_parameters() if n not in private_names}
+    fold = _fold_for(mechanisms, ctx, start, per_user)
+    summed_on_node = hasattr(getattr(fold, "inner", fold), "reply")  # only a sum leaves: no per-user pages
     pos = np.flatnonzero(train_mask)
     pages = 1
-    if per_user and clip is None and page_size:
+    if per_user and not summed_on_node and page_size:
         pages = max(1, -(-len(pos) // int(page_size)))
         if not 0 <= page < pages:
             raise ConfigError(f"page {page} requested, the node has {pages} pages of {page_size} users")
@@ -158,9 +213,6 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
         raise ConfigError(f"federation.weighting: expected uniform or interactions, got {weighting!r}")
     local = local_training(cfg, prox_mu=prox_mu)
     private_rows = {n: t[pos] for n, t in private_state.items()}
-    private_names = model.private_parameter_names()
-    start = {n: p.detach() for n, p in model.named_parameters() if n not in private_names}
-    fold = ClippedSumFold(start, clip) if clip is not None else None
     upd = train_users(model, users, rows, weights, private_rows, local, seed, round_, per_user, fold=fold, seq=seq)
     new_private = {n: t.clone() for n, t in private_state.items()}
     for n, rows_n in upd.private.items():
@@ -170,19 +222,20 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
                "trained-users": len(users), "dropped-users": int(dropped.sum()) if first else 0,
                "straggler-users": int(straggled.sum()) if first else 0, "empty-users": int(empty.sum()) if first else 0,
                "train-loss": upd.loss if len(users) else 0.0, "per-user": int(per_user), "pages": pages, "page": page}
+    if isinstance(fold, TransformFold):
+        metrics |= {f"count/{k}": v for k, v in fold.metrics().items()}
+    if summed_on_node:  # e.g. user-level DP: only the sum of clipped updates leaves the node
+        inner = getattr(fold, "inner", fold)
+        return DeviceRound(reply=inner.reply(metrics), private=new_private)
     content = RecordDict({"metrics": MetricRecord(metrics)})
-    if clip is not None:  # user-level DP: only the sum of clipped updates leaves the node
-        if len(users):
-            sums, kept, unclipped, dropped = upd.folded
-            content["arrays"] = ArrayRecord({n: Array(v.numpy()) for n, v in sums.items()})
-        else:
-            kept = unclipped = dropped = 0
-        content["metrics"] = MetricRecord(metrics | {"clipped-sum": 1, "per-user": 0, "num-examples": float(kept),
-                                                     "unclipped-users": unclipped, "rejected-users": dropped})
+    per_user_arrays = upd.per_user if upd.per_user is not None else (upd.folded if per_user else None)
+    mean = upd.mean if upd.mean is not None else (upd.folded if not per_user and fold is not None else None)
+    if not len(users):
+        pass
     elif per_user:
-        content["arrays"] = ArrayRecord({n: Array(v.detach().numpy()) for n, v in upd.per_user.items()})
+        content["arrays"] = ArrayRecord({n: Array(v.detach().numpy()) for n, v in per_user_arrays.items()})
         content["user-weights"] = ArrayRecord({"weights": Array(upd.weights.numpy().astype(np.float64)),
                                                "users": Array(np.asarray(users, dtype=np.int64))})
-    elif upd.mean is not None:
-        content["arrays"] = ArrayRecord({n: Array(v.detach().numpy()) for n, v in upd.mean.items()})
+    elif mean is not None:
+        content["arrays"] = ArrayRecord({n: Array(v.detach().numpy()) for n, v in mean.items()})
     return DeviceRound(reply=content, private=new_private)

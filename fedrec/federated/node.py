@@ -76,13 +76,18 @@ class NodeView:
     partition_id: int
 
 
-def node_view(cfg_yaml: str, node_config: dict, transforms: Sequence[DataTransform] = ()) -> NodeView:
+def node_view(cfg_yaml: str, node_config: dict, transforms: Sequence[DataTransform] | None = None) -> NodeView:
     """The node's config, data and users, from the server's config and this node's config.
 
-    ``transforms`` are the run's data transforms (built from the same config as the server's), so
-    the node's data, injected users included, and its partition equal the server's.
+    ``transforms`` are the run's data transforms; None: the data hooks of the mechanisms the config
+    names (``fedrec.mechanisms``), built from the same config as the server's, so the node's data,
+    injected users included, and its partition equal the server's.
     """
     cfg = OmegaConf.create(cfg_yaml)
+    if transforms is None:
+        from fedrec.mechanisms import data_transforms, node_mechanisms
+
+        transforms = data_transforms(node_mechanisms(cfg))
     if "data-path" in node_config and str(node_config["data-path"]):
         cfg.dataset.path = str(node_config["data-path"])
     num_nodes = int(cfg.federation.num_nodes)

@@ -14,7 +14,6 @@ metric sums exactly (``federation.evaluation: auto|server|clients``).
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
@@ -50,72 +49,56 @@ def run_id(run_path) -> str:
 
 def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None, *, simulated: bool = False) -> None:
     """Run the federation's rounds on ``grid``; ``simulated``: the nodes run on this machine (Ray), so
-    they keep their state in the run folder unless their node config names a ``state-dir``."""
+    they keep their state in the run folder unless their node config names a ``state-dir``.
+
+    Mechanisms (``fedrec.mechanisms``: privacy, attack, defense) shape the strategy through their
+    server hooks: constructor overrides, rules installed on the strategy, wrappers around it."""
     from strategies import build_strategy
-    from strategies.user_dp import PrivacyBudgetExhausted
 
     from fedrec.logs import quiet_flower
+    from fedrec.mechanisms import RunStopped, ServerContext, build_mechanisms
 
     quiet_flower(bool(cfg.get("verbose", False)))
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model, data_shape(data, seed=int(cfg.seed)))
     fed = cfg.federation
     client_eval = uses_client_evaluation(cfg, model)
+    mechanisms = build_mechanisms(cfg)
     start = 0
     initial = global_arrays(model)
-    user_dp = cfg.get("privacy") is not None and cfg.privacy.name == "user_dp"
-    dp_cls = None
-    if user_dp:
-        from strategies.user_dp import UserDPFedAvg
-
-        dp_cls = UserDPFedAvg
-    node_dp = cfg.get("privacy") is not None and cfg.privacy.name == "node_dp"
-    strategy_cfg = cfg.strategy
-    if node_dp:  # equal node weights, as node-level DP's sensitivity C / n_nodes assumes
-        from strategies.node_dp import UNIT_WEIGHT
-
-        strategy_cfg = OmegaConf.to_container(cfg.strategy, resolve=True) | {"weighted_by_key": UNIT_WEIGHT}
+    strategy_cfg = OmegaConf.to_container(cfg.strategy, resolve=True)
+    for m in mechanisms:
+        strategy_cfg |= m.strategy_overrides()
     strategy = build_strategy(strategy_cfg, num_nodes=int(fed.num_nodes), fraction=float(fed.fraction),
-                              seed=int(cfg.seed), client_evaluation=client_eval, cls=dp_cls)
-    runner = strategy  # what runs the rounds: the strategy, or Flower's DP wrapper around it
-    if node_dp:
-        from strategies.node_dp import NodeDPFedAvg, node_dp_config
-
-        runner = NodeDPFedAvg(strategy, node_dp_config(cfg.privacy), int(fed.num_nodes), int(fed.rounds),
-                              seed=int(cfg.seed))
-        recorder.extra["privacy"] = {"mechanism": "node_dp", "noise_multiplier": runner.noise_multiplier,
-                                     "clipping_norm": runner.clipping_norm, "delta": runner.cfg.delta,
-                                     "accountant": "flower-rdp", "epsilon": 0.0}
-    if user_dp:
-        from fedrec.federated.device_node import sampling_threshold
-        from strategies.user_dp import user_dp_config
-
-        strategy.setup_dp(user_dp_config(cfg.privacy), n_users=data.n_users,
-                          sample_rate=sampling_threshold(fed, data.n_users, int(cfg.seed), 1), seed=int(cfg.seed),
-                          rounds=int(fed.rounds))
-        recorder.extra["privacy"] = {"mechanism": "user_dp", "noise_multiplier": strategy.dp.noise_multiplier,
-                                     "delta": strategy.delta, "sample_rate": strategy.q, "epsilon": 0.0}
-    silo_dpsgd = cfg.get("privacy") is not None and cfg.privacy.name == "dpsgd"
-    if silo_dpsgd:  # each silo keeps its accountant history in its own state (node_state.py)
-        recorder.extra["privacy"] = {"mechanism": "dpsgd", "scope": "each silo's users (epsilon: the largest over silos)",
-                                     "epsilon": 0.0}
+                              seed=int(cfg.seed), client_evaluation=client_eval)
     if fed.mode == "device":
-        from fedrec.federated.device_node import sampling_threshold
+        from fedrec.federated.device_node import sampling_threshold, users_per_page
 
         n_users, seed = data.n_users, int(cfg.seed)
         strategy.user_threshold = lambda rnd: sampling_threshold(fed, n_users, seed, rnd)
         strategy.per_user_uploads = fed.get("upload", "auto") == "per_user"
         strategy.weighting = str(fed.get("weighting", "uniform"))
         strategy.weight_cap = int(fed.max_user_interactions) if fed.get("max_user_interactions") else None
-        from fedrec.federated.device_node import users_per_page
-
         n_params = sum(int(a.numpy().size) for a in initial.values())
         strategy.page_size = users_per_page(float(fed.get("memory_budget_gb", 2.0)), n_params, strategy.sample_size)
+    ctx = ServerContext(cfg=cfg, data=data, model=model, strategy=strategy)
+    runner = strategy  # what runs the rounds: the strategy, or wrappers around it (privacy outermost)
+    for m in mechanisms:
+        m.setup_server(ctx)
+        runner = m.wrap_strategy(runner, ctx)
+
+    def report() -> None:
+        for m in mechanisms:
+            section = m.report(ctx)
+            if section is not None:
+                recorder.extra[m.kind] = section
+
+    report()
     if resume is not None:
         initial = ArrayRecord(resume["arrays"])
         strategy.load_state(resume["strategy"])
-        if node_dp:
-            runner.load_state(resume["node_dp"])
+        for m in mechanisms:
+            m.load_state(resume.get("mechanisms", {}).get(m.kind, {}))
         recorder.load_state(resume["recorder"])
         start = int(resume["round"])
         strategy.round_offset = start
@@ -145,16 +128,10 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
             t0 = time.perf_counter()
             evaluation = evaluate_model(model, data, ks, int(cfg.eval.batch_size))
             eval_s = time.perf_counter() - t0
-        if user_dp or node_dp:
-            recorder.extra["privacy"]["epsilon"] = runner.epsilon()
-        if silo_dpsgd:  # a silo at noise multiplier 0 reports no epsilon: infinite
-            lt = strategy.last_train
-            noisy = float(lt.get("dp-noise-multiplier", 0.0)) > 0 and "dp-epsilon" in lt
-            recorder.extra["privacy"]["epsilon"] = float(lt["dp-epsilon"]) if noisy else math.inf
-            recorder.extra["privacy"]["noise_multiplier"] = float(lt.get("dp-noise-multiplier", 0.0))
+        report()
         recorder.record(rnd, strategy.last_train, strategy.last_train_s, evaluation, eval_s,
-                        lambda: {"arrays": arrays.to_torch_state_dict(), "strategy": strategy.state()}
-                        | ({"node_dp": runner.state()} if node_dp else {}))
+                        lambda: {"arrays": arrays.to_torch_state_dict(), "strategy": strategy.state(),
+                                 "mechanisms": {m.kind: m.state() for m in mechanisms}})
         if evaluation is None:
             return None
         return MetricRecord({f"valid/{k}": v for k, v in evaluation["valid"].items()})
@@ -164,7 +141,7 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     try:
         runner.start(grid, initial, num_rounds=rounds - start, timeout=float(fed.get("round_timeout", 3600)),
-                       train_config=ConfigRecord({P.CONFIG: cfg_yaml}),
-                       evaluate_config=ConfigRecord({P.CONFIG: cfg_yaml}), evaluate_fn=evaluate_fn)
-    except PrivacyBudgetExhausted as e:  # the privacy budget ends a run cleanly; every recorded round is kept
+                     train_config=ConfigRecord({P.CONFIG: cfg_yaml}),
+                     evaluate_config=ConfigRecord({P.CONFIG: cfg_yaml}), evaluate_fn=evaluate_fn)
+    except RunStopped as e:  # a mechanism ends a run cleanly (a spent privacy budget); recorded rounds are kept
         recorder.extra["stopped"] = str(e)

@@ -37,6 +37,10 @@ def check_run(cfg, data, model) -> None:
     fed = cfg.federation
     if model.input_kind == "sequence":
         _check_sequence(cfg, data, model)
+    from fedrec.mechanisms import build_mechanisms
+
+    for m in build_mechanisms(cfg):
+        m.check_model(cfg, model, data)
     if fed.mode == "none":
         return
     from strategies import build_strategy
@@ -63,11 +67,8 @@ def check_run(cfg, data, model) -> None:
 
 
 def _check_sequence(cfg, data, model) -> None:
-    """A sequence model needs ordered data and is not wired to DP-SGD or personalised evaluation yet."""
+    """A sequence model needs ordered data and is not wired to personalised evaluation yet."""
     data.input_sequences("train")  # ConfigError when the dataset has no order
-    privacy = cfg.get("privacy")
-    if privacy is not None and privacy.get("name") == "dpsgd":
-        raise ConfigError(f"privacy=dpsgd: model {model.name!r} reads sequences, which DP-SGD does not support yet")
     if int(cfg.federation.get("personalize_steps", 0) or 0) > 0:
         raise ConfigError(f"federation.personalize_steps: personalised evaluation of sequence models "
                           f"({model.name!r}) is not supported yet; use 0")
