@@ -2,7 +2,8 @@
 
 As the official ``models/DNN.py`` (time_type "cat"): sinusoidal timestep embedding -> Linear ->
 concatenated with the dropped-out input; tanh after every layer except the last; weights
-N(0, 2/(fan_in+fan_out)), biases N(0, 0.001).
+N(0, 2/(fan_in+fan_out)), biases N(0, 0.001) (``bias_std``; the official L-DiffRec ``DNN`` starts its
+biases at 0 with Xavier-normal weights, the same weight distribution: ``bias_std=0``).
 """
 
 from __future__ import annotations
@@ -24,17 +25,20 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> to
     return emb
 
 
-def _init_linear(layer: nn.Linear) -> None:
+def _init_linear(layer: nn.Linear, bias_std: float) -> None:
     fan_out, fan_in = layer.weight.shape
     nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0 / (fan_in + fan_out)))
-    nn.init.normal_(layer.bias, 0.0, 0.001)
+    if bias_std > 0:
+        nn.init.normal_(layer.bias, 0.0, bias_std)
+    else:
+        nn.init.zeros_(layer.bias)
 
 
 class DenoiserMLP(nn.Module):
     """``in_dims``: [input, hidden..., bottleneck]; ``out_dims``: [bottleneck, hidden..., output]."""
 
     def __init__(self, in_dims: list[int], out_dims: list[int], emb_size: int = 10,
-                 norm: bool = False, dropout: float = 0.5):
+                 norm: bool = False, dropout: float = 0.5, bias_std: float = 0.001):
         super().__init__()
         if in_dims[-1] != out_dims[0]:
             raise ValueError("denoiser in_dims[-1] must equal out_dims[0]")
@@ -46,7 +50,7 @@ class DenoiserMLP(nn.Module):
         self.out_layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(out_dims[:-1], out_dims[1:]))
         self.drop = nn.Dropout(dropout)
         for layer in [*self.in_layers, *self.out_layers, self.emb_layer]:
-            _init_linear(layer)
+            _init_linear(layer, bias_std)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """``keep``: an explicit inverted-dropout mask replacing the module's own dropout."""

@@ -15,9 +15,8 @@ the official cluster sizes (ML-1M clean, n_cate=2: 1850 / 960 items).
 Deviations: when a dataset has no item embeddings, they are taken from a truncated SVD of the
 training matrix (documented in ``DataShape``); k-means keeps the centre of an empty cluster and
 stops after ``KMEANS_MAX_ITER`` iterations where the official code would produce NaN or loop on;
-scores are returned in the original item order instead of the cluster order; the denoiser is
-DiffRec's (``denoiser.py``), whose biases start at N(0, 0.001) where the official L-DiffRec
-denoiser starts them at 0 (not measured; see docs/RESULTS.md for the Recall@20 gap on ML-1M).
+scores are returned in the original item order instead of the cluster order. The denoiser is
+DiffRec's (``denoiser.py``) with the official L-DiffRec initialisation (zero biases).
 """
 
 from __future__ import annotations
@@ -147,7 +146,8 @@ class LDiffRec(Recommender):
                 nn.init.zeros_(m.bias)
         self.enc_drop = nn.Dropout(cfg.encoder_dropout)
         mlp_out = list(cfg.mlp_dims) + [latent]
-        self.denoiser = DenoiserMLP(mlp_out[::-1], mlp_out, cfg.emb_size, cfg.norm, cfg.dropout)
+        # the official L-DiffRec DNN: Xavier-normal weights, zero biases (DiffRec's DNN: biases N(0, 0.001))
+        self.denoiser = DenoiserMLP(mlp_out[::-1], mlp_out, cfg.emb_size, cfg.norm, cfg.dropout, bias_std=0.0)
         self.diffusion = cfg.build()
         # Annealing counters are state (checkpointed), not parameters.
         self.register_buffer("epochs_done", torch.zeros((), dtype=torch.long))
