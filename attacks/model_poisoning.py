@@ -87,7 +87,7 @@ class UpdatePoisoning(Mechanism):
         crafted = {}
         for name in arrays.keys():
             trained = arrays[name].numpy()
-            start = ctx.start[name].numpy()
+            start = ctx.start[name].detach().cpu().numpy()
             crafted[name] = (start + self.factor * (trained - start)).astype(trained.dtype)
         content["arrays"] = ArrayRecord({k: Array(v) for k, v in crafted.items()})
         return content
@@ -104,7 +104,7 @@ class UpdatePoisoning(Mechanism):
             if not bool(mask.any()):
                 return deltas, {"malicious-users": 0}
             scale = torch.where(mask, torch.tensor(factor), torch.tensor(1.0))
-            out = {n: d * scale.view(-1, *([1] * (d.dim() - 1))).to(d.dtype) for n, d in deltas.items()}
+            out = {n: d * scale.view(-1, *([1] * (d.dim() - 1))).to(d.device, d.dtype) for n, d in deltas.items()}
             return out, {"malicious-users": int(mask.sum())}
 
         return craft

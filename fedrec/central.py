@@ -3,7 +3,7 @@
 Same model, same local-training code and same evaluation as the Flower clients; epochs replace
 rounds. Follows the official DiffRec loop: evaluate every ``train.eval_every`` epochs, keep the
 epoch with the best validation ``train.select_metric``, stop after ``train.patience`` epochs
-without improvement.
+without improvement. The model, its batches and the evaluation run on the config's ``device``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import time
 import numpy as np
 import torch
 
+from fedrec.devices import cfg_device
 from fedrec.errors import ConfigError
 from fedrec.eval import evaluate_model
 from fedrec.models import build_model, data_shape
@@ -21,7 +22,8 @@ from fedrec.train import make_optimizer, model_rows, train_epoch
 
 
 def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> None:
-    model = build_model(cfg.model, data_shape(data, seed=cfg.seed))
+    device = cfg_device(cfg)
+    model = build_model(cfg.model, data_shape(data, seed=cfg.seed)).to(device)  # built on the CPU: same init
     optimizer = make_optimizer(model, cfg.model.optim)
     rows = model_rows(model, data, np.arange(data.n_users))
     rng = np.random.default_rng(cfg.seed)
@@ -31,6 +33,8 @@ def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> No
         optimizer.load_state_dict(resume["optimizer"])
         rng.bit_generator.state = resume["numpy_rng"]
         torch.set_rng_state(resume["torch_rng"])
+        if "cuda_rng" in resume:  # training draws come from the GPU's generator there
+            torch.cuda.set_rng_state(resume["cuda_rng"], device)
         recorder.load_state(resume["recorder"])
         start = resume["round"]
     ks = list(cfg.eval.ks)
@@ -63,6 +67,7 @@ def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> No
             eval_s = time.perf_counter() - t0
         recorder.record(epoch, stats, train_s, evaluation, eval_s, lambda: {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()})
+            "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+            | ({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
         if cfg.train.patience and epoch - recorder.best_round >= cfg.train.patience:
             break

@@ -30,6 +30,9 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> None:
+    from fedrec.devices import cfg_device
+
+    cfg_device(cfg)  # device=cuda without a GPU fails here, before any data is read
     mode = cfg.federation.mode
     if mode not in FEDERATION_MODES:
         raise ConfigError(f"federation.mode: expected one of {FEDERATION_MODES}, got {mode!r}")

@@ -65,7 +65,7 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
         raise ConfigError(f"model.optim.batch_size: must be >= 1, got {cfg.model.optim.batch_size}")
     from fedrec.federated.validation import check_run
 
-    check_run(cfg, data, model)  # strategy, sampling, local training, partition: before any file
+    check_run(cfg, data, model, simulated=grid is None)  # strategy, sampling, local training, partition: before any file
     check_logger(cfg)
 
     resume = None

@@ -5,6 +5,13 @@ Flower client per user) or inside a vectorised shard of hundreds of users, and w
 it. Stateful generators cannot do that without a Python loop over users; a counter-based generator
 can: each value is a hash (SplitMix64) of the user's key and the value's index, computed for all
 users at once with NumPy's wrapping uint64 arithmetic.
+
+The same hash is written in torch (``splitmix64_torch``, ``uniform_torch``, ...) for tensors on any
+device: torch has no uint64 arithmetic, so it works on the keys' bit patterns as int64, whose
+multiplication wraps identically, with right shifts made logical by masking the sign bits. It gives
+bit-identical values to the NumPy functions (``tests/test_devices.py``). ``UserRandom`` draws with
+NumPy on the CPU (the reference, and faster there: no change to CPU results or speed) and with the
+torch version on any other device, so a GPU's draws are built on the GPU.
 """
 
 from __future__ import annotations
@@ -68,26 +75,107 @@ def bernoulli_keep(keys: np.ndarray, n: int, p_drop: float) -> torch.Tensor:
     return torch.from_numpy(keep.astype(np.float32) / (1.0 - p_drop))
 
 
-class UserRandom:
-    """The random draws of a batch of users for one local step: ``draw.normal(stream, n)`` etc."""
+# --------------------------------------------------------------------------- the same hash in torch
+def _signed(c: np.uint64) -> int:
+    """A uint64 constant as the int64 with the same bits."""
+    c = int(c)
+    return c - (1 << 64) if c >= 1 << 63 else c
 
-    def __init__(self, seed: int, round_: int, users: np.ndarray, step: int):
+
+_T_GOLDEN, _T_M1, _T_M2 = _signed(_GOLDEN), _signed(_M1), _signed(_M2)
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (torch's ``>>`` is arithmetic: mask the sign copies)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def splitmix64_torch(x: torch.Tensor) -> torch.Tensor:
+    """``splitmix64`` on int64 tensors holding uint64 bit patterns, on the tensor's device."""
+    z = x + _T_GOLDEN
+    z = (z ^ _shr(z, 30)) * _T_M1
+    z = (z ^ _shr(z, 27)) * _T_M2
+    return z ^ _shr(z, 31)
+
+
+def keys_torch(keys: np.ndarray, device) -> torch.Tensor:
+    """uint64 keys as an int64 tensor with the same bits, on ``device`` (one value per user)."""
+    return torch.from_numpy(np.ascontiguousarray(keys, dtype=np.uint64).view(np.int64)).to(device)
+
+
+def uniform_torch(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """``uniform`` (float64) on the keys' device; ``keys`` from :func:`keys_torch`."""
+    idx = torch.arange(n, dtype=torch.int64, device=keys.device) * _T_M2 + _T_GOLDEN
+    h = splitmix64_torch(keys[:, None] ^ idx[None])
+    return (_shr(h, 11).double() + 0.5) / float(1 << 53)
+
+
+def normal_torch(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """``normal`` on the keys' device."""
+    m = (n + 1) // 2
+    u = uniform_torch(keys, 2 * m)
+    r = torch.sqrt(-2.0 * torch.log(u[:, :m]))
+    theta = 2.0 * np.pi * u[:, m:]
+    return torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)[:, :n].float()
+
+
+def randint_torch(keys: torch.Tensor, n: int, high: int) -> torch.Tensor:
+    """``randint`` on the keys' device."""
+    return torch.clamp((uniform_torch(keys, n) * high).long(), max=high - 1)
+
+
+def bernoulli_keep_torch(keys: torch.Tensor, n: int, p_drop: float) -> torch.Tensor:
+    """``bernoulli_keep`` on the keys' device."""
+    if p_drop <= 0:
+        return torch.ones(len(keys), n, device=keys.device)
+    scale = float(np.float32(1.0) / np.float32(1.0 - p_drop))  # NumPy's float32 quotient, exactly
+    keep = uniform_torch(keys, n) >= p_drop
+    return keep.float() * scale
+
+
+def uses_torch_hash(device: torch.device) -> bool:
+    """Whether draws for ``device`` are hashed in torch (any accelerator) rather than NumPy (CPU)."""
+    return device.type != "cpu"
+
+
+class UserRandom:
+    """The random draws of a batch of users for one local step: ``draw.normal(stream, n)`` etc.,
+    as tensors on ``device`` (hashed there when it is not the CPU)."""
+
+    def __init__(self, seed: int, round_: int, users: np.ndarray, step: int, device="cpu"):
         self.seed, self.round, self.users, self.step = seed, round_, np.asarray(users), step
+        self.device = torch.device(device)
+        self._torch = uses_torch_hash(self.device)
 
     def keys(self, stream: int) -> np.ndarray:
         return user_keys(self.seed, self.round, self.users, 1000 * self.step + stream)
 
+    def _tkeys(self, stream: int) -> torch.Tensor:
+        return keys_torch(self.keys(stream), self.device)
+
     def normal(self, stream: int, n: int) -> torch.Tensor:
-        return normal(self.keys(stream), n)
+        return normal_torch(self._tkeys(stream), n) if self._torch else normal(self.keys(stream), n)
 
     def randint(self, stream: int, n: int, high: int) -> torch.Tensor:
-        return randint(self.keys(stream), n, high)
+        return randint_torch(self._tkeys(stream), n, high) if self._torch else randint(self.keys(stream), n, high)
 
     def uniform(self, stream: int, n: int) -> torch.Tensor:
+        if self._torch:
+            return uniform_torch(self._tkeys(stream), n).float()
         return torch.from_numpy(uniform(self.keys(stream), n).astype(np.float32))
 
     def keep_mask(self, stream: int, n: int, p_drop: float) -> torch.Tensor:
+        if self._torch:
+            return bernoulli_keep_torch(self._tkeys(stream), n, p_drop)
         return bernoulli_keep(self.keys(stream), n, p_drop)
+
+
+def uniform_tensor(keys: np.ndarray, n: int, device) -> torch.Tensor:
+    """``uniform`` as float32 on ``device`` (hashed there when it is not the CPU)."""
+    device = torch.device(device)
+    if uses_torch_hash(device):
+        return uniform_torch(keys_torch(keys, device), n).float()
+    return torch.from_numpy(uniform(keys, n).astype(np.float32))
 
 
 # --------------------------------------------------------------------------- keyed stateful streams
@@ -112,5 +200,6 @@ def numpy_stream(*key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
 
 
-def torch_stream(*key: int) -> torch.Generator:
-    return torch.Generator().manual_seed(stream_seed(*key))
+def torch_stream(*key: int, device="cpu") -> torch.Generator:
+    """A torch generator on ``device`` seeded for ``key`` (a CUDA generator's stream differs from the CPU's)."""
+    return torch.Generator(device=device).manual_seed(stream_seed(*key))

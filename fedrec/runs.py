@@ -9,11 +9,13 @@
 <run>/checkpoints/     round_<n>.pt (the last ``keep``) and best.pt
 ```
 Files are written to a temporary name and renamed, so a reader never sees half a file.
+Checkpoints hold CPU tensors whatever ``device`` the run trained on, so any machine can read them.
 ``find_resumable`` finds the newest unfinished run with the same config for ``resume=true``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -32,6 +34,24 @@ def _atomic_write(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def _on_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor in its dicts, lists and tuples on the CPU; what holds no tensor off
+    the CPU is returned as it is (a CPU run's checkpoint is saved unchanged)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        moved = {k: _on_cpu(v) for k, v in obj.items()}
+        if all(moved[k] is v for k, v in obj.items()):
+            return obj
+        out = copy.copy(obj)  # keeps the dict's type and attributes (a state_dict's _metadata)
+        out.update(moved)
+        return out
+    if type(obj) in (list, tuple):
+        moved = [_on_cpu(v) for v in obj]
+        return obj if all(a is b for a, b in zip(moved, obj)) else type(obj)(moved)
+    return obj
 
 
 def _clean(obj: Any) -> Any:
@@ -84,6 +104,7 @@ class RunFolder:
     def save_checkpoint(self, round_: int, state: dict, best: bool = False) -> None:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         target = self.ckpt_dir / f"round_{round_:05d}.pt"
+        state = _on_cpu(state)
         _atomic_write(target, lambda p: torch.save(state, p))
         if best:
             shutil.copyfile(target, self.ckpt_dir / "best.tmp")

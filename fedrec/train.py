@@ -4,8 +4,10 @@ One epoch = one shuffled pass over the examples of the model's ``train_unit``, i
 ``batch_size`` examples: over the users (a batch of dense history rows; every model but BPR) or
 over the training interactions (BPR, RecBole's epoch: each (user, item) once, with the user's
 row in ``x`` and the item in ``Batch.items``). Rows are densified once when they fit in memory
-(ML-1M: 67 MB), else per batch. A sequence model (``input_kind == "sequence"``) gets the same
-user examples with ``Batch.seq`` filled too: each user's last ``model.max_len`` training items,
+(ML-1M: 67 MB), else per batch. Batches are built on the model's device (config ``device``): the
+dense cache lives there, so only a batch's indices cross over; uncached rows are densified on the
+CPU and moved per batch. A sequence model (``input_kind == "sequence"``) gets the same user
+examples with ``Batch.seq`` filled too: each user's last ``model.max_len`` training items,
 left-padded with ``n_items`` (:meth:`fedrec.data.sequences.Sequences.padded`); build its rows with
 :func:`model_rows`.
 """
@@ -19,6 +21,7 @@ import scipy.sparse as sp
 import torch
 
 from fedrec.data.sequences import Sequences
+from fedrec.devices import model_device
 from fedrec.errors import ConfigError
 from fedrec.models.base import Batch, Recommender
 
@@ -32,10 +35,12 @@ def _check_unit(unit: str) -> None:
 
 
 class TrainRows:
-    """Training rows of a user subset, as dense float tensors on demand."""
+    """Training rows of a user subset, as dense float tensors on ``device``, on demand."""
 
-    def __init__(self, train: sp.csr_matrix, users: np.ndarray, seq: tuple[Sequences, int] | None = None):
+    def __init__(self, train: sp.csr_matrix, users: np.ndarray, seq: tuple[Sequences, int] | None = None,
+                 device="cpu"):
         users = np.asarray(users, dtype=np.int64)
+        self.device = torch.device(device)
         self._seq = seq  # (training sequences of all users, padded length) for sequence models
         counts = np.diff(train.indptr)[users]
         self.users = users[counts > 0]  # users without training items have nothing to learn from
@@ -43,21 +48,23 @@ class TrainRows:
         self._nz_row: np.ndarray | None = None  # row position of every stored interaction, on first use
         self._dense = None
         if len(self.users) * train.shape[1] * 4 <= DENSE_CACHE_LIMIT:
-            self._dense = torch.from_numpy(self._csr.toarray().astype(np.float32, copy=False))
+            self._dense = torch.from_numpy(self._csr.toarray().astype(np.float32, copy=False)).to(self.device)
 
     def __len__(self) -> int:
         return len(self.users)
 
     def batch(self, idx: np.ndarray) -> Batch:
+        # .to(self.device) is a no-op on the CPU (no copy)
         if self._dense is not None:  # index_select: about twice as fast as fancy indexing on CPU
-            x = torch.index_select(self._dense, 0, torch.from_numpy(np.asarray(idx, dtype=np.int64)))
+            pick = torch.from_numpy(np.asarray(idx, dtype=np.int64)).to(self.device)
+            x = torch.index_select(self._dense, 0, pick)
         else:
-            x = torch.from_numpy(self._csr[idx].toarray().astype(np.float32, copy=False))
+            x = torch.from_numpy(self._csr[idx].toarray().astype(np.float32, copy=False)).to(self.device)
         seq = None
         if self._seq is not None:
             seqs, length = self._seq
-            seq = seqs.padded(self.users[idx], length, pad=self._csr.shape[1])
-        return Batch(users=torch.from_numpy(self.users[idx]), x=x, seq=seq)
+            seq = seqs.padded(self.users[idx], length, pad=self._csr.shape[1]).to(self.device)
+        return Batch(users=torch.from_numpy(self.users[idx]).to(self.device), x=x, seq=seq)
 
     def n_examples(self, unit: str) -> int:
         """Users, or training interactions (the stored non-zeros), of this subset."""
@@ -72,15 +79,17 @@ class TrainRows:
         if self._nz_row is None:
             self._nz_row = np.repeat(np.arange(len(self.users)), np.diff(self._csr.indptr))
         out = self.batch(self._nz_row[idx])
-        out.items = torch.from_numpy(self._csr.indices[idx].astype(np.int64))
+        out.items = torch.from_numpy(self._csr.indices[idx].astype(np.int64)).to(self.device)
         return out
 
 
 def model_rows(model: Recommender, data, users: np.ndarray) -> TrainRows:
-    """The training rows of ``users`` in the form ``model`` reads (dense rows, plus sequences for sequence models)."""
+    """The training rows of ``users`` in the form ``model`` reads (dense rows, plus sequences for sequence
+    models), built on the model's device."""
+    device = model_device(model)
     if model.input_kind == "sequence":
-        return TrainRows(data.train, users, seq=(data.input_sequences("train"), int(model.max_len)))
-    return TrainRows(data.train, users)
+        return TrainRows(data.train, users, seq=(data.input_sequences("train"), int(model.max_len)), device=device)
+    return TrainRows(data.train, users, device=device)
 
 
 class DenseRows:

@@ -11,7 +11,8 @@ diffrec-speed
     against the official implementation's loop structure (``simulations/reference_diffrec.py``),
     on the same data, model and thread count. Default data: ``dataset=diffrec-ml-1m-clean``.
     ``bench.repeats`` (2), ``bench.train_threads`` (1), ``bench.eval_threads`` (0 = torch default),
-    ``bench.reference_eval`` (true).
+    ``bench.reference_eval`` (true). ``device=cuda`` (or ``auto``) runs both sides on the GPU
+    (timings synchronise it), e.g. ``python -m simulations.bench diffrec-speed device=cuda``.
 dp-step
     DiffRec training step, plain AdamW vs DP-SGD with Opacus ghost clipping (``bench.steps``, 10).
 per-user-memory
@@ -46,15 +47,26 @@ def emit(**fields) -> None:
     print(json.dumps(fields), flush=True)
 
 
-def _timed(fn) -> float:
+def _timed_value(fn, device=None) -> tuple[float, object]:
+    """(seconds, ``fn()``); on a GPU the clock stops when its queued kernels have finished."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    value = fn()
+    if cuda:
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0, value
+
+
+def _timed(fn, device=None) -> float:
+    return _timed_value(fn, device)[0]
 
 
 def bench_diffrec_speed(overrides: list[str], opts: dict) -> None:
     from fedrec.config import compose
     from fedrec.data import load_dataset
+    from fedrec.devices import cfg_device
     from fedrec.eval import evaluate_model
     from fedrec.models import build_model, data_shape
     from fedrec.train import TrainRows, make_optimizer, train_epoch
@@ -63,15 +75,17 @@ def bench_diffrec_speed(overrides: list[str], opts: dict) -> None:
     cfg = compose(["dataset=diffrec-ml-1m-clean", "model=diffrec", "federation=none", *overrides])
     if cfg.model.name != "diffrec":
         raise ConfigError("model.name: diffrec-speed benchmarks DiffRec only")
+    device = cfg_device(cfg)  # device=cuda without a GPU: one error line
     data = load_dataset(cfg.dataset, int(cfg.seed))
     repeats = int(opts.get("repeats", 2))
     bs = int(cfg.model.optim.batch_size)
     emit(bench="diffrec-speed", what="setup", dataset=cfg.dataset.name, users=data.n_users, items=data.n_items,
-         train_interactions=int(data.train.nnz), torch_threads_default=torch.get_num_threads())
+         train_interactions=int(data.train.nnz), torch_threads_default=torch.get_num_threads(), device=str(device),
+         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
 
     def fresh():
         torch.manual_seed(int(cfg.seed))
-        m = build_model(cfg.model, data_shape(data))
+        m = build_model(cfg.model, data_shape(data)).to(device)
         return m, make_optimizer(m, cfg.model.optim)
 
     # ---- training epoch, one thread each, alternating sides
@@ -80,15 +94,17 @@ def bench_diffrec_speed(overrides: list[str], opts: dict) -> None:
     torch.set_num_threads(train_threads)
     ours, ours_opt = fresh()
     ref, ref_opt = fresh()
-    rows = TrainRows(data.train, np.arange(data.n_users))
-    dense = torch.from_numpy(data.train.toarray().astype(np.float32))
-    lt_hist, lt_count = torch.zeros(cfg.model.steps, 10), torch.zeros(cfg.model.steps, dtype=torch.long)
+    rows = TrainRows(data.train, np.arange(data.n_users), device=device)
+    dense = torch.from_numpy(data.train.toarray().astype(np.float32))  # the official loader's CPU tensor
+    lt_hist = torch.zeros(cfg.model.steps, 10, device=device)
+    lt_count = torch.zeros(cfg.model.steps, dtype=torch.long, device=device)
     rng = np.random.default_rng(0)
     t_ours, t_ref = [], []
     for _ in range(repeats):
-        t_ours.append(_timed(lambda: train_epoch(ours, ours_opt, rows, bs, rng)))
-        t_ref.append(_timed(lambda: official_style_epoch(ref, ref_opt, dense, bs, lt_hist, lt_count)))
-    emit(bench="diffrec-speed", what="train_epoch", threads=train_threads, fedrec_s=round(statistics.median(t_ours), 3),
+        t_ours.append(_timed(lambda: train_epoch(ours, ours_opt, rows, bs, rng), device))
+        t_ref.append(_timed(lambda: official_style_epoch(ref, ref_opt, dense, bs, lt_hist, lt_count), device))
+    emit(bench="diffrec-speed", what="train_epoch", device=str(device), threads=train_threads,
+         fedrec_s=round(statistics.median(t_ours), 3),
          reference_s=round(statistics.median(t_ref), 3), ratio=round(statistics.median(t_ref) / statistics.median(t_ours), 2),
          fedrec_all_s=[round(x, 3) for x in t_ours], reference_all_s=[round(x, 3) for x in t_ref])
 
@@ -98,16 +114,15 @@ def bench_diffrec_speed(overrides: list[str], opts: dict) -> None:
     ks = [10, 20, 50, 100]
     t_ours = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        res = evaluate_model(ours, data, ks, int(cfg.eval.batch_size))
-        t_ours.append(time.perf_counter() - t0)
-    line = dict(bench="diffrec-speed", what="full_eval", threads=eval_threads, steps=int(cfg.model.steps),
+        seconds, res = _timed_value(lambda: evaluate_model(ours, data, ks, int(cfg.eval.batch_size)), device)
+        t_ours.append(seconds)
+    line = dict(bench="diffrec-speed", what="full_eval", device=str(device), threads=eval_threads,
+                steps=int(cfg.model.steps),
                 fedrec_s=round(statistics.median(t_ours), 3), fedrec_test_recall20=round(res["test"]["recall@20"], 5),
                 fedrec_test_ndcg20=round(res["test"]["ndcg@20"], 5))
     if str(opts.get("reference_eval", "true")).lower() == "true":
-        t0 = time.perf_counter()
-        ref_res = official_style_evaluate(ours, data, ks)  # same model: same metrics expected
-        t_ref = time.perf_counter() - t0
+        # the same model: the same metrics expected
+        t_ref, ref_res = _timed_value(lambda: official_style_evaluate(ours, data, ks), device)
         line.update(reference_s=round(t_ref, 3), ratio=round(t_ref / statistics.median(t_ours), 2),
                     reference_test_recall20=round(ref_res["test"][20]["recall"], 5),
                     reference_test_ndcg20=round(ref_res["test"][20]["ndcg"], 5))

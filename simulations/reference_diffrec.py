@@ -6,7 +6,9 @@ so that speed ratios are measured side by side on the same machine: a DataLoader
 the per-example Python loop that updates the timestep-loss history, a reverse process that builds a
 timestep tensor per step and runs separately for validation and test, and per-user Python metric
 lists (``computeTopNAccuracy``). The arithmetic (denoiser, schedule) is fedrec's, so both sides
-compute the same model; only the loop structure differs. Not used by any run.
+compute the same model; only the loop structure differs. Like the official code, batches are moved
+to the model's device (``.to(device)``) after the loader, so the baseline also runs on a GPU.
+Not used by any run.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from fedrec.models.diffrec import DiffRec
 def official_style_epoch(model: DiffRec, optimizer, train_dense: torch.Tensor, batch_size: int,
                          lt_history: torch.Tensor, lt_count: torch.Tensor) -> float:
     diff = model.diffusion
+    device = lt_history.device
     # The official loader: 4 worker processes and pinned memory, re-created every epoch.
     loader = DataLoader(TensorDataset(train_dense), batch_size=batch_size, shuffle=True, num_workers=4,
                         pin_memory=True, worker_init_fn=lambda worker_id: np.random.seed(1 + worker_id))
     model.train()
     total = 0.0
     for (batch,) in loader:
+        batch = batch.to(device)
         optimizer.zero_grad()
         n = batch.shape[0]
         if bool((lt_count == 10).all()):
@@ -37,7 +41,7 @@ def official_style_epoch(model: DiffRec, optimizer, train_dense: torch.Tensor, b
             ts = torch.multinomial(p, n, replacement=True)
             pt = p.gather(0, ts) * len(p)
         else:
-            ts = torch.randint(0, diff.steps, (n,)).long()
+            ts = torch.randint(0, diff.steps, (n,), device=device).long()
             pt = torch.ones_like(ts).float()
         noise = torch.randn_like(batch)
         x_t = diff.q_sample(batch, ts, noise)
@@ -64,7 +68,7 @@ def official_style_epoch(model: DiffRec, optimizer, train_dense: torch.Tensor, b
 def _p_sample(model: DiffRec, x: torch.Tensor) -> torch.Tensor:
     diff = model.diffusion
     for i in list(range(diff.steps))[::-1]:
-        t = torch.tensor([i] * x.shape[0])
+        t = torch.tensor([i] * x.shape[0]).to(x.device)
         out = model.denoiser(x, t)
         x = diff.posterior_coef1[t].unsqueeze(-1) * out + diff.posterior_coef2[t].unsqueeze(-1) * x
     return x
@@ -100,6 +104,7 @@ def _compute_topn(ground_truth: list[list[int]], predicted: list[list[int]], top
 def official_style_evaluate(model: DiffRec, data, top_n: list[int], batch_size: int = 400) -> dict:
     """Validation and test as the official loop does them: two reverse passes, Python metrics."""
     model.eval()
+    device = next(model.parameters()).device
     train_dense = torch.from_numpy(data.train.toarray().astype(np.float32))
     results = {}
     for split, mask in (("valid", data.train), ("test", data.train + data.valid)):
@@ -109,7 +114,7 @@ def official_style_evaluate(model: DiffRec, data, top_n: list[int], batch_size: 
         loader = DataLoader(TensorDataset(train_dense), batch_size=batch_size, shuffle=False)
         for b, (batch,) in enumerate(loader):
             his = mask[b * batch_size: b * batch_size + len(batch)]
-            pred = _p_sample(model, batch)
+            pred = _p_sample(model, batch.to(device))
             pred[his.nonzero()] = -np.inf
             predicted.extend(torch.topk(pred, top_n[-1]).indices.tolist())
         results[split] = _compute_topn(target_items, predicted, top_n)

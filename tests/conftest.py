@@ -1,4 +1,5 @@
-"""Shared fixtures: composed configs for tiny runs, and the real-data location."""
+"""Shared fixtures: composed configs for tiny runs, and the real-data location; tests marked ``gpu``
+are skipped where torch sees no CUDA GPU."""
 
 from __future__ import annotations
 
@@ -38,3 +39,14 @@ def need_shared(sub: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data {path} is absent (set FEDREC_DATA to the folder holding {sub})")
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

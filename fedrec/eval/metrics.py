@@ -23,6 +23,9 @@ Injected users (``data.injected``: fake profiles a data transform added) never c
 ``users`` a caller passes, :func:`evaluated_users` removes them before any scoring, so the server,
 every node's metric sums and the next-item protocol all follow one rule, even for a transform that
 gave its fake users valid/test items.
+
+Device: scoring, masking, top-K and the metric sums run on the model's device (``evaluate_scores``:
+``device``); only the sums come back, one transfer per batch and split.
 """
 
 from __future__ import annotations
@@ -47,14 +50,15 @@ def check_ks(ks: Iterable[int], n_items: int) -> list[int]:
     return ks
 
 
-def dense_rows(m: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(m[rows].toarray(), dtype=np.float32))
+def dense_rows(m: sp.csr_matrix, rows: np.ndarray, device=None) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(m[rows].toarray(), dtype=np.float32))
+    return x if device is None else x.to(device)  # a no-op on the CPU
 
 
 def topk_metric_sums(scores: torch.Tensor, target: torch.Tensor, ks: list[int]) -> tuple[dict[str, float], int]:
     """Sums over users (with targets) of every metric, and the number of such users.
 
-    ``scores`` (B, n) already masked with -inf; ``target`` (B, n) 0/1.
+    ``scores`` (B, n) already masked with -inf; ``target`` (B, n) 0/1, on any one device.
     """
     n_target = target.sum(1)
     has = n_target > 0
@@ -64,21 +68,22 @@ def topk_metric_sums(scores: torch.Tensor, target: torch.Tensor, ks: list[int]) 
     kmax = ks[-1]
     top = torch.topk(scores, kmax, dim=1).indices
     hits = torch.gather(target, 1, top)  # (B, kmax) 0/1
-    disc = 1.0 / torch.log2(torch.arange(kmax, dtype=torch.float32) + 2.0)
+    disc = 1.0 / torch.log2(torch.arange(kmax, dtype=torch.float32, device=scores.device) + 2.0)
     cum_dcg = torch.cumsum(hits * disc, 1)
     cum_idcg = torch.cumsum(disc, 0)
     cum_hits = torch.cumsum(hits, 1)
     first = torch.where(hits.any(1), hits.argmax(1), torch.full_like(n_target, kmax, dtype=torch.long))
-    out: dict[str, float] = {}
+    out: dict[str, torch.Tensor] = {}
     for k in ks:
         h = cum_hits[:, k - 1]
         ideal = cum_idcg[(torch.clamp(n_target, max=k) - 1).long()]
-        out[f"recall@{k}"] = float((h / n_target).sum())
-        out[f"precision@{k}"] = float((h / k).sum())
-        out[f"hr@{k}"] = float((h > 0).float().sum())
-        out[f"ndcg@{k}"] = float((cum_dcg[:, k - 1] / ideal).sum())
-        out[f"mrr@{k}"] = float(torch.where(first < k, 1.0 / (first.float() + 1.0), torch.zeros_like(h)).sum())
-    return out, int(has.sum())
+        out[f"recall@{k}"] = (h / n_target).sum()
+        out[f"precision@{k}"] = (h / k).sum()
+        out[f"hr@{k}"] = (h > 0).float().sum()
+        out[f"ndcg@{k}"] = (cum_dcg[:, k - 1] / ideal).sum()
+        out[f"mrr@{k}"] = torch.where(first < k, 1.0 / (first.float() + 1.0), torch.zeros_like(h)).sum()
+    # One transfer for every sum (the same float32 values float() would read one by one).
+    return dict(zip(out, torch.stack(list(out.values())).tolist())), int(has.sum())
 
 
 class RankingAccumulator:
@@ -118,40 +123,45 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
     """
     from fedrec.models.base import Batch
 
+    from fedrec.devices import model_device
+
     was_training = model.training
     model.eval()
+    device = model_device(model)
     try:
         if model.input_kind == "sequence":
             length = int(model.max_len)
 
             def next_item(rows, x, split):
-                seq = data.input_sequences(split).padded(rows, length, pad=data.n_items)
-                return model.scores(Batch(users=torch.as_tensor(rows), x=x, seq=seq))
+                seq = data.input_sequences(split).padded(rows, length, pad=data.n_items).to(device)
+                return model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x, seq=seq))
 
-            return evaluate_scores(next_item, data, ks, batch_size, users, splits, per_split=True)
-        return evaluate_scores(lambda rows, x: model.scores(Batch(users=torch.as_tensor(rows), x=x)),
-                               data, ks, batch_size, users, splits)
+            return evaluate_scores(next_item, data, ks, batch_size, users, splits, per_split=True, device=device)
+        return evaluate_scores(lambda rows, x: model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x)),
+                               data, ks, batch_size, users, splits, device=device)
     finally:
         model.train(was_training)
 
 
 @torch.no_grad()
 def evaluate_scores(score_fn, data, ks: list[int], batch_size: int = 1024,
-                    users: np.ndarray | None = None, splits=("valid", "test"), per_split: bool = False) -> dict[str, dict]:
+                    users: np.ndarray | None = None, splits=("valid", "test"), per_split: bool = False,
+                    device=None) -> dict[str, dict]:
     """Like ``evaluate_model`` for any ``score_fn(user_ids, train_rows) -> (B, n_items)`` scores;
-    with ``per_split``, ``score_fn(user_ids, train_rows, split)`` is called once per split."""
+    with ``per_split``, ``score_fn(user_ids, train_rows, split)`` is called once per split.
+    ``train_rows``, the masks and the targets are built on ``device`` (None: the CPU)."""
     ks = check_ks(ks, data.n_items)
     users = evaluated_users(data, users)  # the one place injected users leave every metric
     acc = {s: RankingAccumulator(ks) for s in splits}
     for start in range(0, len(users), batch_size):
         rows = users[start:start + batch_size]
-        x = dense_rows(data.train, rows)
+        x = dense_rows(data.train, rows, device)
         shared = None if per_split else score_fn(rows, x).float()
         seen = x > 0  # validation masks training items; test also masks validation items
         for split in splits:
             scores = score_fn(rows, x, split).float() if per_split else shared
-            mask = seen | (dense_rows(data.valid, rows) > 0) if split == "test" else seen
-            target = dense_rows(getattr(data, split), rows)
+            mask = seen | (dense_rows(data.valid, rows, device) > 0) if split == "test" else seen
+            target = dense_rows(getattr(data, split), rows, device)
             sums, n = topk_metric_sums(scores.masked_fill(mask, float("-inf")), target, ks)
             acc[split].add(sums, n)
     out: dict[str, dict] = {s: acc[s].result() for s in splits}

@@ -2,7 +2,8 @@
 
 Global parameters travel in the message's ArrayRecord. Private parameters (user embeddings,
 personal heads) and non-parameter state (DiffRec's importance-sampling history, annealing counters)
-stay on the node in ``context.state`` and are never sent.
+stay on the node in ``context.state`` and are never sent. Records are built from CPU copies, so a
+model on a GPU sends the same numpy arrays as one on the CPU.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ def global_names(model: Recommender) -> list[str]:
 
 def global_arrays(model: Recommender) -> ArrayRecord:
     params = dict(model.named_parameters())
-    return ArrayRecord(OrderedDict((n, params[n].detach().clone()) for n in global_names(model)))
+    return ArrayRecord(OrderedDict((n, params[n].detach().to("cpu", copy=True)) for n in global_names(model)))
 
 
 def local_state(model: Recommender) -> ArrayRecord:
     """Private parameters and persistent buffers: what a node keeps between rounds."""
     private = model.private_parameter_names()
     sd = model.state_dict()
-    keep = OrderedDict((k, v.detach().clone()) for k, v in sd.items()
+    keep = OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in sd.items()
                        if k in private or k not in dict(model.named_parameters()))
     return ArrayRecord(keep)
 

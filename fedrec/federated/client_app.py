@@ -12,6 +12,9 @@ random node ids.
 Randomness: every draw of a node's round comes from a stream keyed by (seed, partition, round,
 purpose) (``fedrec.rng``): torch's generator during local training, the mini-batch order, Opacus's
 Poisson sampling and noise. Cross-device users draw from streams keyed by (seed, round, user).
+
+Device: the node resolves the config's ``device`` itself and trains and evaluates there; what it
+sends and stores is moved to the CPU (``arrays.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedrec.devices import cfg_device, model_device
 from fedrec.errors import ConfigError
 from fedrec.eval import evaluate_model, evaluated_users
 from fedrec.federated import protocol as P
@@ -86,6 +90,7 @@ def _prepare(msg: Message, context: Context, *, evaluating: bool):
     if saved is not None:
         load_arrays(model, saved["local"], "node state")
     load_arrays(model, msg.content["arrays"], "global arrays from the server")
+    model.to(cfg_device(cfg))  # after loading: the records hold CPU arrays
     # From here on torch's global generator is this node's stream for this round and purpose.
     torch.manual_seed(stream_seed(seed, view.partition_id, rnd, PURPOSE_EVAL if evaluating else PURPOSE_TRAIN))
     return view, cfg, model, rnd, store, saved or {}
@@ -128,7 +133,8 @@ def train(msg: Message, context: Context) -> Message:
     mu = float(conf.get(P.PROXIMAL_MU, 0.0))
 
     def local_training(model, optimizer, rows):
-        prox = (mu, {k: v.detach().clone() for k, v in global_arrays(model).to_torch_state_dict().items()}) if mu > 0 else None
+        prox = (mu, {k: v.detach().clone().to(model_device(model))
+                     for k, v in global_arrays(model).to_torch_state_dict().items()}) if mu > 0 else None
         order = numpy_stream(seed, view.partition_id, rnd, PURPOSE_SHUFFLE)
         losses = [train_epoch(model, optimizer, rows, int(cfg.model.optim.batch_size), order, prox)["loss"]
                   for _ in range(int(cfg.train.local_epochs))] if len(rows) else [float("nan")]
@@ -158,7 +164,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 
         local = local_training(cfg, local_epochs=steps)
         score = personalised_scorer(model, view.data, users, local, int(cfg.seed), 10**6 + rnd)
-        res = evaluate_scores(score, view.data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=users)
+        res = evaluate_scores(score, view.data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=users,
+                              device=model_device(model))
     else:
         res = evaluate_model(model, view.data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=users)
     values: dict[str, float | int] = {P.NUM_EXAMPLES: max(1, len(users)), P.PARTITION_ID: view.partition_id}

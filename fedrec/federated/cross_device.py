@@ -18,6 +18,8 @@ Fast path: with plain SGD and one local step, a user's update is ``-lr * grad_u`
 parameters, which is linear, so the weighted sum over users is one backward pass of the weighted
 loss sum — the same numbers (to float tolerance) at the cost of a centralised mini-batch step.
 It is used only when the node uploads the sum (no per-user updates requested).
+
+Device: everything runs where ``rows`` are (the model's device); the users' draws are hashed there.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
+from fedrec.devices import model_device
 from fedrec.errors import ConfigError
 from fedrec.models.base import Batch, Recommender
 from fedrec.rng import UserRandom
@@ -132,7 +135,7 @@ def _single_user_loss(wrapper, buffers):
         params = {f"m.{k}": v for k, v in gparams.items()}
         params.update({f"m.{k}": v.unsqueeze(0) for k, v in pparams.items()})  # one-row tables
         seq = inp["seq"].unsqueeze(0) if "seq" in inp else None
-        batch = Batch(users=torch.zeros(1, dtype=torch.long), x=inp["x"].unsqueeze(0), seq=seq,
+        batch = Batch(users=torch.zeros(1, dtype=torch.long, device=inp["x"].device), x=inp["x"].unsqueeze(0), seq=seq,
                       rand={k: v.unsqueeze(0) for k, v in rand.items()})
         return functional_call(wrapper, {**params, **buffers}, (batch,))[0]
     return loss
@@ -193,7 +196,8 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
         state = _AdamState(gp, pp) if local.optimizer == "adam" else None
         for step in range(local.local_epochs):
             schedule_position(model, schedule_round, step, local.local_epochs)
-            rand = model.draw_randomness(Batch(users=torch.as_tensor(u), x=x, seq=s), UserRandom(seed, round_, u, step))
+            rand = model.draw_randomness(Batch(users=torch.as_tensor(u, device=x.device), x=x, seq=s),
+                                         UserRandom(seed, round_, u, step, x.device))
             if step == 0:
                 with torch.no_grad():
                     loss_acc += float((vloss(gp, pp, inp, rand) * w).sum())
@@ -259,8 +263,9 @@ def _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, ro
         s = None if seq is None else seq[sl]
         # The chunk's private rows form a small table addressed by positions 0..c-1.
         pleaf = {n: private_rows[n][sl].clone().requires_grad_(True) for n in private_names}
-        batch = Batch(users=torch.arange(len(u)), x=x, seq=s)
-        batch.rand = model.draw_randomness(Batch(users=torch.as_tensor(u), x=x, seq=s), UserRandom(seed, round_, u, 0))
+        batch = Batch(users=torch.arange(len(u), device=x.device), x=x, seq=s)
+        batch.rand = model.draw_randomness(Batch(users=torch.as_tensor(u, device=x.device), x=x, seq=s),
+                                           UserRandom(seed, round_, u, 0, x.device))
         state = {f"m.{k}": v for k, v in {**gleaf, **pleaf}.items()} | buffers
         per_example = functional_call(wrapper, state, (batch,))
         leaves = [*gleaf.values(), *pleaf.values()]
@@ -289,9 +294,10 @@ def personalised_scorer(model: Recommender, data, users: np.ndarray, local: Loca
     params = dict(model.named_parameters())
     counts = np.diff(data.train.indptr)[users]
     trainable = users[counts > 0]
-    rows = torch.from_numpy(data.train[trainable].toarray().astype(np.float32))
+    device = model_device(model)
+    rows = torch.from_numpy(data.train[trainable].toarray().astype(np.float32)).to(device)
     private_rows = {n: params[n].detach()[trainable].clone() for n in private_names}
-    upd = train_users(model, trainable, rows, torch.ones(len(trainable)), private_rows, local, seed,
+    upd = train_users(model, trainable, rows, torch.ones(len(trainable), device=device), private_rows, local, seed,
                       round_, per_user=True, schedule_round=schedule_round)
     where = {int(u): i for i, u in enumerate(trainable)}
     wrapper = _Scores(model)
@@ -308,19 +314,20 @@ def personalised_scorer(model: Recommender, data, users: np.ndarray, local: Loca
     @torch.no_grad()
     def score(user_ids: np.ndarray, x: torch.Tensor) -> torch.Tensor:
         model.eval()
-        out = torch.empty(len(user_ids), x.shape[1])
+        out = torch.empty(len(user_ids), x.shape[1], device=x.device)
         has = np.array([int(u) in where for u in user_ids])
         if (~has).any():  # users without training data keep the global model
             from fedrec.models.base import Batch
 
-            out[torch.from_numpy(~has)] = model.scores(Batch(users=torch.as_tensor(user_ids[~has]), x=x[~has]))
+            out[torch.from_numpy(~has).to(x.device)] = model.scores(
+                Batch(users=torch.as_tensor(user_ids[~has], device=x.device), x=x[~has]))
         idx = np.flatnonzero(has)
         for start in range(0, len(idx), chunk):
             sel = idx[start:start + chunk]
             pos = [where[int(u)] for u in user_ids[sel]]
             g = {n: v[pos] for n, v in upd.per_user.items()}
             p = {n: v[pos] for n, v in upd.private.items()}
-            out[torch.from_numpy(sel)] = vscore(g, p, x[sel])
+            out[torch.from_numpy(sel).to(x.device)] = vscore(g, p, x[sel])
         return out
 
     return score
@@ -332,4 +339,4 @@ class _Scores(torch.nn.Module):
         self.m = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.m.scores(Batch(users=torch.zeros(x.shape[0], dtype=torch.long), x=x))
+        return self.m.scores(Batch(users=torch.zeros(x.shape[0], dtype=torch.long, device=x.device), x=x))

@@ -6,6 +6,7 @@ are spread over nodes: a run with one user per Flower node and a run with two no
 select, drop and train exactly the same users. The server sends one number per round, the sampling
 threshold: a user takes part when its key is <= the threshold (Poisson sampling with q = threshold,
 or an exact count when the server set the threshold at the m-th smallest key of all users).
+The users' rows, weights and draws are built on the model's device; replies carry CPU arrays.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 from fedrec.errors import ConfigError
 from fedrec.federated.cross_device import LocalTraining, train_users
 from fedrec.models.base import Recommender
-from fedrec.rng import key_uniform, uniform, user_keys
+from fedrec.devices import model_device
+from fedrec.rng import key_uniform, uniform_tensor, user_keys
 
 STREAM_SAMPLE, STREAM_DROPOUT, STREAM_STRAGGLER, STREAM_CAP = 101, 102, 103, 104
 PRIVATE_KEY = "fedrec-private"
@@ -58,7 +60,7 @@ def cap_rows(rows: torch.Tensor, users: np.ndarray, cap: int | None, seed: int, 
     counts = rows.sum(1)
     if not bool((counts > cap).any()):
         return rows
-    u = torch.from_numpy(uniform(user_keys(seed, round_, users, STREAM_CAP), rows.shape[1]).astype(np.float32))
+    u = uniform_tensor(user_keys(seed, round_, users, STREAM_CAP), rows.shape[1], rows.device)
     u = torch.where(rows > 0, u, torch.full_like(u, 2.0))  # non-items sort last
     keep = torch.zeros_like(rows)
     keep.scatter_(1, torch.topk(-u, int(cap), dim=1).indices, 1.0)
@@ -119,7 +121,7 @@ class ClippedSumFold:
     def reply(self, metrics: dict) -> RecordDict:
         content = RecordDict()
         if self.sums is not None:
-            content["arrays"] = ArrayRecord({n: Array(v.numpy()) for n, v in self.sums.items()})
+            content["arrays"] = ArrayRecord({n: Array(v.cpu().numpy()) for n, v in self.sums.items()})
         content["metrics"] = MetricRecord(metrics | {"clipped-sum": 1, "per-user": 0, "num-examples": float(self.kept),
                                                      "unclipped-users": self.unclipped, "rejected-users": self.dropped})
         return content
@@ -198,15 +200,16 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
             raise ConfigError(f"page {page} requested, the node has {pages} pages of {page_size} users")
         pos = pos[page * int(page_size):(page + 1) * int(page_size)]
     users = node_users[pos]
-    rows = torch.from_numpy(data.train[users].toarray().astype(np.float32))
+    device = model_device(model)
+    rows = torch.from_numpy(data.train[users].toarray().astype(np.float32)).to(device)
     cap = fed.get("max_user_interactions")
     rows = cap_rows(rows, users, cap, seed, round_)
     seq = None
     if model.input_kind == "sequence":  # the cap keeps a sequence's most recent items (not a random subset)
-        seq = data.input_sequences("train").padded(users, int(model.max_len), pad=data.n_items, keep=cap)
+        seq = data.input_sequences("train").padded(users, int(model.max_len), pad=data.n_items, keep=cap).to(device)
     weighting = fed.get("weighting", "uniform")
     if weighting == "uniform":
-        weights = torch.ones(len(users))
+        weights = torch.ones(len(users), device=device)
     elif weighting == "interactions":
         weights = rows.sum(1)
     else:
@@ -233,9 +236,9 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
     if not len(users):
         pass
     elif per_user:
-        content["arrays"] = ArrayRecord({n: Array(v.detach().numpy()) for n, v in per_user_arrays.items()})
-        content["user-weights"] = ArrayRecord({"weights": Array(upd.weights.numpy().astype(np.float64)),
+        content["arrays"] = ArrayRecord({n: Array(v.detach().cpu().numpy()) for n, v in per_user_arrays.items()})
+        content["user-weights"] = ArrayRecord({"weights": Array(upd.weights.cpu().numpy().astype(np.float64)),
                                                "users": Array(np.asarray(users, dtype=np.int64))})
     elif mean is not None:
-        content["arrays"] = ArrayRecord({n: Array(v.detach().numpy()) for n, v in mean.items()})
+        content["arrays"] = ArrayRecord({n: Array(v.detach().cpu().numpy()) for n, v in mean.items()})
     return DeviceRound(reply=content, private=new_private)

@@ -9,7 +9,8 @@
 
 Evaluation is server-side (the global model on every user) unless the model has private
 parameters, which only the nodes hold; then nodes evaluate their users and the strategy combines
-metric sums exactly (``federation.evaluation: auto|server|clients``).
+metric sums exactly (``federation.evaluation: auto|server|clients``). Server-side evaluation runs
+on the config's ``device``.
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
 
     quiet_flower(bool(cfg.get("verbose", False)))
     torch.manual_seed(int(cfg.seed))
-    model = build_model(cfg.model, data_shape(data, seed=int(cfg.seed)))
+    from fedrec.devices import cfg_device
+
+    # Built on the CPU (the nodes' initial model), then moved for server-side evaluation; arrays leave as CPU copies.
+    model = build_model(cfg.model, data_shape(data, seed=int(cfg.seed))).to(cfg_device(cfg))
     fed = cfg.federation
     client_eval = uses_client_evaluation(cfg, model)
     mechanisms = build_mechanisms(cfg)

@@ -4,7 +4,8 @@
 only way to hand the ServerApp live objects (the loaded dataset, the recorder) — Flower 1.42 has no
 supported in-process alternative (``flwr run`` loads the apps by name in other processes) — so its
 deprecation notice is dropped from the console (``fedrec.experiment.quiet_flower``; ``verbose=true``
-shows it). The apps are the same ones ``flwr run .`` deploys. Each virtual node gets ``federation.client_cpus`` CPUs; Ray is
+shows it). The apps are the same ones ``flwr run .`` deploys. Each virtual node gets ``federation.client_cpus`` CPUs,
+and, when ``device`` resolves to cuda, ``federation.client_gpus`` of a GPU; Ray is
 started for this run only and shut down by Flower at the end (we never run ``ray stop``). Set
 ``RAY_ADDRESS`` to attach to an existing Ray cluster instead.
 """
@@ -39,8 +40,12 @@ def simulate(cfg, data, recorder: Recorder, resume: dict | None = None) -> None:
     init_args = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
     if not os.environ.get("RAY_ADDRESS"):
         init_args["num_cpus"] = int(fed.get("ray_cpus") or os.cpu_count() or 1)
+    from fedrec.devices import cfg_device
+
+    # A node task sees a GPU only if it reserves a share of one (Ray hides the others from it).
+    gpus = float(fed.get("client_gpus", 0.0) or 0.0) if cfg_device(cfg).type == "cuda" else 0.0
     backend_config = {
-        "client_resources": {"num_cpus": float(fed.client_cpus), "num_gpus": 0.0},
+        "client_resources": {"num_cpus": float(fed.client_cpus), "num_gpus": gpus},
         "init_args": init_args,
     }
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=int(fed.num_nodes),

@@ -3,7 +3,8 @@
 ``check_run`` runs in ``fedrec.experiment.execute`` after the data and the model are built and
 before anything is written, so that a bad strategy argument, fraction, sampling mode, local
 optimiser, chunk size, partition or mechanism/federation combination is one ``error:`` line with
-exit status 2, never a traceback from a node in round 1.
+exit status 2, never a traceback from a node in round 1. This includes a simulated node that would
+not see the GPU it was asked to train on (``device=cuda`` without ``federation.client_gpus``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ def _rate(fed, key: str) -> None:
         raise ConfigError(f"federation.{key}: must be in [0, 1), got {value}")
 
 
-def check_run(cfg, data, model) -> None:
-    """Reject a federated run's bad values; ``data`` and ``model`` are the loaded dataset and built model."""
+def check_run(cfg, data, model, *, simulated: bool = True) -> None:
+    """Reject a federated run's bad values; ``data`` and ``model`` are the loaded dataset and built model;
+    ``simulated``: the nodes will run on Flower's simulation engine (Ray) on this machine."""
     fed = cfg.federation
     if model.input_kind == "sequence":
         _check_sequence(cfg, data, model)
@@ -58,6 +60,13 @@ def check_run(cfg, data, model) -> None:
         value = float(fed.get(key, 1.0))
         if not (math.isfinite(value) and value > minimum):
             raise ConfigError(f"federation.{key}: must be a positive number, got {fed.get(key)}")
+    gpus = float(fed.get("client_gpus", 0.0) or 0.0)
+    if not (math.isfinite(gpus) and gpus >= 0):
+        raise ConfigError(f"federation.client_gpus: must be a number >= 0, got {fed.get('client_gpus')}")
+    if simulated and str(cfg.get("device", "cpu")).strip().lower() == "cuda" and gpus == 0:
+        # Ray hides the GPUs from a task that reserves none, so every node would fail in round 1.
+        raise ConfigError("federation.client_gpus: device=cuda in a simulation needs a GPU share per node task "
+                          "(e.g. federation.client_gpus=0.25), got 0; or use device=auto (nodes then train on CPU)")
     if int(fed.get("client_threads", 1)) < 1:
         raise ConfigError(f"federation.client_threads: must be >= 1, got {fed.client_threads}")
     if fed.get("ray_cpus") is not None and int(fed.ray_cpus) < 1:

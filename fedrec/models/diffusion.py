@@ -49,7 +49,9 @@ the samplers live here, and a model hands the core its denoiser as a callable. W
    condition-dropout mask; ``reverse``: a noised start, ``sampling_noise``) take ``generator=None`` to
    mean torch's global generator: the contract of ``Batch.rand is None`` and of ``Recommender.scores``
    (``fedrec/models/base.py``), whose trainers seed it per node and round (``fedrec.rng``);
-   cross-device training passes every draw explicitly instead.
+   cross-device training passes every draw explicitly instead. Draws land on the device of the
+   tensor they shape (``generate``: the generator's device), so a model on a GPU takes a CUDA
+   generator (``fedrec.rng.torch_stream(..., device=...)``; ``global_generator(device)`` for None).
 
 Draw order (what a reference given "the same noise" must replay): training draws t, then the noise,
 then the dropout mask; an ancestral sampler draws one ``randn(x.shape)`` per step from ``start`` down
@@ -423,7 +425,8 @@ class GaussianDiffusion(nn.Module):
         """
         self.check_reaches_noise(what)
         sampler = sampler or self.default_sampler(inference_steps, True, what)
-        x_t = torch.randn(shape, generator=required(generator, "generate"))
+        generator = required(generator, "generate")
+        x_t = torch.randn(shape, generator=generator, device=generator.device)  # on the generator's device
         return sampler.sample(self, denoise, x_t, generator, cond=cond, guidance=guidance)
 
     @torch.no_grad()

@@ -214,10 +214,11 @@ class LDiffRec(Recommender):
         b, n = batch.x.shape
         latent = self.denoiser.out_layers[-1].out_features
         lamda, beta = self._weights()
+        dev = batch.x.device
         return {"enc_keep": rnd.keep_mask(0, n, self.cfg.encoder_dropout), "eps": rnd.normal(1, latent),
                 "t": rnd.randint(2, 1, self.diffusion.steps)[:, 0], "noise": rnd.normal(3, latent),
                 "keep": rnd.keep_mask(4, latent, self.cfg.dropout),
-                "lamda": torch.full((b,), lamda), "beta": torch.full((b,), beta)}
+                "lamda": torch.full((b,), lamda, device=dev), "beta": torch.full((b,), beta, device=dev)}
 
     def scores(self, batch: Batch) -> torch.Tensor:
         c = self.cfg

@@ -112,7 +112,7 @@ class MultVAE(Recommender):
     def draw_randomness(self, batch: Batch, rnd) -> dict[str, torch.Tensor]:
         b, n = batch.x.shape
         return {"keep": rnd.keep_mask(0, n, float(self.cfg.dropout)), "eps": rnd.normal(1, self.latent_dim),
-                "beta": torch.full((b,), self.beta())}
+                "beta": torch.full((b,), self.beta(), device=batch.x.device)}
 
     def scores(self, batch: Batch) -> torch.Tensor:
         mu, _ = self.encode(batch.x)
@@ -120,4 +120,4 @@ class MultVAE(Recommender):
 
     def generate(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Decoded samples of the N(0, I) prior (a VAE baseline generator, not a diffusion model)."""
-        return self.decoder(torch.randn(n, self.latent_dim, generator=generator))
+        return self.decoder(torch.randn(n, self.latent_dim, generator=generator, device=generator.device))

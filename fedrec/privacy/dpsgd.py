@@ -134,10 +134,13 @@ class DPSGDTrainer:
         from fedrec.rng import PURPOSE_DP_NOISE, PURPOSE_DP_SAMPLING, torch_stream
 
         # Explicit generators, keyed by the caller's seed: Opacus samples users from the loader's
-        # generator and draws its noise from ``noise_generator`` (not torch's global generator).
+        # generator and draws its noise from ``noise_generator`` (not torch's global generator). The
+        # noise lands on the parameters' device, so its generator lives there; sampling stays on the CPU.
         loader = DataLoader(TensorDataset(torch.arange(n)), batch_size=batch_size,
                             generator=torch_stream(seed, PURPOSE_DP_SAMPLING))
-        self.noise_generator = torch_stream(seed, PURPOSE_DP_NOISE)
+        from fedrec.devices import model_device
+
+        self.noise_generator = torch_stream(seed, PURPOSE_DP_NOISE, device=model_device(model))
         self.engine = PrivacyEngine(accountant=cfg.accountant, secure_mode=False)
         common = dict(module=module, optimizer=optimizer, data_loader=loader, max_grad_norm=cfg.max_grad_norm,
                       poisson_sampling=True, grad_sample_mode=mode, noise_generator=self.noise_generator)
