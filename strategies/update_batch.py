@@ -126,7 +126,7 @@ def weighted_mean(batch: UpdateBatch, block: int = 8) -> dict[str, np.ndarray]:
         acc = ru.base.astype(np.float64)
         if len(ru.rows):
             rows, starts, order = _row_groups(ru)
-            flat = ru.values.reshape(len(ru.rows), -1)[order]
+            flat = ru.values.reshape(len(ru.rows), -1)[order]  # nnz > 0 here
             # per row, the weighted deltas summed in user order (a stable sort), so sums are reproducible
             summed = np.add.reduceat(w[ru.entry_users()[order], None] * flat.astype(np.float64), starts, axis=0)
             acc.reshape(len(acc), -1)[rows] += summed
