@@ -460,8 +460,8 @@ def _decode_rows(stacked: dict[str, np.ndarray], name: str, n: int, shape: tuple
     rkey, okey, vkey = P.row_keys(name)
     rows, offsets, values = stacked[rkey], stacked[okey], stacked[vkey]
     if rows.ndim != 1 or rows.dtype.kind not in "iu" or offsets.shape != (n + 1,) or offsets.dtype.kind not in "iu":
-        return None, None, [f"table {name!r}: row ids and offsets must be integer arrays of shapes (nnz,) and ({n + 1},), "
-                            f"got {rows.dtype}{rows.shape} and {offsets.dtype}{offsets.shape}"]
+        return None, None, [f"table {name!r}: row ids and offsets must be integer arrays of shapes (nnz,) and "
+                            f"({n + 1},), got {rows.dtype}{rows.shape} and {offsets.dtype}{offsets.shape}"]
     if values.shape != (len(rows), *shape[1:]) or values.dtype.kind != "f":
         return None, None, [f"table {name!r}: values of shape {values.shape} ({values.dtype}), expected "
                             f"{(len(rows), *shape[1:])} floats"]
@@ -473,10 +473,11 @@ def _decode_rows(stacked: dict[str, np.ndarray], name: str, n: int, shape: tuple
     user = np.repeat(np.arange(n), counts)
     repeated = np.zeros(len(rows), bool)
     repeated[1:] = (user[1:] == user[:-1]) & (rows[1:] <= rows[:-1])
+    finite = np.isfinite(values.reshape(len(rows), int(np.prod(shape[1:])))).all(1)
     bad, reasons = np.zeros(n, bool), []
     for entries, why in (((rows < 0) | (rows >= shape[0]), f"row ids out of range [0, {shape[0]})"),
                          (repeated, "row ids not strictly increasing within a user"),
-                         (~np.isfinite(values.reshape(len(rows), int(np.prod(shape[1:])))).all(1), "values contain NaN or Inf")):
+                         (~finite, "values contain NaN or Inf")):
         if entries.any():
             bad[user[entries]] = True
             reasons.append(f"table {name!r}: {why}")

@@ -49,7 +49,8 @@ def test_bpr_uploads_only_touched_item_rows_and_aggregates_as_full_arrays(tiny_c
                                                  model="bpr"), tmp_path, "dense")
     _close(sparse, dense, tol=1e-6)  # two rounds: the private user rows carried on the nodes agree too
     assert ITEMS in dense_replies[0].content["arrays"]
-    assert ITEMS not in sparse_replies[0].content["arrays"] and ITEMS + P.ROWS_SUFFIX in sparse_replies[0].content["arrays"]
+    first = sparse_replies[0].content["arrays"]
+    assert ITEMS not in first and ITEMS + P.ROWS_SUFFIX in first
 
     # Round 1, user by user: the rows sent are exactly those whose full-array update differs from the
     # global table, and they are the user's sampled positives and negatives of its two local steps.
@@ -82,6 +83,19 @@ def test_bpr_uploads_only_touched_item_rows_and_aggregates_as_full_arrays(tiny_c
         assert full[P.UPLOADED_ROWS] == full[P.UPLOADED_ROWS_DENSE]
         assert got[P.UPLOADED_ROWS] <= n_users * 2 * 2 * 8 < got[P.UPLOADED_ROWS_DENSE]
         assert got[P.UPLOADED_BYTES] < full[P.UPLOADED_BYTES]
+
+
+def test_paged_sparse_uploads_fold_into_the_full_array_mean(tiny_cfg, tmp_path):
+    """Pages of row-sparse replies (a budget of one or two users a page) fold into the same mean."""
+    _, paged, replies, _ = _serve(tiny_cfg(*BPR, "federation.rounds=1", "federation.memory_budget_gb=0.00005",
+                                           model="bpr"), tmp_path, "paged")
+    _, full, _, _ = _serve(tiny_cfg(*BPR, "federation.rounds=1", "federation.sparse_rows=off", model="bpr"),
+                           tmp_path, "full")
+    assert len(replies) >= 6 and all(ITEMS + P.ROWS_SUFFIX in r.content["arrays"] for r in replies)
+    assert max(int(r.content["metrics"][P.PAGES]) for r in replies) >= 3
+    _close(paged, full, tol=1e-6)
+    line = _train_lines(tmp_path, "paged")[0]
+    assert line[P.UPLOADED_ROWS] < line[P.UPLOADED_ROWS_DENSE] == line["trained-users"] * 50
 
 
 def test_user_median_with_bpr_equals_numpy_median_over_the_dense_updates(tiny_cfg, tmp_path):
@@ -120,7 +134,8 @@ def test_attacks_transform_dense_deltas_before_the_sparse_upload(tiny_cfg, tmp_p
             np.testing.assert_allclose(ad[ITEMS][i] - g0[ITEMS], factor * (hd[ITEMS][i] - g0[ITEMS]),
                                        rtol=1e-5, atol=1e-6)
         for k in (P.ROWS_SUFFIX, P.OFFSETS_SUFFIX):
-            np.testing.assert_array_equal(a.content["arrays"][ITEMS + k].numpy(), h.content["arrays"][ITEMS + k].numpy())
+            np.testing.assert_array_equal(a.content["arrays"][ITEMS + k].numpy(),
+                                          h.content["arrays"][ITEMS + k].numpy())
     assert seen > 0
 
 
