@@ -13,7 +13,8 @@
    on the order in which replies arrive; a resumed run samples and sums as the original did.
 3. **Bad uploads never reach aggregation.** Replies whose arrays have other names or shapes than
    the global model, or contain NaN/Inf, or carry no examples, are dropped and counted
-   (``rejected-updates``); a client that *raised* fails the run with its error message.
+   (``rejected-updates``); in per-user replies, user by user, row-sparse tables' rows included
+   (``_decode_rows``); a client that *raised* fails the run with its error message.
 
 Client-side evaluation replies carry metric *sums* and user counts; they are combined exactly.
 """
