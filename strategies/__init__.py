@@ -13,7 +13,8 @@
    on the order in which replies arrive; a resumed run samples and sums as the original did.
 3. **Bad uploads never reach aggregation.** Replies whose arrays have other names or shapes than
    the global model, or contain NaN/Inf, or carry no examples, are dropped and counted
-   (``rejected-updates``); a client that *raised* fails the run with its error message.
+   (``rejected-updates``); in per-user replies, user by user, row-sparse tables' rows included
+   (``_decode_rows``); a client that *raised* fails the run with its error message.
 
 Client-side evaluation replies carry metric *sums* and user counts; they are combined exactly.
 """
@@ -33,7 +34,7 @@ from fedrec.errors import ConfigError
 from fedrec.federated import protocol as P
 from fedrec.federated.arrays import check_update
 from fedrec.rng import PURPOSE_NODE_SAMPLING, numpy_stream
-from strategies.update_batch import UpdateBatch, coordinate_median, derive_weights, weighted_mean
+from strategies.update_batch import RowUpdates, UpdateBatch, coordinate_median, derive_weights, weighted_mean
 
 
 class _Reply:
@@ -80,6 +81,8 @@ class FedrecMixin:
     weighting = "uniform"
     weight_cap: int | None = None
     per_user_uploads = False  # federation.upload=per_user forces per-user replies
+    #: the model's row-sparse tables (set by the server): counted in the upload metrics, sparse or not
+    row_sparse_names: frozenset = frozenset()
     #: per-user replies come in pages of this many users (None: one reply per node); see device_node.py
     page_size: int | None = None
     #: functions ``(content, global_arrays) -> (content, metrics)`` applied, in order, to every valid
@@ -106,6 +109,8 @@ class FedrecMixin:
         self.last_eval: MetricRecord | None = None
         self.last_eval_s: float | None = None
         self._partition_of: dict[int, int] | None = None  # Flower node id -> partition id
+        self._uploaded: dict[str, float] = {}  # this round's upload volume (reset by aggregate_train)
+        self._bases: dict[str, np.ndarray] = {}
         self.round_extras: dict = {}  # extra keys of every round's config (run id, node-state hint), from the server
 
     def _round_config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
@@ -197,7 +202,11 @@ class FedrecMixin:
         return rejected, reasons
 
     def _user_part(self, msg: Message) -> tuple[UpdateBatch | None, int, list[str]]:
-        """A node's stacked per-user reply -> (its users' valid updates as a batch, users rejected, reasons)."""
+        """A node's stacked per-user reply -> (its users' valid updates as a batch, users rejected, reasons).
+
+        A table arrives as a (U, ...) stack or, row-sparse, as each user's touched rows (``protocol.row_keys``);
+        wrong names, shapes or offsets reject the reply, a user with NaN/Inf, a row id out of range or
+        repeated is rejected alone."""
         arrays = msg.content.array_records.get(self.arrayrecord_key)
         wrec = msg.content.array_records.get(P.USER_WEIGHTS)
         if arrays is None or wrec is None:
@@ -206,13 +215,17 @@ class FedrecMixin:
         n = len(reported)
         users = wrec["users"].numpy().astype(np.int64) if "users" in wrec else np.full(n, -1)
         stacked = {k: a.numpy() for k, a in arrays.items()}
-        if set(stacked) != set(self._reference):
+        self._count(P.UPLOADED_BYTES, sum(a.nbytes for a in stacked.values()))
+        sparse = sorted(k for k in self._reference if k not in stacked and P.row_keys(k)[0] in stacked)
+        if set(stacked) != (set(self._reference) - set(sparse)) | {key for k in sparse for key in P.row_keys(k)}:
             return None, n, ["array names differ from the global model's"]
         if len(users) != n:
             return None, n, [f"user ids for {len(users)} users, weights for {n}"]
         good = np.isfinite(reported) & (reported > 0)
         reasons = []
         for k, a in stacked.items():
+            if k not in self._reference:
+                continue  # a row-sparse table's parts, checked below
             if a.shape != (n, *self._reference[k]):
                 return None, n, [f"array {k!r} has shape {a.shape}, expected {(n, *self._reference[k])}"]
             if a.dtype.kind == "f":
@@ -220,12 +233,37 @@ class FedrecMixin:
                 if not finite.all():
                     reasons.append(f"array {k!r} contains NaN or Inf")
                 good &= finite
+        rows: dict[str, RowUpdates] = {}
+        for k in sparse:
+            ru, bad, why = _decode_rows(stacked, k, n, self._reference[k], self._base(k))
+            if ru is None:
+                return None, n, why
+            reasons += why
+            good &= ~bad
+            rows[k] = ru
+        for k in sorted(set(self.row_sparse_names) & set(self._reference) | set(sparse)):  # rows sent vs full arrays'
+            self._count(P.UPLOADED_ROWS, len(rows[k].rows) if k in rows else n * self._reference[k][0])
+            self._count(P.UPLOADED_ROWS_DENSE, n * self._reference[k][0])
         if not good.any():
             return None, n, reasons or ["no user with a positive weight"]
-        kept = stacked if good.all() else {k: v[good] for k, v in stacked.items()}  # no copy when all are good
+        if good.all():  # no copy when all are good
+            kept = {k: v for k, v in stacked.items() if k in self._reference}
+        else:
+            kept = {k: v[good] for k, v in stacked.items() if k in self._reference}
+            rows = {k: ru.select(good) for k, ru in rows.items()}
         pid = int(msg.content["metrics"].get(P.PARTITION_ID, -1))
         weights = derive_weights(reported[good], self.weighting, self.weight_cap)
-        return UpdateBatch(kept, users[good], np.full(int(good.sum()), pid), weights), int((~good).sum()), reasons
+        return (UpdateBatch(kept, users[good], np.full(int(good.sum()), pid), weights, rows=rows),
+                int((~good).sum()), reasons)
+
+    def _base(self, name: str) -> np.ndarray:
+        """The round's global table ``name`` as numpy (what row-sparse deltas apply to), converted once."""
+        if name not in self._bases:
+            self._bases[name] = self._global_arrays[name].numpy()
+        return self._bases[name]
+
+    def _count(self, key: str, value: float) -> None:
+        self._uploaded[key] = self._uploaded.get(key, 0.0) + float(value)
 
     def _collapse_per_user(self, msg: Message) -> tuple[RecordDict | None, int, list[str]]:
         """A node's stacked per-user reply -> (node-level content, users rejected, reasons)."""
@@ -270,6 +308,7 @@ class FedrecMixin:
         """
         self._reference = {k: tuple(a.numpy().shape) for k, a in arrays.items()}
         self._global_arrays = arrays  # what per-update rules measure updates against
+        self._bases: dict[str, np.ndarray] = {}  # numpy copies of global tables that row-sparse deltas apply to
         self._t_train = time.perf_counter()
         rnd = self.round_offset + server_round
         cfg = self._round_config(server_round, config)
@@ -287,6 +326,7 @@ class FedrecMixin:
                 raise ClientFailure(f"a ClientApp failed: {msg.error.reason}")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        self._uploaded: dict[str, float] = {}  # upload volume of the round's per-user replies (_user_part)
         replies = self._in_partition_order(list(replies))
         self._raise_on_errors(replies)
         if self.batch_rule is not None:
@@ -328,7 +368,7 @@ class FedrecMixin:
         # The global round (not the resumed session's local one): FedAdam's bias correction uses it.
         arrays, metrics = super().aggregate_train(self.round_offset + server_round, good) if good else (None, None)
         self.last_train = dict(metrics or {}) | {"clients": len(good), "rejected-updates": rejected,
-                                                 "empty-replies": empty} | transformed
+                                                 "empty-replies": empty} | transformed | self._uploaded
         def reported(key: str) -> list[float]:
             return [float(m.content["metrics"][key]) for m in replies
                     if m.content.metric_records.get("metrics") is not None and key in m.content["metrics"]]
@@ -408,6 +448,41 @@ def _summed_counts(replies, keys=COUNTED) -> dict[str, float]:
     names = set(keys) | {k for mr in metrics for k in mr if k.startswith("count/")}
     return {k: float(sum(float(mr[k]) for mr in metrics if k in mr)) for k in sorted(names)
             if any(k in mr for mr in metrics)}
+
+
+def _decode_rows(stacked: dict[str, np.ndarray], name: str, n: int, shape: tuple,
+                 base: np.ndarray) -> tuple[RowUpdates | None, np.ndarray | None, list[str]]:
+    """A row-sparse table of a per-user reply -> (its RowUpdates, (n,) bool users to reject, reasons).
+
+    Offsets that are not a partition of the entries (not from 0 to nnz, or decreasing) attribute no
+    row to any user for sure: the reply is rejected (RowUpdates None). A user whose row ids leave
+    [0, n_rows) or are not strictly increasing (a row twice would count twice), or whose values have
+    NaN/Inf, is rejected alone."""
+    rkey, okey, vkey = P.row_keys(name)
+    rows, offsets, values = stacked[rkey], stacked[okey], stacked[vkey]
+    if rows.ndim != 1 or rows.dtype.kind not in "iu" or offsets.shape != (n + 1,) or offsets.dtype.kind not in "iu":
+        return None, None, [f"table {name!r}: row ids and offsets must be integer arrays of shapes (nnz,) and "
+                            f"({n + 1},), got {rows.dtype}{rows.shape} and {offsets.dtype}{offsets.shape}"]
+    if values.shape != (len(rows), *shape[1:]) or values.dtype.kind != "f":
+        return None, None, [f"table {name!r}: values of shape {values.shape} ({values.dtype}), expected "
+                            f"{(len(rows), *shape[1:])} floats"]
+    offsets = offsets.astype(np.int64)
+    counts = np.diff(offsets)
+    if offsets[0] != 0 or offsets[-1] != len(rows) or (counts < 0).any():
+        return None, None, [f"table {name!r}: offsets do not rise monotonically from 0 to the {len(rows)} rows sent"]
+    rows = rows.astype(np.int64)  # a uint64 id beyond int64 turns negative: out of range below
+    user = np.repeat(np.arange(n), counts)
+    repeated = np.zeros(len(rows), bool)
+    repeated[1:] = (user[1:] == user[:-1]) & (rows[1:] <= rows[:-1])
+    finite = np.isfinite(values.reshape(len(rows), int(np.prod(shape[1:])))).all(1)
+    bad, reasons = np.zeros(n, bool), []
+    for entries, why in (((rows < 0) | (rows >= shape[0]), f"row ids out of range [0, {shape[0]})"),
+                         (repeated, "row ids not strictly increasing within a user"),
+                         (~finite, "values contain NaN or Inf")):
+        if entries.any():
+            bad[user[entries]] = True
+            reasons.append(f"table {name!r}: {why}")
+    return RowUpdates(base, offsets, rows, values), bad, reasons
 
 
 def _merge_means(a: RecordDict, b: RecordDict, arrays_key: str, weight_key: str) -> RecordDict:

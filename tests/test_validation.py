@@ -27,6 +27,7 @@ BAD = {
     "weighting": (DEVICE + ["federation.weighting=foo"], "federation.weighting"),
     "cap": (DEVICE + ["federation.max_user_interactions=0"], "federation.max_user_interactions"),
     "upload": (DEVICE + ["federation.upload=all"], "federation.upload"),
+    "sparse-rows": (DEVICE + ["federation.sparse_rows=maybe"], "federation.sparse_rows"),
     "mechanism-federation": (["privacy=user_dp"], "privacy=user_dp"),
     "mechanism-strategy": (DEVICE + ["privacy=user_dp", "federation.sampling=poisson", "strategy=user_median"],
                            "strategy=user_median"),

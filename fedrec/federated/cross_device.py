@@ -100,18 +100,49 @@ class MeanFold:
         return {n: v / self.weight for n, v in self.sum.items()}
 
 
-class StackFold:
-    """Every user's updated global parameters, stacked (U, ...): memory grows with the users."""
+@dataclass
+class TouchedRows:
+    """A row-sparse table's per-user updates (the upload of ``protocol.row_keys``): user u changed rows
+    ``rows[offsets[u]:offsets[u + 1]]`` (increasing) by ``values[offsets[u]:offsets[u + 1]]`` (deltas)."""
 
-    def __init__(self, g0: dict[str, torch.Tensor]):
-        self.parts: dict[str, list[torch.Tensor]] = {n: [] for n in g0}
+    offsets: torch.Tensor  # (U + 1,) int64
+    rows: torch.Tensor  # (nnz,) int64
+    values: torch.Tensor  # (nnz, ...) trained minus global rows
+
+
+class StackFold:
+    """Every user's updated global parameters, stacked (U, ...): memory grows with the users.
+
+    Tables named in ``row_sparse`` keep, per user, only the rows whose delta is nonzero (the items the
+    user's loss touched), as :class:`TouchedRows`: encoded chunk by chunk, so the node never holds
+    (U, n_items, d) for them, only the chunk it is training."""
+
+    def __init__(self, g0: dict[str, torch.Tensor], row_sparse: set[str] | frozenset = frozenset()):
+        self.g0, self.row_sparse = g0, set(row_sparse)
+        self.parts: dict[str, list] = {n: [] for n in g0}
 
     def add(self, params: dict[str, torch.Tensor], w: torch.Tensor, users: np.ndarray | None = None) -> None:
         for n, p in params.items():
-            self.parts[n].append(p)
+            if n in self.row_sparse:
+                delta = p - self.g0[n].unsqueeze(0)
+                # "touched" = any nonzero coordinate: exact whatever made the delta (an optimiser's step,
+                # an attack's transform); NaN counts as touched, so the server still sees and rejects it
+                touched = (delta.reshape(*delta.shape[:2], -1) != 0).any(-1)
+                u, r = touched.nonzero(as_tuple=True)  # row-major: grouped by user, rows increasing
+                self.parts[n].append((touched.sum(1), r, delta[u, r]))
+            else:
+                self.parts[n].append(p)
 
-    def result(self) -> dict[str, torch.Tensor]:
-        return {n: torch.cat(v) for n, v in self.parts.items()}
+    def result(self) -> dict[str, torch.Tensor | TouchedRows]:
+        out: dict[str, torch.Tensor | TouchedRows] = {}
+        for n, v in self.parts.items():
+            if n in self.row_sparse:
+                counts = torch.cat([c for c, _, _ in v])
+                offsets = torch.cat([torch.zeros(1, dtype=torch.long, device=counts.device), torch.cumsum(counts, 0)])
+                out[n] = TouchedRows(offsets, torch.cat([r for _, r, _ in v]), torch.cat([d for _, _, d in v]))
+            else:
+                out[n] = torch.cat(v)
+        return out
 
 
 class _LossOf(torch.nn.Module):

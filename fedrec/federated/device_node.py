@@ -18,6 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fedrec.errors import ConfigError
+from fedrec.federated import protocol as P
 from fedrec.federated.cross_device import LocalTraining, train_users
 from fedrec.models.base import Recommender
 from fedrec.devices import model_device
@@ -153,7 +154,23 @@ class TransformFold:
         return dict(self.counts)
 
 
-def _fold_for(mechanisms, ctx, start: dict[str, torch.Tensor], per_user: bool):
+SPARSE_ROWS = ("auto", "off")
+
+
+def row_sparse_names(model: Recommender, fed) -> set[str]:
+    """The global tables a per-user upload sends as touched rows (``federation.sparse_rows``): ``auto``,
+    the model's row-sparse tables (``Recommender.row_sparse_parameter_names``); ``off``, none (every
+    table as a full (U, ...) stack, e.g. to compare)."""
+    mode = fed.get("sparse_rows", "auto")
+    if mode not in SPARSE_ROWS:
+        raise ConfigError(f"federation.sparse_rows: expected one of {SPARSE_ROWS}, got {mode!r}")
+    if mode == "off":
+        return set()
+    private = model.private_parameter_names()
+    return {n for n in model.row_sparse_parameter_names() if n not in private}
+
+
+def _fold_for(mechanisms, ctx, start: dict[str, torch.Tensor], per_user: bool, row_sparse: set[str]):
     """The fold the run's mechanisms ask for: a privacy fold replacing the mean (user-level DP's clipped
     sum), wrapped by their per-user transforms; None: no mechanism touches users' updates."""
     from fedrec.federated.cross_device import MeanFold, StackFold
@@ -163,9 +180,25 @@ def _fold_for(mechanisms, ctx, start: dict[str, torch.Tensor], per_user: bool):
         raise ConfigError("two mechanisms replace how users' updates are summed; at most one can")
     transforms = [t for m in mechanisms if (t := m.user_transform(ctx)) is not None]
     fold = folds[0] if folds else None
-    if transforms:
-        fold = TransformFold(start, transforms, fold or (StackFold(start) if per_user else MeanFold(start)))
+    if transforms:  # transforms see dense deltas; only the upload after them is row-sparse
+        fold = TransformFold(start, transforms,
+                             fold or (StackFold(start, row_sparse) if per_user else MeanFold(start)))
     return fold
+
+
+def _per_user_arrays(stacked: dict) -> dict[str, Array]:
+    """The reply's arrays: (U, ...) stacks, and a row-sparse table's touched rows under ``protocol.row_keys``."""
+    from fedrec.federated.cross_device import TouchedRows
+
+    out = {}
+    for n, v in stacked.items():
+        if isinstance(v, TouchedRows):
+            rows, offsets, values = P.row_keys(n)
+            out |= {rows: Array(v.rows.cpu().numpy()), offsets: Array(v.offsets.cpu().numpy()),
+                    values: Array(v.values.detach().cpu().numpy())}
+        else:
+            out[n] = Array(v.detach().cpu().numpy())
+    return out
 
 
 def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_state: dict[str, torch.Tensor],
@@ -178,6 +211,8 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
     for the pages one after another, so that no process holds more than a page of user models);
     the reply says how many pages there are. ``mechanisms`` (with their node context ``ctx``) may
     transform users' updates or replace their sum (user-level DP's clipped sum, folded chunk by chunk).
+    A per-user reply sends the model's row-sparse tables (``row_sparse_names``) as each user's touched
+    rows and their deltas (``protocol.row_keys``), every other parameter as a (U, ...) stack.
     """
     fed, seed = cfg.federation, int(cfg.seed)
     counts = np.diff(data.train.indptr)[node_users]
@@ -190,7 +225,12 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
     train_mask = active & ~dropped & ~straggled
     private_names = model.private_parameter_names()
     start = {n: p.detach() for n, p in model.named_parameters() if n not in private_names}
-    fold = _fold_for(mechanisms, ctx, start, per_user)
+    row_sparse = row_sparse_names(model, fed) if per_user else set()
+    fold = _fold_for(mechanisms, ctx, start, per_user, row_sparse)
+    if fold is None and row_sparse:  # per-user upload with item tables: keep only each user's touched rows
+        from fedrec.federated.cross_device import StackFold
+
+        fold = StackFold(start, row_sparse)
     summed_on_node = hasattr(getattr(fold, "inner", fold), "reply")  # only a sum leaves: no per-user pages
     pos = np.flatnonzero(train_mask)
     pages = 1
@@ -236,7 +276,7 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
     if not len(users):
         pass
     elif per_user:
-        content["arrays"] = ArrayRecord({n: Array(v.detach().cpu().numpy()) for n, v in per_user_arrays.items()})
+        content["arrays"] = ArrayRecord(_per_user_arrays(per_user_arrays))
         content["user-weights"] = ArrayRecord({"weights": Array(upd.weights.cpu().numpy().astype(np.float64)),
                                                "users": Array(np.asarray(users, dtype=np.int64))})
     elif mean is not None:

@@ -29,6 +29,25 @@ USER_WEIGHTS = "user-weights"  # ArrayRecord of a per-user reply: "weights" (rep
 PAGES = "pages"  # per-user reply: how many pages the node's users fill this round
 CLIPPED_SUM = "clipped-sum"  # 1: the reply is the sum of clipped user updates (user-level DP)
 
+# Row-sparse tables in a per-user reply (a model's ``row_sparse_parameter_names``, federation.sparse_rows=auto):
+# table T travels as three arrays of the reply's ArrayRecord instead of the (U, n_rows, ...) stack "T".
+# User u's entries are [offsets[u], offsets[u + 1]); each is one row the user's update changed, its id
+# and its delta (trained minus the round's global row). Every other row of the user's update is zero.
+ROWS_SUFFIX = "/rows"  # (nnz,) int64 row ids, strictly increasing within a user
+OFFSETS_SUFFIX = "/offsets"  # (U + 1,) int64, offsets[0] = 0, non-decreasing, offsets[U] = nnz
+VALUES_SUFFIX = "/values"  # (nnz, ...) the rows' deltas, the table's dtype
+
+
+def row_keys(name: str) -> tuple[str, str, str]:
+    """The (rows, offsets, values) keys of row-sparse table ``name`` (torch names never contain "/")."""
+    return name + ROWS_SUFFIX, name + OFFSETS_SUFFIX, name + VALUES_SUFFIX
+
+
+# per-round upload volume the server measures on per-user replies (metrics.jsonl "train")
+UPLOADED_ROWS = "uploaded-rows"  # rows of the model's row-sparse tables received, summed over users
+UPLOADED_ROWS_DENSE = "uploaded-rows-dense"  # the same tables' rows had every user sent full arrays
+UPLOADED_BYTES = "uploaded-bytes"  # bytes of the per-user arrays received (dense stacks, rows, offsets, values)
+
 # --- node-config keys (set per SuperNode, or by the simulation)
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"

@@ -81,6 +81,7 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
         n_users, seed = data.n_users, int(cfg.seed)
         strategy.user_threshold = lambda rnd: sampling_threshold(fed, n_users, seed, rnd)
         strategy.per_user_uploads = fed.get("upload", "auto") == "per_user"
+        strategy.row_sparse_names = frozenset(model.row_sparse_parameter_names()) - model.private_parameter_names()
         strategy.weighting = str(fed.get("weighting", "uniform"))
         strategy.weight_cap = int(fed.max_user_interactions) if fed.get("max_user_interactions") else None
         n_params = sum(int(a.numpy().size) for a in initial.values())

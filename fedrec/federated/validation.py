@@ -84,9 +84,10 @@ def _check_sequence(cfg, data, model) -> None:
 
 
 def _check_device(cfg, data, model) -> None:
-    from fedrec.federated.device_node import local_training, sampling_threshold
+    from fedrec.federated.device_node import local_training, row_sparse_names, sampling_threshold
 
     fed = cfg.federation
+    row_sparse_names(model, fed)  # federation.sparse_rows
     count = fed.get("users_per_round")
     if count is not None and not 1 <= int(count) <= data.n_users:
         raise ConfigError(f"federation.users_per_round: must be null or in 1..{data.n_users}, got {count}")

@@ -15,6 +15,9 @@ inside the model: a model is built from its config dataclass plus the dataset's 
 * :meth:`Recommender.private_parameter_names` names the parameters that belong to a user or client
   (user embeddings, personal heads). They never leave the client in a federation; every other
   parameter is global and aggregated;
+* :meth:`Recommender.row_sparse_parameter_names` names the global tables indexed by item (row i
+  belongs to item i), of which a user's local training changes only the rows it touched: in
+  cross-device per-user uploads a user sends only those rows (BPR-MF's item embeddings);
 * :meth:`Recommender.optimizer_groups` lets a model ask for per-module learning rates
   (L-DiffRec trains its autoencoder and its denoiser at different rates).
 
@@ -112,6 +115,14 @@ class Recommender(nn.Module):
 
     def private_parameter_names(self) -> set[str]:
         """Names (as in ``named_parameters``) of parameters private to a user/client."""
+        return set()
+
+    def row_sparse_parameter_names(self) -> set[str]:
+        """Names of global parameters that are (n_items, ...) tables indexed by item, whose rows a user's
+        update leaves unchanged unless its loss touched the item (an embedding lookup, not a dense layer).
+
+        Cross-device per-user uploads send only such a table's changed rows (``federation.sparse_rows``);
+        declaring a table whose update is dense is still exact (every row is sent), only not smaller."""
         return set()
 
     def optimizer_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:

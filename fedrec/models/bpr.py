@@ -27,7 +27,9 @@ client is the user, and one user's pairs are clipped / trained together (user-le
 Privacy role: ``user_emb.weight`` is the only user-specific parameter. In a federation each
 client holds its own row (it is a direct encoding of the user's taste: its dot products with the
 public item embeddings reproduce the user's ranking), so it is declared private and never leaves
-the client; the item embeddings are global and aggregated.
+the client; the item embeddings are global and aggregated. They are row-sparse
+(``row_sparse_parameter_names``): in cross-device per-user uploads a user sends only the rows of the
+items its pairs touched.
 
 Deviations from RecBole:
 
@@ -170,3 +172,8 @@ class BPRMF(Recommender):
 
     def private_parameter_names(self) -> set[str]:
         return {"user_emb.weight"}
+
+    def row_sparse_parameter_names(self) -> set[str]:
+        # A user's pairs look up only its sampled positives and negatives (and the L2 prior touches
+        # the same rows), so every other item row of its update is exactly zero.
+        return {"item_emb.weight"}
