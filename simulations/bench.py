@@ -229,7 +229,9 @@ def bench_cross_device_round(overrides: list[str], opts: dict) -> None:
     cfg = compose(["dataset=diffrec-ml-1m-clean", "model=diffrec", "federation=device",
                    "federation.user_fraction=0.1", *overrides])
     data = load_dataset(cfg.dataset, int(cfg.seed))
-    fed = cfg.federation
+    from fedrec.run_config import federation
+
+    fed = federation(cfg)
     tau = sampling_threshold(fed, data.n_users, int(cfg.seed), 1)
     users = np.flatnonzero(user_coins(int(cfg.seed), 1, np.arange(data.n_users), STREAM_SAMPLE) <= tau)
     torch.manual_seed(int(cfg.seed))

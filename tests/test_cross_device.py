@@ -104,10 +104,11 @@ def test_fedprox_term_per_user_equals_independent_clients(optimizer):
 
 
 def test_sampling_threshold_fixed_count_and_poisson():
-    from omegaconf import OmegaConf
+    from fedrec.run_config import FederationConfig
 
     n = 1000
-    fed = OmegaConf.create({"sampling": "fixed", "user_fraction": 0.1, "users_per_round": None})
+
+    fed = FederationConfig(mode="device", sampling="fixed", user_fraction=0.1)
     for rnd in (1, 2, 3):
         tau = sampling_threshold(fed, n, seed=0, round_=rnd)
         chosen = user_coins(0, rnd, np.arange(n), STREAM_SAMPLE) <= tau
@@ -115,7 +116,7 @@ def test_sampling_threshold_fixed_count_and_poisson():
         # the same users are chosen however users are spread over nodes
         halves = [user_coins(0, rnd, part, STREAM_SAMPLE) <= tau for part in (np.arange(500), np.arange(500, n))]
         assert np.array_equal(np.concatenate(halves), chosen)
-    fed = OmegaConf.create({"sampling": "poisson", "user_fraction": 0.2, "users_per_round": None})
+    fed = FederationConfig(mode="device", sampling="poisson", user_fraction=0.2)
     tau = sampling_threshold(fed, n, seed=0, round_=1)
     counts = [(user_coins(0, r, np.arange(n), STREAM_SAMPLE) <= tau).sum() for r in range(1, 30)]
     assert tau == 0.2 and 150 < np.mean(counts) < 250 and len(set(counts)) > 1

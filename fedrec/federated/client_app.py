@@ -35,6 +35,7 @@ from fedrec.federated.node import node_view
 from fedrec.federated.node_state import NodeStateStore
 from fedrec.mechanisms import NodeContext, node_mechanisms
 from fedrec.models import build_model, data_shape
+from fedrec.run_config import federation
 from fedrec.rng import PURPOSE_EVAL, PURPOSE_SHUFFLE, PURPOSE_TRAIN, numpy_stream, stream_seed
 from fedrec.train import make_optimizer, model_rows, train_epoch
 
@@ -75,7 +76,7 @@ def _prepare(msg: Message, context: Context, *, evaluating: bool):
     conf = msg.content["config"]
     view = node_view(str(conf[P.CONFIG]), dict(context.node_config))
     cfg = view.cfg
-    torch.set_num_threads(max(1, int(cfg.federation.get("client_threads", 1))))
+    torch.set_num_threads(federation(cfg).client_threads)
     rnd = int(conf[P.ROUND])
     seed = int(cfg.seed)
     # Every node builds the same initial model (e.g. L-DiffRec's item clusters) from the global seed;
@@ -155,7 +156,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     view, cfg, model, rnd, _, _ = _prepare(msg, context, evaluating=True)
-    steps = int(cfg.federation.get("personalize_steps", 0) or 0)
+    steps = federation(cfg).personalize_steps
     users = evaluated_users(view.data, view.users)  # injected users never count in a metric
     if steps > 0:  # personalised evaluation: a few local steps per user before scoring
         from fedrec.eval.metrics import evaluate_scores

@@ -18,6 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
 from fedrec.errors import ConfigError
+from fedrec.run_config import FederationConfig, federation
 from fedrec.federated import protocol as P
 from fedrec.federated.cross_device import LocalTraining, train_users
 from fedrec.models.base import Recommender
@@ -32,11 +33,11 @@ def user_coins(seed: int, round_: int, users: np.ndarray, stream: int) -> np.nda
     return key_uniform(user_keys(seed, round_, users, stream))
 
 
-def sampling_threshold(fed, n_users: int, seed: int, round_: int) -> float:
+def sampling_threshold(fed: FederationConfig, n_users: int, seed: int, round_: int) -> float:
     """The per-round threshold the server sends: q for Poisson, the m-th smallest key for a count."""
-    method = fed.get("sampling", "fixed")
-    count = fed.get("users_per_round")
-    q = float(count) / n_users if count else float(fed.get("user_fraction", 0.1))
+    method = fed.sampling
+    count = fed.users_per_round
+    q = float(count) / n_users if count else float(fed.user_fraction)
     if not 0 < q <= 1:
         raise ConfigError(f"federation.user_fraction/users_per_round: the sampled share must be in (0, 1], got {q}")
     if method == "poisson":
@@ -86,11 +87,10 @@ def clipped_sum(per_user: dict[str, torch.Tensor], start: dict[str, torch.Tensor
 
 def local_training(cfg, *, local_epochs: int | None = None, prox_mu: float = 0.0) -> LocalTraining:
     """The users' local training from the config (``federation.local_*``, ``train.local_epochs``)."""
-    fed = cfg.federation
-    return LocalTraining(optimizer=str(fed.get("local_optimizer", "sgd")), lr=float(fed.get("local_lr", 0.1)),
+    fed = federation(cfg)
+    return LocalTraining(optimizer=fed.local_optimizer, lr=float(fed.local_lr),
                          local_epochs=int(cfg.train.local_epochs if local_epochs is None else local_epochs),
-                         chunk_size=int(fed.chunk_size) if fed.get("chunk_size") is not None else None,
-                         memory_budget_gb=float(fed.get("memory_budget_gb", 2.0)), prox_mu=float(prox_mu))
+                         chunk_size=fed.chunk_size, memory_budget_gb=float(fed.memory_budget_gb), prox_mu=float(prox_mu))
 
 
 def users_per_page(memory_budget_gb: float, n_params: int, nodes_per_round: int) -> int:
@@ -154,17 +154,11 @@ class TransformFold:
         return dict(self.counts)
 
 
-SPARSE_ROWS = ("auto", "off")
-
-
-def row_sparse_names(model: Recommender, fed) -> set[str]:
+def row_sparse_names(model: Recommender, fed: FederationConfig) -> set[str]:
     """The global tables a per-user upload sends as touched rows (``federation.sparse_rows``): ``auto``,
     the model's row-sparse tables (``Recommender.row_sparse_parameter_names``); ``off``, none (every
     table as a full (U, ...) stack, e.g. to compare)."""
-    mode = fed.get("sparse_rows", "auto")
-    if mode not in SPARSE_ROWS:
-        raise ConfigError(f"federation.sparse_rows: expected one of {SPARSE_ROWS}, got {mode!r}")
-    if mode == "off":
+    if fed.sparse_rows == "off":
         return set()
     private = model.private_parameter_names()
     return {n for n in model.row_sparse_parameter_names() if n not in private}
@@ -214,14 +208,14 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
     A per-user reply sends the model's row-sparse tables (``row_sparse_names``) as each user's touched
     rows and their deltas (``protocol.row_keys``), every other parameter as a (U, ...) stack.
     """
-    fed, seed = cfg.federation, int(cfg.seed)
+    fed, seed = federation(cfg), int(cfg.seed)
     counts = np.diff(data.train.indptr)[node_users]
     sampled = user_coins(seed, round_, node_users, STREAM_SAMPLE) <= threshold
     empty = sampled & (counts == 0)
     active = sampled & (counts > 0)
-    dropped = active & (user_coins(seed, round_, node_users, STREAM_DROPOUT) < float(fed.get("dropout_rate", 0.0)))
+    dropped = active & (user_coins(seed, round_, node_users, STREAM_DROPOUT) < fed.dropout_rate)
     straggled = active & ~dropped & (user_coins(seed, round_, node_users, STREAM_STRAGGLER)
-                                     < float(fed.get("straggler_rate", 0.0)))
+                                     < fed.straggler_rate)
     train_mask = active & ~dropped & ~straggled
     private_names = model.private_parameter_names()
     start = {n: p.detach() for n, p in model.named_parameters() if n not in private_names}
@@ -242,18 +236,12 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
     users = node_users[pos]
     device = model_device(model)
     rows = torch.from_numpy(data.train[users].toarray().astype(np.float32)).to(device)
-    cap = fed.get("max_user_interactions")
+    cap = fed.max_user_interactions
     rows = cap_rows(rows, users, cap, seed, round_)
     seq = None
     if model.input_kind == "sequence":  # the cap keeps a sequence's most recent items (not a random subset)
         seq = data.input_sequences("train").padded(users, int(model.max_len), pad=data.n_items, keep=cap).to(device)
-    weighting = fed.get("weighting", "uniform")
-    if weighting == "uniform":
-        weights = torch.ones(len(users), device=device)
-    elif weighting == "interactions":
-        weights = rows.sum(1)
-    else:
-        raise ConfigError(f"federation.weighting: expected uniform or interactions, got {weighting!r}")
+    weights = torch.ones(len(users), device=device) if fed.weighting == "uniform" else rows.sum(1)  # interactions
     local = local_training(cfg, prox_mu=prox_mu)
     private_rows = {n: t[pos] for n, t in private_state.items()}
     upd = train_users(model, users, rows, weights, private_rows, local, seed, round_, per_user, fold=fold, seq=seq)

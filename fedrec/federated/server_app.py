@@ -28,6 +28,7 @@ from fedrec.federated import protocol as P
 from fedrec.federated.validation import uses_client_evaluation
 from fedrec.models import build_model, data_shape
 from fedrec.recorder import Recorder
+from fedrec.run_config import federation
 
 
 def _split_metrics(record: MetricRecord | None) -> dict:
@@ -65,7 +66,7 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
 
     # Built on the CPU (the nodes' initial model), then moved for server-side evaluation; arrays leave as CPU copies.
     model = build_model(cfg.model, data_shape(data, seed=int(cfg.seed))).to(cfg_device(cfg))
-    fed = cfg.federation
+    fed = federation(cfg)
     client_eval = uses_client_evaluation(cfg, model)
     mechanisms = build_mechanisms(cfg)
     start = 0
@@ -73,19 +74,19 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
     strategy_cfg = OmegaConf.to_container(cfg.strategy, resolve=True)
     for m in mechanisms:
         strategy_cfg |= m.strategy_overrides()
-    strategy = build_strategy(strategy_cfg, num_nodes=int(fed.num_nodes), fraction=float(fed.fraction),
+    strategy = build_strategy(strategy_cfg, num_nodes=fed.num_nodes, fraction=fed.fraction,
                               seed=int(cfg.seed), client_evaluation=client_eval)
     if fed.mode == "device":
         from fedrec.federated.device_node import sampling_threshold, users_per_page
 
         n_users, seed = data.n_users, int(cfg.seed)
         strategy.user_threshold = lambda rnd: sampling_threshold(fed, n_users, seed, rnd)
-        strategy.per_user_uploads = fed.get("upload", "auto") == "per_user"
+        strategy.per_user_uploads = fed.upload == "per_user"
         strategy.row_sparse_names = frozenset(model.row_sparse_parameter_names()) - model.private_parameter_names()
-        strategy.weighting = str(fed.get("weighting", "uniform"))
-        strategy.weight_cap = int(fed.max_user_interactions) if fed.get("max_user_interactions") else None
+        strategy.weighting = fed.weighting
+        strategy.weight_cap = fed.max_user_interactions
         n_params = sum(int(a.numpy().size) for a in initial.values())
-        strategy.page_size = users_per_page(float(fed.get("memory_budget_gb", 2.0)), n_params, strategy.sample_size)
+        strategy.page_size = users_per_page(fed.memory_budget_gb, n_params, strategy.sample_size)
     ctx = ServerContext(cfg=cfg, data=data, model=model, strategy=strategy)
     runner = strategy  # what runs the rounds: the strategy, or wrappers around it (privacy outermost)
     for m in mechanisms:
@@ -107,7 +108,7 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
         recorder.load_state(resume["recorder"])
         start = int(resume["round"])
         strategy.round_offset = start
-    rounds = int(fed.rounds)
+    rounds = fed.rounds
     ks = list(cfg.eval.ks)
     every = int(cfg.train.eval_every)
     strategy.round_extras = {P.RUN_ID: run_id(recorder.run.path), P.RESUMED_AT: start}
@@ -145,7 +146,7 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
         return
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     try:
-        runner.start(grid, initial, num_rounds=rounds - start, timeout=float(fed.get("round_timeout", 3600)),
+        runner.start(grid, initial, num_rounds=rounds - start, timeout=fed.round_timeout,
                      train_config=ConfigRecord({P.CONFIG: cfg_yaml}),
                      evaluate_config=ConfigRecord({P.CONFIG: cfg_yaml}), evaluate_fn=evaluate_fn)
     except RunStopped as e:  # a mechanism ends a run cleanly (a spent privacy budget); recorded rounds are kept

@@ -17,6 +17,7 @@ import os
 from flwr.serverapp import Grid, ServerApp
 from flwr.app import Context
 
+from fedrec.run_config import federation
 from fedrec.federated.client_app import app as client_app
 from fedrec.federated.server_app import serve
 from fedrec.recorder import Recorder
@@ -36,22 +37,22 @@ def simulate(cfg, data, recorder: Recorder, resume: dict | None = None) -> None:
         except BaseException as e:  # re-raised below: run_simulation only logs server errors
             failure.append(e)
 
-    fed = cfg.federation
+    fed = federation(cfg)
     init_args = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
     if not os.environ.get("RAY_ADDRESS"):
-        init_args["num_cpus"] = int(fed.get("ray_cpus") or os.cpu_count() or 1)
+        init_args["num_cpus"] = int(fed.ray_cpus or os.cpu_count() or 1)
     from fedrec.devices import cfg_device
 
     # A node task sees a GPU only if it reserves a share of one (Ray hides the others from it).
-    gpus = float(fed.get("client_gpus", 0.0) or 0.0) if cfg_device(cfg).type == "cuda" else 0.0
+    gpus = float(fed.client_gpus) if cfg_device(cfg).type == "cuda" else 0.0
     backend_config = {
         "client_resources": {"num_cpus": float(fed.client_cpus), "num_gpus": gpus},
         "init_args": init_args,
     }
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=int(fed.num_nodes),
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=fed.num_nodes,
                    backend_config=backend_config, verbose_logging=bool(cfg.get("verbose", False)))
     if failure:
         raise failure[0]
-    if recorder.rounds_done < int(fed.rounds) and "stopped" not in recorder.extra:
+    if recorder.rounds_done < fed.rounds and "stopped" not in recorder.extra:
         raise RuntimeError(f"the federation stopped after round {recorder.rounds_done} of {fed.rounds}; "
                            "see the Flower log above")

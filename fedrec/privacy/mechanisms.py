@@ -14,6 +14,7 @@ import math
 
 from fedrec.errors import ConfigError
 from fedrec.mechanisms import Mechanism, register
+from fedrec.run_config import federation
 
 
 class DPMechanism(Mechanism):
@@ -112,7 +113,7 @@ class UserDP(DPMechanism):
 
     def check(self, cfg) -> None:
         super().check(cfg)
-        if cfg.federation.get("sampling") != "poisson":
+        if federation(cfg).sampling != "poisson":
             raise ConfigError("privacy=user_dp: needs federation.sampling=poisson (each user sampled independently "
                               "for the amplification analysis)")
         from strategies import STRATEGIES
@@ -121,7 +122,7 @@ class UserDP(DPMechanism):
         if rule is not None and rule.batch_rule is not None:
             raise ConfigError(f"privacy=user_dp: strategy={cfg.strategy.name} needs every user's update, but nodes "
                               "upload only clipped sums; use a mean-based strategy (fedavg, fedadam, fedyogi, fedavgm)")
-        if cfg.federation.get("upload", "auto") == "per_user":
+        if federation(cfg).upload == "per_user":
             raise ConfigError("privacy=user_dp: nodes upload only clipped sums; federation.upload=per_user "
                               "would show the server single users' updates")
 
@@ -137,7 +138,7 @@ class UserDP(DPMechanism):
         from fedrec.federated.device_node import sampling_threshold
         from strategies.user_dp import UserLevelDP
 
-        fed = ctx.cfg.federation
+        fed = federation(ctx.cfg)
         self.wrapper = UserLevelDP(runner, self.config, n_users=ctx.data.n_users,
                                    sample_rate=sampling_threshold(fed, ctx.data.n_users, int(ctx.cfg.seed), 1),
                                    seed=int(ctx.cfg.seed), rounds=int(fed.rounds))
@@ -168,7 +169,7 @@ class NodeDP(DPMechanism):
 
     def check(self, cfg) -> None:
         super().check(cfg)
-        if float(cfg.federation.get("fraction", 1.0)) != 1.0:
+        if federation(cfg).fraction != 1.0:
             raise ConfigError("privacy=node_dp: needs federation.fraction=1.0 (every node every round: the "
                               "accounting takes no amplification by sampling)")
 
@@ -180,8 +181,8 @@ class NodeDP(DPMechanism):
     def wrap_strategy(self, runner, ctx):
         from strategies.node_dp import NodeDPFedAvg
 
-        fed = ctx.cfg.federation
-        self.wrapper = NodeDPFedAvg(runner, self.config, int(fed.num_nodes), int(fed.rounds), seed=int(ctx.cfg.seed))
+        fed = federation(ctx.cfg)
+        self.wrapper = NodeDPFedAvg(runner, self.config, fed.num_nodes, fed.rounds, seed=int(ctx.cfg.seed))
         return self.wrapper
 
     def report(self, ctx) -> dict:
