@@ -80,6 +80,9 @@ class FedrecMixin:
     #: how the server weights users: federation.weighting, capped at federation.max_user_interactions
     weighting = "uniform"
     weight_cap: int | None = None
+    #: partition -> the largest weight its node-level reply may carry (set by the server from the
+    #: partition it knows); a larger reported ``num-examples`` is capped to it and counted
+    weight_bounds: dict[int, float] | None = None
     per_user_uploads = False  # federation.upload=per_user forces per-user replies
     #: the model's row-sparse tables (set by the server): counted in the upload metrics, sparse or not
     row_sparse_names: frozenset = frozenset()
@@ -297,7 +300,8 @@ class FedrecMixin:
             return [], rejected, reasons
         batch = UpdateBatch.concat(parts)
         result = type(self).batch_rule(batch)
-        metrics = dict(replies[0].content["metrics"]) | _summed_counts(replies) | {"trained-users": float(len(batch))}
+        metrics = dict(replies[0].content["metrics"]) | _summed_counts(replies) | {
+            "trained-users": float(len(batch)), P.PARTITION_ID: -1}  # the whole round's users, no one partition's
         return [_Reply(self._content(result, metrics, float(batch.weights.sum())))], rejected, reasons
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
@@ -356,6 +360,9 @@ class FedrecMixin:
                 if why is None and not (math.isfinite(n) and n > 0):
                     why = f"{self.weighted_by_key} is {n}"
             if why is None:
+                msg, capped = self._bounded_weight(msg, n)
+                if capped:
+                    transformed["capped-weights"] = transformed.get("capped-weights", 0.0) + 1
                 for transform in self.reply_transforms:
                     content, counts = transform(msg.content, self._global_arrays)
                     msg = _Reply(content)
@@ -387,6 +394,19 @@ class FedrecMixin:
             self.last_train["rejected-reasons"] = sorted(set(reasons))[:5]
         self.last_train_s = time.perf_counter() - self._t_train
         return arrays, metrics
+
+    def _bounded_weight(self, msg, n: float):
+        """A node's reported weight, capped at what the server knows its partition can weigh
+        (``weight_bounds``: its users, or their capped interactions); never a client's own word."""
+        if self.weight_bounds is None or self.weighted_by_key != P.NUM_EXAMPLES:
+            return msg, False
+        pid = int(msg.content["metrics"].get(P.PARTITION_ID, -1))
+        bound = self.weight_bounds.get(pid)
+        if bound is None or n <= bound:
+            return msg, False
+        content = RecordDict({self.arrayrecord_key: msg.content[self.arrayrecord_key],
+                              "metrics": MetricRecord(dict(msg.content["metrics"]) | {self.weighted_by_key: float(bound)})})
+        return _Reply(content), True
 
     def _with_all_pages(self, replies: list[Message]) -> tuple[list, int, list[str]]:
         """Replies with pages: each node's pages folded into one node-level reply (mean over its users).

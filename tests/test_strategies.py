@@ -108,6 +108,40 @@ def test_weighted_average_matches_numpy():
     assert s.last_train_s is not None and s.last_train_s >= 0
 
 
+def test_reported_weights_are_capped_at_what_the_server_knows_of_the_partition():
+    """A node claiming more examples than its partition holds weighs its partition's size, and is counted."""
+    rng = np.random.default_rng(5)
+    g = make_arrays(rng)
+    s = fedavg(num_nodes=3)
+    s.weight_bounds = {0: 10.0, 1: 20.0, 2: 30.0}
+    msgs = start_round(s, g, grid=FakeGrid(3))
+    client = [make_arrays(rng) for _ in range(3)]
+    reported = [10, 1e6, 25]  # partition 1 inflates its num-examples
+    replies = [reply(m, a, w, **{"partition-id": pid}) for pid, (m, a, w) in enumerate(zip(msgs, client, reported))]
+    arrays, _ = s.aggregate_train(1, replies)
+    used = [10, 20, 25]
+    for k in SHAPES:
+        want = sum(w * a[k].astype(np.float64) for w, a in zip(used, client)) / sum(used)
+        np.testing.assert_allclose(arrays[k].numpy(), want, rtol=1e-5, atol=1e-6)
+    assert s.last_train["capped-weights"] == 1
+
+
+def test_partition_weight_bounds_follow_the_partition(tiny_cfg):
+    from fedrec.data import load_dataset
+    from fedrec.data.partition import partition_from_cfg
+    from fedrec.federated.server_app import partition_weight_bounds
+    from fedrec.run_config import federation
+
+    cfg = tiny_cfg("federation=device", "federation.num_nodes=3", "federation.weighting=interactions",
+                   "federation.max_user_interactions=5")
+    data = load_dataset(cfg.dataset, 0)
+    parts = partition_from_cfg(data, cfg.partition, 3, 0)
+    counts = np.minimum(np.diff(data.train.indptr), 5)
+    assert partition_weight_bounds(cfg, data, federation(cfg)) == {p: float(counts[u].sum()) for p, u in enumerate(parts)}
+    silo = tiny_cfg("federation.num_nodes=3")
+    assert partition_weight_bounds(silo, data, federation(silo)) == {p: float(len(u)) for p, u in enumerate(parts)}
+
+
 def _bad_updates(rng):
     nan = make_arrays(rng)
     nan["enc.bias"][1] = np.nan

@@ -49,6 +49,24 @@ def run_id(run_path) -> str:
     return f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
+def partition_weight_bounds(cfg, data, fed) -> dict[int, float]:
+    """The most each partition's node-level reply may weigh: the users it hosts (silo: users trained;
+    device, uniform weighting: users sampled), or under ``weighting=interactions`` their training
+    interactions capped at ``max_user_interactions``. The server knows the partitions (the same keyed
+    split every node computes), so a node cannot claim more examples than it holds."""
+    import numpy as np
+
+    from fedrec.data.partition import partition_from_cfg
+
+    parts = partition_from_cfg(data, cfg.partition, fed.num_nodes, int(cfg.seed))
+    if fed.mode == "device" and fed.weighting == "interactions":
+        counts = np.diff(data.train.indptr).astype(np.float64)
+        if fed.max_user_interactions:
+            counts = np.minimum(counts, fed.max_user_interactions)
+        return {pid: float(counts[users].sum()) for pid, users in enumerate(parts)}
+    return {pid: float(len(users)) for pid, users in enumerate(parts)}
+
+
 def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None, *, simulated: bool = False) -> None:
     """Run the federation's rounds on ``grid``; ``simulated``: the nodes run on this machine (Ray), so
     they keep their state in the run folder unless their node config names a ``state-dir``.
@@ -87,6 +105,7 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
         strategy.weight_cap = fed.max_user_interactions
         n_params = sum(int(a.numpy().size) for a in initial.values())
         strategy.page_size = users_per_page(fed.memory_budget_gb, n_params, strategy.sample_size)
+    strategy.weight_bounds = partition_weight_bounds(cfg, data, fed)
     ctx = ServerContext(cfg=cfg, data=data, model=model, strategy=strategy)
     runner = strategy  # what runs the rounds: the strategy, or wrappers around it (privacy outermost)
     for m in mechanisms:
