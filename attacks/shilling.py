@@ -404,8 +404,26 @@ class _ShillingMechanism(Mechanism):
     def report(self, ctx) -> dict:
         data = ctx.data
         targets = self.transform(self.config).target_items(data, int(ctx.cfg.seed))
-        return {"name": self.name, "injected_users": int(data.n_injected),
-                "targets": [str(data.item_ids[t]) for t in targets]}  # ids as in the data files
+        section = {"name": self.name, "injected_users": int(data.n_injected),
+                   "targets": [str(data.item_ids[t]) for t in targets]}  # ids as in the data files
+        return section | self._target_metrics(ctx, targets)
+
+    def _target_metrics(self, ctx, targets) -> dict:
+        """The targets' er@K / hr@K / ndcg@K / mean rank over genuine users, for the last model the server
+        evaluated (recomputed only when it evaluated a new one)."""
+        cached = getattr(self, "_targets_at", (None, {}))
+        if ctx.evaluated_round is None or cached[0] == ctx.evaluated_round:
+            return cached[1]
+        from fedrec.eval.targets import target_metrics
+
+        if ctx.model.private_parameter_names():  # e.g. BPR's user rows: only the nodes hold them
+            out = {"target_metrics": "not computed: the model's private parameters live on the nodes "
+                                     "(node-side target evaluation is not built yet)"}
+        else:
+            out = {"round": ctx.evaluated_round} | target_metrics(
+                ctx.model, ctx.data, targets, list(ctx.cfg.eval.ks), int(ctx.cfg.eval.batch_size))
+        self._targets_at = (ctx.evaluated_round, out)
+        return out
 
 
 @register

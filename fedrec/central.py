@@ -55,16 +55,17 @@ def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> No
             stats = private.epoch()
         else:
             stats = train_epoch(model, optimizer, rows, int(cfg.model.optim.batch_size), rng)
-        for m in mechanisms:
-            section = m.report(ctx)
-            if section is not None:
-                recorder.extra[m.kind] = section
         train_s = time.perf_counter() - t0
         evaluation = eval_s = None
         if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
             t0 = time.perf_counter()
             evaluation = evaluate_model(model, data, ks, int(cfg.eval.batch_size))
             eval_s = time.perf_counter() - t0
+            ctx.evaluated_round = epoch
+        for m in mechanisms:  # after the epoch's training and evaluation
+            section = m.report(ctx)
+            if section is not None:
+                recorder.extra[m.kind] = section
         recorder.record(epoch, stats, train_s, evaluation, eval_s, lambda: {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}

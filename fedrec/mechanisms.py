@@ -80,6 +80,7 @@ class ServerContext:
     data: Any
     model: Any
     strategy: Any  # the fedrec strategy (FedrecMixin) under any wrappers; None in a centralised run
+    evaluated_round: int | None = None  # the last round/epoch whose model ``model`` holds, evaluated on the server
 
 
 class Mechanism:

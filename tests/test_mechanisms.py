@@ -256,3 +256,18 @@ def test_shilling_users_reach_every_node_through_the_data_hook(tiny_cfg, tmp_pat
     assert sorted(hosted.tolist()) == list(range(66))  # fakes are hosted like any user
     last = (tmp_path / "shill" / "metrics.jsonl").read_text().splitlines()[-1]
     assert '"valid"' in last  # nodes evaluated (genuine users only: tests/test_transforms.py checks the sums)
+
+
+def test_shilling_run_reports_its_targets_metrics(tiny_cfg, tmp_path):
+    """A centralised run with bandwagon profiles: summary.json's attack section carries the targets'
+    er@K / hr@K / ndcg@K / mean rank of the last evaluated model, over genuine users only."""
+    import json
+
+    from fedrec.experiment import execute
+
+    cfg = tiny_cfg("federation=none", "train.epochs=2", "attack=bandwagon", "attack.count=6", model="multvae")
+    summary = execute(cfg, tmp_path / "run", progress=False)
+    attack = json.loads((tmp_path / "run" / "summary.json").read_text())["attack"]
+    assert attack == summary["attack"] and attack["round"] == 2 and attack["injected_users"] == 6
+    assert 0 <= attack["er@10"] <= 1 and 1 <= attack["mean_rank"] <= 50
+    assert attack["eligible_users"] <= 60  # genuine users only (60 of 66)

@@ -153,6 +153,7 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
             t0 = time.perf_counter()
             evaluation = evaluate_model(model, data, ks, int(cfg.eval.batch_size))
             eval_s = time.perf_counter() - t0
+            ctx.evaluated_round = rnd
         report()
         recorder.record(rnd, strategy.last_train, strategy.last_train_s, evaluation, eval_s,
                         lambda: {"arrays": arrays.to_torch_state_dict(), "strategy": strategy.state(),
