@@ -241,8 +241,11 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
         sampled = permutation_round(seed, round_, data.n_users, per_round_count(fed, data.n_users))[node_users]
     else:
         sampled = user_coins(seed, round_, node_users, STREAM_SAMPLE) <= threshold
-    empty = sampled & (counts == 0)
-    active = sampled & (counts > 0)
+    # Injected users (an attack's fake clients, e.g. FedRecAttack's with no data) take part even with an
+    # empty row: their training is a zero update, which the attack's user_transform replaces.
+    injected = data.injected[node_users] if data.injected is not None else np.zeros(len(node_users), bool)
+    empty = sampled & (counts == 0) & ~injected
+    active = sampled & ((counts > 0) | injected)
     dropped = active & (user_coins(seed, round_, node_users, STREAM_DROPOUT) < fed.dropout_rate)
     straggled = active & ~dropped & (user_coins(seed, round_, node_users, STREAM_STRAGGLER)
                                      < fed.straggler_rate)
