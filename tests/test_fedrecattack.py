@@ -51,3 +51,79 @@ def test_permutation_sampling_visits_every_user_once_per_pass():
     second = [np.flatnonzero(permutation_round(7, 5 + k + 1, n, m)) for k in range(5)]
     assert any(not np.array_equal(a, b) for a, b in zip(first, second))  # a fresh shuffle per pass
     np.testing.assert_array_equal(permutation_round(7, 3, n, m), permutation_round(7, 3, n, m))
+
+
+# ---------------------------------------------------------------------------------------- runs
+from tests.test_strategies import task_identity  # noqa: E402,F401  (autouse fixture: Message() needs it)
+
+N_GENUINE, KAPPA = 60, 5
+SETTING = ["federation=device", "federation.num_nodes=1", "federation.sampling=permutation",
+           "federation.users_per_round=16", "federation.local_optimizer=sgd", "federation.local_lr=0.05",
+           "federation.upload=per_user", "federation.evaluation=clients", "strategy=row_clip_sum",
+           "strategy.row_clip=0.05", "model.sampling=all_pairs", "model.reg_weight=0.1", "model.init_std=0.1",
+           "train.local_epochs=1", "eval.ks=[5,10]", "train.select_metric=recall@10", "attack=fedrecattack",
+           f"attack.kappa={KAPPA}", "attack.public_fraction=0.2", "attack.fraction=0.1"]
+
+
+def _run(tiny_cfg, tmp_path, name, *overrides):
+    """An in-process run; returns (config, train replies, the mechanisms' summary sections)."""
+    from tests.test_mechanisms import _serve
+
+    cfg = tiny_cfg(*SETTING, *overrides, model="bpr")
+    _, _, replies, recorder = _serve(cfg, tmp_path, name)
+    return cfg, replies, dict(recorder.extra)
+
+
+def _row_counts(replies):
+    """user id -> item rows it uploaded (row-sparse per-user replies)."""
+    from fedrec.federated import protocol as P
+
+    rows_key, offsets_key, _ = P.row_keys("item_emb.weight")
+    out = {}
+    for r in replies:
+        users = r.content["user-weights"]["users"].numpy()
+        offsets = r.content["arrays"][offsets_key].numpy()
+        rows = r.content["arrays"][rows_key].numpy()
+        for i, u in enumerate(users):
+            assert int(u) not in out  # every client once per pass (permutation sampling)
+            out[int(u)] = rows[offsets[i]:offsets[i + 1]]
+    return out
+
+
+def test_malicious_clients_are_injected_and_upload_at_most_kappa_rows(tiny_cfg, tmp_path):
+    from attacks.fedrecattack import FedRecAttack, malicious_users
+    from fedrec.data import load_run_data
+    from fedrec.eval.metrics import evaluated_users
+    from fedrec.mechanisms import build_mechanisms, data_transforms
+
+    n_rounds = 5  # one pass over 66 clients in rounds of 16
+    cfg, replies, summary = _run(tiny_cfg, tmp_path, "fra", f"federation.rounds={n_rounds}",
+                                 f"train.eval_every={n_rounds}")
+    mech = build_mechanisms(cfg)
+    data = load_run_data(cfg.dataset, int(cfg.seed), data_transforms(mech))
+    bad = malicious_users(data)
+    assert len(bad) == 6 and data.injected[bad].all() and data.n_injected == 6
+    assert data.train[bad].nnz == 0  # fake clients: no data
+    assert not np.isin(bad, evaluated_users(data)).any()  # no metric counts them
+    rows = _row_counts(replies)
+    assert sorted(rows) == list(range(N_GENUINE + 6))  # one pass: every client exactly once
+    target = next(m for m in mech if isinstance(m, FedRecAttack)).targets(data, int(cfg.seed))
+    # A malicious client sends what its predecessors in the round left of the attack gradient, so a row
+    # they used up entirely (e.g. the target's, if never clipped) is zero and not sent.
+    assert all(len(rows[u]) <= KAPPA for u in bad) and max(len(rows[u]) for u in bad) == KAPPA
+    assert np.isin(target, np.concatenate([rows[u] for u in bad])).all()
+    assert max(len(rows[u]) for u in range(N_GENUINE)) > KAPPA  # genuine uploads are not capped
+    attack = summary["attack"]
+    assert attack["injected_users"] == 6 and attack["round"] == n_rounds
+    assert attack["history"][str(n_rounds)]["pass"] == 1.0
+
+
+def test_a_short_run_raises_the_targets_exposure_above_the_clean_run(tiny_cfg, tmp_path):
+    rounds = ["federation.rounds=15", "train.eval_every=5"]  # three passes
+    _, _, attacked = _run(tiny_cfg, tmp_path, "attacked", *rounds)
+    _, _, clean = _run(tiny_cfg, tmp_path, "clean", *rounds, "attack.fraction=0")
+    assert clean["attack"]["injected_users"] == 0 and clean["attack"]["targets"] == attacked["attack"]["targets"]
+    er_attacked = attacked["attack"]["target_metrics"]["er@10"]
+    er_clean = clean["attack"]["target_metrics"]["er@10"]
+    print("er@10 attacked", er_attacked, "clean", er_clean)
+    assert er_attacked > er_clean + 0.2
