@@ -49,7 +49,6 @@ their history per evaluated round.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from fedrec.models.base import Batch, DataShape
 from fedrec.models.bpr import BPRConfig, BPRMF
+from tests.test_strategies import task_identity  # noqa: F401  (autouse fixture: Message() needs it)
 
 
 def test_all_pairs_loss_is_the_official_client_loss():
@@ -54,8 +54,6 @@ def test_permutation_sampling_visits_every_user_once_per_pass():
 
 
 # ---------------------------------------------------------------------------------------- runs
-from tests.test_strategies import task_identity  # noqa: E402,F401  (autouse fixture: Message() needs it)
-
 N_GENUINE, KAPPA = 60, 5
 SETTING = ["federation=device", "federation.num_nodes=1", "federation.sampling=permutation",
            "federation.users_per_round=16", "federation.local_optimizer=sgd", "federation.local_lr=0.05",
