@@ -94,26 +94,29 @@ def test_malicious_clients_are_injected_and_upload_at_most_kappa_rows(tiny_cfg, 
     from fedrec.eval.metrics import evaluated_users
     from fedrec.mechanisms import build_mechanisms, data_transforms
 
-    n_rounds = 5  # one pass over 66 clients in rounds of 16
-    cfg, replies, summary = _run(tiny_cfg, tmp_path, "fra", f"federation.rounds={n_rounds}",
-                                 f"train.eval_every={n_rounds}")
+    n_rounds = 10  # two passes over 66 clients in rounds of 16 (one node: one reply per round)
+    cfg, replies, summary = _run(tiny_cfg, tmp_path, "fra", f"federation.rounds={n_rounds}", "train.eval_every=5")
     mech = build_mechanisms(cfg)
     data = load_run_data(cfg.dataset, int(cfg.seed), data_transforms(mech))
     bad = malicious_users(data)
     assert len(bad) == 6 and data.injected[bad].all() and data.n_injected == 6
     assert data.train[bad].nnz == 0  # fake clients: no data
     assert not np.isin(bad, evaluated_users(data)).any()  # no metric counts them
-    rows = _row_counts(replies)
-    assert sorted(rows) == list(range(N_GENUINE + 6))  # one pass: every client exactly once
+    assert len(replies) == n_rounds
+    passes = [_row_counts(replies[:5]), _row_counts(replies[5:])]
     target = next(m for m in mech if isinstance(m, FedRecAttack)).targets(data, int(cfg.seed))
-    # A malicious client sends what its predecessors in the round left of the attack gradient, so a row
-    # they used up entirely (e.g. the target's, if never clipped) is zero and not sent.
-    assert all(len(rows[u]) <= KAPPA for u in bad) and max(len(rows[u]) for u in bad) == KAPPA
-    assert np.isin(target, np.concatenate([rows[u] for u in bad])).all()
-    assert max(len(rows[u]) for u in range(N_GENUINE)) > KAPPA  # genuine uploads are not capped
+    for rows in passes:
+        assert sorted(rows) == list(range(N_GENUINE + 6))  # every client exactly once per pass
+        # A malicious client sends what its predecessors in the round left of the attack gradient, so a row
+        # they used up entirely (e.g. the target's, if never clipped) is zero and not sent.
+        assert all(len(rows[u]) <= KAPPA for u in bad) and max(len(rows[u]) for u in bad) == KAPPA
+        assert np.isin(target, np.concatenate([rows[u] for u in bad])).all()
+        assert max(len(rows[u]) for u in range(N_GENUINE)) > KAPPA  # genuine uploads are not capped
+    for u in bad:  # a fake client's rows are chosen once (the attack's node state carries them over rounds)
+        assert len(np.union1d(passes[0][u], passes[1][u])) <= KAPPA
     attack = summary["attack"]
     assert attack["injected_users"] == 6 and attack["round"] == n_rounds
-    assert attack["history"][str(n_rounds)]["pass"] == 1.0
+    assert [h["pass"] for h in attack["history"].values()] == [1.0, 2.0]
 
 
 def test_a_short_run_raises_the_targets_exposure_above_the_clean_run(tiny_cfg, tmp_path):
