@@ -3,6 +3,8 @@
 * :mod:`attacks.shilling` -- heuristic fake-user profiles (random, average, bandwagon, segment), data
   transforms (:mod:`fedrec.data.transforms`) that inject users marked ``injected``;
 * :mod:`attacks.model_poisoning` -- malicious clients craft their uploads (scaling / sign-flip baselines);
+* :mod:`attacks.fedrecattack` -- FedRecAttack (Rong et al., ICDE 2022): injected fake clients upload
+  item-row gradients crafted from public interactions (at most kappa rows each);
 * :mod:`attacks.threat` -- the keyed choice of malicious clients.
 
 Each attack is a mechanism (``fedrec.mechanisms``, Hydra group ``attack``).

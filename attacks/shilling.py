@@ -239,25 +239,31 @@ class ShillingAttack:
     def target_items(self, data: Interactions, seed: int) -> np.ndarray:
         """The internal item ids this attack promotes on ``data`` (the data before the attack) under
         ``seed``, sorted: what target-item metrics (e.g. the targets' hit ratio) are computed on."""
-        c = self.config
-        pop = np.asarray(data.train[data.genuine()].sum(axis=0)).ravel().astype(np.float64)
-        if c.targets is not None:
-            index = {str(t): i for i, t in enumerate(data.item_ids)}
-            missing = [t for t in c.targets if t not in index]
-            if missing:
-                raise ConfigError(f"attack.targets: item id {missing[0]!r} is not in dataset {data.name!r} "
-                                  "(ids as in the data files)")
-            return np.array(sorted(index[t] for t in c.targets), dtype=np.int64)
-        rng = numpy_stream(seed, STREAM_SHILLING, _TARGETS)
-        if c.target_selection == "unpopular":
-            # the less popular half, ties by item index (a stable order: the same in every process)
-            pool = np.argsort(pop, kind="stable")[:int(math.ceil(data.n_items / 2))]
-        else:
-            pool = np.arange(data.n_items)
-        if c.n_targets > len(pool):
-            raise ConfigError(f"attack.n_targets: {c.n_targets} targets, but target_selection={c.target_selection} "
-                              f"offers {len(pool)} items")
-        return np.sort(rng.choice(pool, size=c.n_targets, replace=False)).astype(np.int64)
+        return select_targets(self.config, data, seed)
+
+
+def select_targets(c, data: Interactions, seed: int) -> np.ndarray:
+    """Target items from a config with ``targets`` / ``target_selection`` / ``n_targets`` (a
+    :class:`ShillingConfig` or any attack reusing its style, e.g. FedRecAttack's): the given ids, or a keyed
+    draw (the same for every attack under one seed) among the less popular half or all items."""
+    pop = np.asarray(data.train[data.genuine()].sum(axis=0)).ravel().astype(np.float64)
+    if c.targets is not None:
+        index = {str(t): i for i, t in enumerate(data.item_ids)}
+        missing = [t for t in c.targets if t not in index]
+        if missing:
+            raise ConfigError(f"attack.targets: item id {missing[0]!r} is not in dataset {data.name!r} "
+                              "(ids as in the data files)")
+        return np.array(sorted(index[t] for t in c.targets), dtype=np.int64)
+    rng = numpy_stream(seed, STREAM_SHILLING, _TARGETS)
+    if c.target_selection == "unpopular":
+        # the less popular half, ties by item index (a stable order: the same in every process)
+        pool = np.argsort(pop, kind="stable")[:int(math.ceil(data.n_items / 2))]
+    else:
+        pool = np.arange(data.n_items)
+    if c.n_targets > len(pool):
+        raise ConfigError(f"attack.n_targets: {c.n_targets} targets, but target_selection={c.target_selection} "
+                          f"offers {len(pool)} items")
+    return np.sort(rng.choice(pool, size=c.n_targets, replace=False)).astype(np.int64)
 
 
 def _popular_order(pop: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ hook                       runs on                     does
 ``node_reply``             silo node                   transform the reply a node sends (poisoning)
 ``user_transform``         device node, per chunk      transform users' updates (poisoning, bounds)
 ``user_fold``              device node, per chunk      replace how users' updates are summed (DP)
+``node_eval``              every evaluating node       extra metric sums (``<split>/<m>/sum``, ``<split>/users``)
 ``strategy_overrides``     server                      strategy constructor arguments
 ``setup_server``           server                      install a rule on the strategy (per-reply
                                                        transform, a batch rule replacing aggregation)
@@ -81,6 +82,7 @@ class ServerContext:
     model: Any
     strategy: Any  # the fedrec strategy (FedrecMixin) under any wrappers; None in a centralised run
     evaluated_round: int | None = None  # the last round/epoch whose model ``model`` holds, evaluated on the server
+    client_evaluated_round: int | None = None  # the last round the nodes evaluated (``strategy.last_eval``)
 
 
 class Mechanism:
@@ -133,6 +135,12 @@ class Mechanism:
         """A fold replacing the weighted mean of users' updates (``add(params, w)``, ``result()``,
         ``reply(metrics, n_users)``), or None."""
         return None
+
+    def node_eval(self, cfg, model, data, users) -> dict[str, float]:
+        """Extra metric sums of a node's evaluation of its (genuine) ``users`` with the model the node
+        holds (private rows included): ``<split>/<metric>/sum`` and ``<split>/users``, pooled exactly by
+        the server like the ranking metrics (e.g. an attack's target-item exposure)."""
+        return {}
 
     # ------------------------------------------------------------------ server
     def strategy_overrides(self) -> dict:

@@ -43,7 +43,7 @@ class FederationConfig:
     # cross-device (federation=device)
     user_fraction: float = 0.1
     users_per_round: int | None = None
-    sampling: str = "fixed"  # fixed | poisson
+    sampling: str = "fixed"  # fixed | poisson | permutation
     local_optimizer: str = "sgd"  # sgd | adam
     local_lr: float = 0.1
     chunk_size: int | None = None
@@ -79,7 +79,7 @@ class FederationConfig:
             raise ConfigError(f"federation.ray_cpus: must be null or >= 1, got {self.ray_cpus}")
         if self.mode != "device":
             return
-        for key, allowed in (("sampling", ("fixed", "poisson")), ("local_optimizer", ("sgd", "adam")),
+        for key, allowed in (("sampling", ("fixed", "poisson", "permutation")), ("local_optimizer", ("sgd", "adam")),
                              ("weighting", ("uniform", "interactions")), ("upload", ("auto", "sum", "per_user")),
                              ("sparse_rows", ("auto", "off"))):
             if getattr(self, key) not in allowed:

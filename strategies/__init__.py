@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from typing import Iterable
 
 import numpy as np
@@ -34,7 +35,8 @@ from fedrec.errors import ConfigError
 from fedrec.federated import protocol as P
 from fedrec.federated.arrays import check_update
 from fedrec.rng import PURPOSE_NODE_SAMPLING, numpy_stream
-from strategies.update_batch import RowUpdates, UpdateBatch, coordinate_median, derive_weights, weighted_mean
+from strategies.update_batch import (RowUpdates, UpdateBatch, coordinate_median, derive_weights, row_clip_sum,
+                                     weighted_mean)
 
 
 class _Reply:
@@ -299,7 +301,7 @@ class FedrecMixin:
         if not parts:
             return [], rejected, reasons
         batch = UpdateBatch.concat(parts)
-        result = type(self).batch_rule(batch)
+        result = self.batch_rule(batch)  # a class's staticmethod or an instance's configured rule
         metrics = dict(replies[0].content["metrics"]) | _summed_counts(replies) | {
             "trained-users": float(len(batch)), P.PARTITION_ID: -1}  # the whole round's users, no one partition's
         return [_Reply(self._content(result, metrics, float(batch.weights.sum())))], rejected, reasons
@@ -547,9 +549,25 @@ class FedrecUserMedian(FedrecMixin, FedAvg):
     batch_rule = staticmethod(coordinate_median)
 
 
+class FedrecRowClipSum(FedrecMixin, FedAvg):
+    """FedRecAttack's server (Rong et al., ICDE 2022; cross-device, row-sparse item tables): the new
+    item table is the global one plus the sum over the round's users of their row deltas, each row
+    clipped to L2 norm ``row_clip`` (:func:`strategies.update_batch.row_clip_sum`). With one local SGD
+    step at rate lr the delta is -lr times the client's gradient, so ``row_clip = lr * g`` is the
+    official per-row gradient clip g (1.0) and the sum is the official step ``-lr * sum of clipped
+    gradients``: a gradient step on the batch of clients, not a mean."""
+
+    def __init__(self, *args, row_clip: float = 0.01, **kwargs):
+        if not float(row_clip) > 0:
+            raise ConfigError(f"strategy.row_clip: must be positive, got {row_clip}")
+        super().__init__(*args, **kwargs)
+        self.row_clip = float(row_clip)
+        self.batch_rule = partial(row_clip_sum, bound=self.row_clip)
+
+
 STRATEGIES = {"fedavg": FedrecFedAvg, "fedprox": FedrecFedProx, "fedadam": FedrecFedAdam,
               "fedyogi": FedrecFedYogi, "fedavgm": FedrecFedAvgM,
-              "user_median": FedrecUserMedian}
+              "user_median": FedrecUserMedian, "row_clip_sum": FedrecRowClipSum}
 
 
 def build_strategy(cfg_strategy, *, num_nodes: int, fraction: float, seed: int, client_evaluation: bool,

@@ -215,3 +215,31 @@ def _median_with_zeros(starts, counts, s, n_users: int) -> np.ndarray:
         return np.where(in_zeros, np.zeros((), s.dtype), _pick(s, starts, idx))
 
     return (kth((n_users - 1) // 2) + kth(n_users // 2)) / 2
+
+
+def row_clip_sum(batch: UpdateBatch, bound: float) -> dict[str, np.ndarray]:
+    """The global parameters plus the *sum* (not the mean) over users of their updates, each row of a
+    row-sparse table clipped to L2 norm ``bound`` first (FedRecAttack's server, Rong et al., ICDE 2022:
+    every client's item-row gradient clipped to norm 1, summed over the batch of clients, one SGD step;
+    on deltas of one local SGD step at rate lr that is ``bound = lr * 1``). Untouched rows add nothing.
+    Dense tables are refused: the batch holds users' updated dense tables, not their deltas, and the
+    FedRec item-side setting (MF, private user rows) has only row-sparse global tables.
+
+    Unweighted: each client's clipped gradient counts once, whatever its interactions."""
+    if batch.arrays:
+        raise ValueError(f"row_clip_sum: dense global tables {sorted(batch.arrays)} have no per-row clip; "
+                         "only row-sparse tables (federation.sparse_rows=auto) are summed")
+    if not bound > 0:
+        raise ValueError(f"row_clip_sum: bound must be positive, got {bound}")
+    out = {}
+    for k, ru in batch.rows.items():
+        acc = ru.base.astype(np.float64)
+        if len(ru.rows):
+            rows, starts, order = _row_groups(ru)
+            flat = ru.values.reshape(len(ru.rows), -1).astype(np.float64)
+            norms = np.sqrt((flat ** 2).sum(1))
+            scale = np.minimum(1.0, bound / np.maximum(norms, 1e-300))
+            clipped = (flat * scale[:, None])[order]
+            acc.reshape(len(acc), -1)[rows] += np.add.reduceat(clipped, starts, axis=0)
+        out[k] = acc.astype(ru.base.dtype)
+    return out

@@ -21,7 +21,9 @@ NOT_IMPLEMENTED: set = set()
 # options that only validate together with others (the mechanism/ sweep points bundle them)
 COMPANIONS = {("privacy", "dpsgd"): ["federation=none"],
               ("privacy", "user_dp"): ["federation=device", "federation.sampling=poisson"],
-              ("privacy", "node_dp"): ["federation=silo"]}
+              ("privacy", "node_dp"): ["federation=silo"],
+              ("attack", "fedrecattack"): ["federation=device", "model=bpr"],
+              ("strategy", "row_clip_sum"): ["federation=device", "model=bpr"]}
 
 
 def test_groups_found():

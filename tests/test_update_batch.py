@@ -100,3 +100,31 @@ def test_select_keeps_the_chosen_users_entries():
     redone = np.zeros((4, 9, 2), np.float32)
     redone[kept.entry_users(), kept.rows] = kept.values
     np.testing.assert_array_equal(redone, dense[keep])
+
+
+@pytest.mark.parametrize("n_users,bound", [(1, 0.5), (7, 1.0), (40, 2.0)])
+def test_row_clip_sum_is_the_sum_of_row_clipped_deltas(n_users, bound):
+    """FedRecAttack's server rule against numpy on the dense stack: each user's row clipped to ``bound``,
+    summed over users (not averaged), added to the global table; untouched rows unchanged."""
+    from strategies.update_batch import row_clip_sum
+
+    rng = np.random.default_rng(30 + n_users)
+    ru, dense, touched = _sparse(rng, n_users, 13, (3,))
+    batch = UpdateBatch({}, np.arange(n_users), np.zeros(n_users, int), rng.uniform(1, 3, n_users),
+                        rows={"item_emb.weight": ru})
+    norms = np.linalg.norm(dense.astype(np.float64), axis=-1, keepdims=True)
+    clipped = dense * np.minimum(1.0, bound / np.maximum(norms, 1e-30))
+    want = ru.base + clipped.sum(0)
+    got = row_clip_sum(batch, bound)["item_emb.weight"]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[2], ru.base[2])  # the row nobody touched
+    assert (norms > bound).any()  # the case clips something
+
+
+def test_row_clip_sum_refuses_dense_tables():
+    from strategies.update_batch import row_clip_sum
+
+    rng = np.random.default_rng(0)
+    batch, _, _ = _batch(rng, 3)
+    with pytest.raises(ValueError, match="dense"):
+        row_clip_sum(batch, 1.0)

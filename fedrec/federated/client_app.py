@@ -173,6 +173,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     for split, agg in res["_sums"].items():
         values[f"{split}/users"] = agg["users"]
         values.update({f"{split}/{k}/sum": v for k, v in agg["sums"].items()})
+    for m in node_mechanisms(cfg):  # e.g. an attack's target-item metrics over the node's users
+        values.update(m.node_eval(cfg, model, view.data, users))
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)
 
 

@@ -25,7 +25,7 @@ from fedrec.models.base import Recommender
 from fedrec.devices import model_device
 from fedrec.rng import key_uniform, uniform_tensor, user_keys
 
-STREAM_SAMPLE, STREAM_DROPOUT, STREAM_STRAGGLER, STREAM_CAP = 101, 102, 103, 104
+STREAM_SAMPLE, STREAM_DROPOUT, STREAM_STRAGGLER, STREAM_CAP, STREAM_PERMUTATION = 101, 102, 103, 104, 105
 PRIVATE_KEY = "fedrec-private"
 
 
@@ -33,17 +33,44 @@ def user_coins(seed: int, round_: int, users: np.ndarray, stream: int) -> np.nda
     return key_uniform(user_keys(seed, round_, users, stream))
 
 
+def rounds_per_pass(n_users: int, per_round: int) -> int:
+    """``sampling=permutation``: rounds in one pass over all users (the last round takes the rest)."""
+    return -(-int(n_users) // int(per_round))
+
+
+def permutation_round(seed: int, round_: int, n_users: int, per_round: int) -> np.ndarray:
+    """``sampling=permutation``: the (n_users,) mask of the users of ``round_`` (1-based). Pass
+    p = (round - 1) // rounds_per_pass orders all users by keys drawn for (seed, p) -- a uniformly random
+    permutation, the same on every process -- and its k-th round takes positions [k m, (k + 1) m): every
+    user exactly once per pass, in batches of m without replacement (FedRecAttack's official loop:
+    ``np.random.shuffle`` of all clients each epoch, batches of 256)."""
+    m = int(per_round)
+    per_pass = rounds_per_pass(n_users, m)
+    p, k = divmod(int(round_) - 1, per_pass)
+    order = np.argsort(user_coins(seed, p, np.arange(n_users), STREAM_PERMUTATION), kind="stable")
+    mask = np.zeros(n_users, dtype=bool)
+    mask[order[k * m:(k + 1) * m]] = True
+    return mask
+
+
+def per_round_count(fed: FederationConfig, n_users: int) -> int:
+    count = fed.users_per_round
+    return int(count) if count else max(1, int(round(float(fed.user_fraction) * n_users)))
+
+
 def sampling_threshold(fed: FederationConfig, n_users: int, seed: int, round_: int) -> float:
-    """The per-round threshold the server sends: q for Poisson, the m-th smallest key for a count."""
+    """The per-round threshold the server sends: q for Poisson, the m-th smallest key for a count
+    (``permutation``: the round's share, informational -- the nodes find the round's users themselves,
+    :func:`permutation_round`)."""
     method = fed.sampling
     count = fed.users_per_round
     q = float(count) / n_users if count else float(fed.user_fraction)
     if not 0 < q <= 1:
         raise ConfigError(f"federation.user_fraction/users_per_round: the sampled share must be in (0, 1], got {q}")
-    if method == "poisson":
+    if method in ("poisson", "permutation"):
         return q
     if method != "fixed":
-        raise ConfigError(f"federation.sampling: expected fixed or poisson, got {method!r}")
+        raise ConfigError(f"federation.sampling: expected fixed, poisson or permutation, got {method!r}")
     m = max(1, int(round(q * n_users)))
     keys = user_coins(seed, round_, np.arange(n_users), STREAM_SAMPLE)
     return float(np.partition(keys, m - 1)[m - 1])
@@ -210,9 +237,15 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
     """
     fed, seed = federation(cfg), int(cfg.seed)
     counts = np.diff(data.train.indptr)[node_users]
-    sampled = user_coins(seed, round_, node_users, STREAM_SAMPLE) <= threshold
-    empty = sampled & (counts == 0)
-    active = sampled & (counts > 0)
+    if fed.sampling == "permutation":
+        sampled = permutation_round(seed, round_, data.n_users, per_round_count(fed, data.n_users))[node_users]
+    else:
+        sampled = user_coins(seed, round_, node_users, STREAM_SAMPLE) <= threshold
+    # Injected users (an attack's fake clients, e.g. FedRecAttack's with no data) take part even with an
+    # empty row: their training is a zero update, which the attack's user_transform replaces.
+    injected = data.injected[node_users] if data.injected is not None else np.zeros(len(node_users), bool)
+    empty = sampled & (counts == 0) & ~injected
+    active = sampled & ((counts > 0) | injected)
     dropped = active & (user_coins(seed, round_, node_users, STREAM_DROPOUT) < fed.dropout_rate)
     straggled = active & ~dropped & (user_coins(seed, round_, node_users, STREAM_STRAGGLER)
                                      < fed.straggler_rate)

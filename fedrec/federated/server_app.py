@@ -148,6 +148,7 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
         if client_eval:
             if strategy.last_eval is not None:
                 evaluation, eval_s = _split_metrics(strategy.last_eval), strategy.last_eval_s
+                ctx.client_evaluated_round = rnd
         elif evaluates(rnd):
             load_arrays(model, arrays, "aggregated arrays")
             t0 = time.perf_counter()

@@ -15,6 +15,11 @@ Training unit (``sampling``):
   interactions (RecBole's ``train_batch_size``, 2048), each with one negative drawn uniformly from
   the items outside the user's training row (RecBole's default ``train_neg_sample_args``). An
   example, and so a DP-SGD clipping unit if one were applied to it, is then one interaction.
+* ``all_pairs`` (FedRecAttack's client, Rong et al., ICDE 2022): every example is a user, whose
+  loss is the *sum* over all its training positives, each once with one uniform negative outside the
+  row, plus ``reg_weight / 2 (||e_u||^2 + sum over the pairs' item rows ||e_i||^2)`` (the official
+  ``0.5 * reg * (||u||^2 + ||items[train_all]||^2)``). Deviation: the official client draws its
+  negatives once for the whole run; here they are drawn afresh every round (keyed by seed, round, user).
 * ``user``: every example is a user: ``n_samples_per_user`` positives drawn with replacement
   from the user's row and as many uniform negatives outside it; the user's loss is the mean over
   those pairs. Users are weighted equally, not by their number of interactions.
@@ -55,7 +60,7 @@ from fedrec.models.base import Batch, DataShape, Recommender
 #: rejection-sampling rounds for negatives; a draw survives all of them with probability
 #: density**rounds, i.e. never in practice for the sparse rows of recommendation data.
 _NEG_ROUNDS = 32
-SAMPLINGS = ("interaction", "user")
+SAMPLINGS = ("interaction", "user", "all_pairs")
 
 
 @dataclass
@@ -64,6 +69,7 @@ class BPRConfig:
     sampling: str = "interaction"  # interaction: RecBole's epoch over interactions | user: per-user pairs
     n_samples_per_user: int = 8  # sampling=user (and DP-SGD, cross-device): pairs per user per step
     reg_weight: float = 0.0  # L2 weight on the embeddings of each sampled triple (RecBole: none)
+    init_std: float | None = None  # null: xavier-normal (RecBole); else normal(0, init_std) (FedRecAttack: 0.01)
 
     def __post_init__(self) -> None:
         if int(self.embedding_size) < 1:
@@ -74,6 +80,8 @@ class BPRConfig:
             raise ConfigError(f"model.n_samples_per_user: must be >= 1, got {self.n_samples_per_user}")
         if float(self.reg_weight) < 0:
             raise ConfigError(f"model.reg_weight: must be >= 0, got {self.reg_weight}")
+        if self.init_std is not None and not float(self.init_std) > 0:
+            raise ConfigError(f"model.init_std: must be null or positive, got {self.init_std}")
 
 
 class BPRMF(Recommender):
@@ -87,12 +95,26 @@ class BPRMF(Recommender):
         self.n_items = shape.n_items
         self.user_emb = nn.Embedding(shape.n_users, cfg.embedding_size)
         self.item_emb = nn.Embedding(shape.n_items, cfg.embedding_size)
-        nn.init.xavier_normal_(self.user_emb.weight)
-        nn.init.xavier_normal_(self.item_emb.weight)
+        if cfg.init_std is None:
+            nn.init.xavier_normal_(self.user_emb.weight)
+            nn.init.xavier_normal_(self.item_emb.weight)
+        else:
+            nn.init.normal_(self.user_emb.weight, std=float(cfg.init_std))
+            nn.init.normal_(self.item_emb.weight, std=float(cfg.init_std))
 
     @property
     def train_unit(self) -> str:
-        return self.cfg.sampling
+        return "user" if self.cfg.sampling == "all_pairs" else self.cfg.sampling
+
+    @staticmethod
+    def _all_positives(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sampling=all_pairs``: (B, S) every positive of each row once (S = the batch's largest row,
+        at least 1) and the (B, S) mask of real (not padding) entries."""
+        pos_mask = x > 0
+        counts = pos_mask.sum(1)
+        s = max(1, int(counts.max())) if len(x) else 1
+        pos = torch.sort(pos_mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :s]
+        return pos, torch.arange(s, device=x.device)[None, :] < counts[:, None]
 
     # -------------------------------------------------------------- sampling
     @staticmethod
@@ -115,6 +137,10 @@ class BPRMF(Recommender):
     def _sample_pairs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, S) positive ids, (B, S) negative ids, (B, S) bool mask of valid pairs."""
         b, n = x.shape
+        if self.cfg.sampling == "all_pairs":
+            pos, real = self._all_positives(x)
+            neg, bad = self._negatives(x, pos.shape[1], lambda r: torch.randint(0, n, pos.shape, device=x.device))
+            return pos, neg, real & ~bad
         s = int(self.cfg.n_samples_per_user)
         pos_mask = x > 0
         has_pos = pos_mask.any(dim=1)
@@ -130,6 +156,10 @@ class BPRMF(Recommender):
         uniform with rejection rounds."""
         x = batch.x
         b, n = x.shape
+        if self.cfg.sampling == "all_pairs":
+            pos, real = self._all_positives(x)
+            neg, bad = self._negatives(x, pos.shape[1], lambda r: rnd.randint(1 + r, pos.shape[1], n))
+            return {"pos": pos, "neg": neg, "valid": (real & ~bad).float()}
         s = int(self.cfg.n_samples_per_user)
         pos_mask = x > 0
         has_pos = pos_mask.any(dim=1)
@@ -163,8 +193,16 @@ class BPRMF(Recommender):
         else:
             with torch.no_grad():
                 pos, neg, valid = self._sample_pairs(batch.x)
+        vf = valid.to(u.dtype)
+        if self.cfg.sampling == "all_pairs":  # FedRecAttack's client loss: a sum, L2 once per user and per row
+            ep, en = self.item_emb(pos), self.item_emb(neg)
+            diff = (u[:, None, :] * (ep - en)).sum(-1)
+            loss = (-F.logsigmoid(diff) * vf).sum(1)
+            if self.cfg.reg_weight > 0:
+                rows = ((ep.pow(2).sum(-1) + en.pow(2).sum(-1)) * vf).sum(1)
+                loss = loss + 0.5 * self.cfg.reg_weight * (u.pow(2).sum(-1) * (vf.sum(1) > 0) + rows)
+            return loss
         pair = self._pair_loss(u[:, None, :], pos, neg)  # (B, S)
-        vf = valid.to(pair.dtype)
         return (pair * vf).sum(1) / vf.sum(1).clamp(min=1.0)
 
     def scores(self, batch: Batch) -> torch.Tensor:

@@ -1,0 +1,377 @@
+"""FedRecAttack (Rong et al., "FedRecAttack: Model Poisoning Attack to Federated Recommendation", ICDE 2022).
+
+The setting (the official code, github.com/rdz98/FedRecAttack, re-implemented here, not copied): MF
+with BPR, every user a client holding its private user row; each client uploads the gradient of its
+item rows, the server clips every row to norm 1 and takes an SGD step on the sum over a batch of
+clients (``strategy=row_clip_sum``, ``federation.sampling=permutation``, BPR ``sampling=all_pairs``;
+``conf/experiment/fedrecattack_ml100k.yaml``).
+
+The threat: ``fraction`` x (genuine users) malicious clients (official: ``int(0.05 * users)``) are
+*added* to the population -- fake users with no data (a data transform appends empty, ``injected``
+rows, so no metric counts them; they are sampled into rounds like every client). The attacker knows
+``public_fraction`` of every genuine user's training interactions (official: a 1% file, ``ceil`` per
+user, so every user has at least one; here a keyed draw of ``ceil(share * n)`` per user), and the
+target item(s) (official: one uniformly random item: ``target_selection=random``; the config style of
+:class:`attacks.shilling.ShillingConfig`).
+
+The attack, in each round that samples at least one malicious client (one coordinating "center"):
+
+1. approximate the genuine users' embeddings: one pass in batches of ``attack_batch_size`` over the
+   users, Adam (``attack_lr``, state kept over the run) on the BPR sum loss of their public
+   interactions against the round's global item table (negatives uniform outside the public set);
+2. for every user, the 10th item of its top-10 under the approximated embeddings (public items and the
+   target excluded) is the item to beat; the loss ``g(s(u, neg) - s(u, target))`` with ``g(x) = x`` for
+   x >= 0 and ``exp(x) - 1`` below, summed over users, is differentiated w.r.t. the item table;
+3. each malicious client, in order, uploads at most ``kappa`` rows of that gradient: the target and
+   ``kappa - 1`` items drawn once (at its first round) with probability proportional to the gradient's
+   row norms, each row clipped to ``grad_clip``; what it uploaded is subtracted from the shared gradient,
+   so the next malicious client of the round sends what is left. As a delta (what fedrec clients
+   upload) the crafted rows are ``-federation.local_lr x gradient``, which the server's row clip at
+   ``local_lr x 1`` and sum treat exactly like a genuine client's one SGD step.
+
+Hook: ``user_transform`` replaces the malicious users' (all-zero: they have no data) deltas inside the
+node's fold; the row-sparse upload then sends only the rows the attack set. The center's state (the
+approximated embeddings, Adam moments, each malicious client's rows) is node state
+(``keeps_node_state``). Deviations: the official center also adds N(0, 1e-7) noise to the uploads (not
+done: it only makes every chosen row nonzero); its item choice draws from numpy's global generator, here
+from streams keyed by (seed, round); the official evaluation also masks each user's test item out of
+the ranking, fedrec's ER@K (:mod:`fedrec.eval.targets`) ranks every item outside the training row over
+users who never touched the target. With several Flower nodes each node runs its own center for the
+malicious clients it hosts (the overlay uses one node, as the official single-process simulation).
+
+``fraction=0`` injects no one and crafts nothing but still tracks the target's ER@K: the clean run with
+the same target (``attack=fedrecattack attack.fraction=0``).
+
+Metric: the target's ER@K / NDCG@K over genuine users are computed on the nodes (the user rows are
+private) in every evaluation (``target/er@K`` in metrics.jsonl) and this section of summary.json keeps
+their history per evaluated round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from attacks.shilling import TARGET_SELECTIONS, select_targets
+from fedrec.errors import ConfigError
+from fedrec.mechanisms import Mechanism, register
+from fedrec.rng import numpy_stream
+
+STREAM_FRA = 0x46524154  # "FRAT": this module's randomness
+_PUBLIC, _SHUFFLE, _NEG, _CHOICE = 1, 2, 3, 4
+ID_PREFIX = "fedrecattack-"
+
+
+@dataclass(frozen=True)
+class FedRecAttackConfig:
+    fraction: float = 0.05  # malicious clients added, per genuine user (official clients_limit; int() of the product)
+    count: int | None = None  # exact number instead
+    kappa: int = 60  # at most this many item rows per malicious upload (official items_limit)
+    public_fraction: float = 0.01  # share of each genuine user's training items the attacker knows (ceil per user)
+    attack_lr: float = 0.01  # Adam rate of the approximated user embeddings
+    attack_batch_size: int = 256  # users per Adam step
+    grad_clip: float = 1.0  # row norm of the crafted gradient (the server's clip, in gradient units)
+    targets: tuple[str, ...] | None = None
+    target_selection: str = "random"  # official: one uniformly random item
+    n_targets: int = 1
+    top_k: int = 10  # the item to beat is the top_k-th of each user's approximated ranking
+
+    def __post_init__(self):
+        if self.count is not None and (isinstance(self.count, bool) or int(self.count) < 0):
+            raise ConfigError(f"attack.count: expected an integer >= 0 or null, got {self.count!r}")
+        if not (isinstance(self.fraction, (int, float)) and 0 <= float(self.fraction) and math.isfinite(self.fraction)):
+            raise ConfigError(f"attack.fraction: expected a share >= 0, got {self.fraction!r}")
+        if int(self.kappa) < 1:
+            raise ConfigError(f"attack.kappa: must be >= 1, got {self.kappa}")
+        if not 0 < float(self.public_fraction) <= 1:
+            raise ConfigError(f"attack.public_fraction: must be in (0, 1], got {self.public_fraction}")
+        for key in ("attack_lr", "grad_clip"):
+            if not float(getattr(self, key)) > 0:
+                raise ConfigError(f"attack.{key}: must be positive, got {getattr(self, key)}")
+        for key in ("attack_batch_size", "n_targets", "top_k"):
+            if int(getattr(self, key)) < 1:
+                raise ConfigError(f"attack.{key}: must be >= 1, got {getattr(self, key)}")
+        if self.target_selection not in TARGET_SELECTIONS:
+            raise ConfigError(f"attack.target_selection: expected one of {', '.join(TARGET_SELECTIONS)}, "
+                              f"got {self.target_selection!r}")
+        if self.targets is not None:
+            targets = (self.targets,) if isinstance(self.targets, (str, int)) else self.targets
+            object.__setattr__(self, "targets", tuple(str(t) for t in targets))
+
+    def n_fake(self, n_genuine: int) -> int:
+        return int(self.count) if self.count is not None else int(float(self.fraction) * n_genuine)
+
+
+class FakeClients:
+    """Data transform: ``n`` injected users with empty training rows (the malicious clients)."""
+
+    def __init__(self, config: FedRecAttackConfig):
+        self.config = config
+
+    def key(self) -> str:
+        c = self.config
+        return f"attacks.fedrecattack.fake{json.dumps({'fraction': c.fraction, 'count': c.count})}"
+
+    def apply(self, data, seed: int):
+        n = self.config.n_fake(len(data.genuine()))
+        if n == 0:
+            return data
+        digest = hashlib.sha256(self.key().encode()).hexdigest()[:8]
+        ids = np.array([f"{ID_PREFIX}{digest}-{i}" for i in range(n)])
+        seq = None
+        if data.train_seq is not None:
+            from fedrec.data.sequences import Sequences
+
+            seq = Sequences(np.zeros(n + 1, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        return data.append_users(sp.csr_matrix((n, data.n_items), dtype=np.float32), ids, injected=True,
+                                 train_seq=seq)
+
+
+def malicious_users(data) -> np.ndarray:
+    """The fake clients' user ids (sorted)."""
+    return np.flatnonzero(np.char.startswith(np.asarray(data.user_ids, dtype=str), ID_PREFIX))
+
+
+def public_interactions(data, share: float, seed: int) -> sp.csr_matrix:
+    """(n_users, n_items) the attacker's prior knowledge: ceil(share * n_u) of each genuine user's n_u
+    training items, drawn uniformly without replacement (a keyed stream); injected users' rows empty."""
+    rng = numpy_stream(seed, STREAM_FRA, _PUBLIC)
+    train = data.train.tocsr()
+    genuine = np.zeros(data.n_users, bool)
+    genuine[data.genuine()] = True
+    rows, cols = [], []
+    for u in range(data.n_users):
+        items = train.indices[train.indptr[u]:train.indptr[u + 1]]
+        if not genuine[u] or len(items) == 0:
+            continue
+        k = int(math.ceil(share * len(items)))
+        cols.append(np.sort(rng.choice(items, size=k, replace=False)))
+        rows.append(np.full(k, u))
+    r = np.concatenate(rows) if rows else np.zeros(0, int)
+    c = np.concatenate(cols) if cols else np.zeros(0, int)
+    return sp.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(data.n_users, data.n_items))
+
+
+def _attack_loss(users_emb: torch.Tensor, items: torch.Tensor, public: torch.Tensor, targets: torch.Tensor,
+                 top_k: int) -> torch.Tensor:
+    """FedRecAttack's promotion loss of the item table ``items`` (requires grad) for approximated users."""
+    with torch.no_grad():
+        scores = users_emb @ items.T
+        scores = scores.masked_fill(public > 0, -float(1 << 10))
+        scores[:, targets] = -float(1 << 10)
+        neg = torch.topk(scores, top_k, dim=1).indices[:, -1]  # the top_k-th item: the one to beat
+    total = items.new_zeros(())
+    for t in targets.tolist():
+        keep = public[:, t] <= 0  # users whose public items hold the target need no push
+        u = users_emb[keep]
+        x = (u * items[neg[keep]]).sum(-1) - (u * items[t]).sum(-1)
+        total = total + torch.where(x < 0, torch.exp(torch.clamp(x, max=0.0)) - 1, x).sum()
+    return total
+
+
+class Center:
+    """The coordinating attacker of one node: approximated embeddings, Adam moments and each malicious
+    client's rows, as named arrays (node state)."""
+
+    def __init__(self, config: FedRecAttackConfig, data, seed: int, dim: int, state: dict):
+        self.c, self.data, self.seed = config, data, int(seed)
+        self.public = public_interactions(data, float(config.public_fraction), self.seed)
+        self.known = np.flatnonzero(np.diff(self.public.indptr) > 0)  # users with public interactions
+        self.bad = malicious_users(data)
+        if "users_emb" in state:
+            self.state = {k: np.asarray(v) for k, v in state.items()}
+        else:
+            g = torch.Generator().manual_seed(self.seed)
+            emb = (torch.randn(len(self.known), dim, generator=g) * 0.01).numpy()
+            self.state = {"users_emb": emb, "adam_m": np.zeros_like(emb), "adam_v": np.zeros_like(emb),
+                          "adam_t": np.zeros(1, np.int64),
+                          "rows": np.full((len(self.bad), int(config.kappa)), -1, np.int64)}
+
+    def _approximate(self, items: torch.Tensor, rnd: int) -> torch.Tensor:
+        """One Adam pass over the known users on the BPR sum loss of their public interactions."""
+        emb = torch.from_numpy(self.state["users_emb"]).clone()
+        m, v = torch.from_numpy(self.state["adam_m"]).clone(), torch.from_numpy(self.state["adam_v"]).clone()
+        t = int(self.state["adam_t"][0])
+        rng = numpy_stream(self.seed, STREAM_FRA, _SHUFFLE, rnd)
+        order = rng.permutation(len(self.known))
+        pub = self.public[self.known]
+        n_items = self.data.n_items
+        b1, b2, eps, lr = 0.9, 0.999, 1e-8, float(self.c.attack_lr)
+        for s in range(0, len(order), int(self.c.attack_batch_size)):
+            idx = order[s:s + int(self.c.attack_batch_size)]
+            sub = pub[idx]
+            who = np.repeat(idx, np.diff(sub.indptr))
+            pos = sub.indices.astype(np.int64)
+            neg = rng.integers(0, n_items, len(pos))
+            for _ in range(32):  # negatives outside the user's public items
+                clash = np.asarray(pub[who, neg]).ravel() > 0
+                if not clash.any():
+                    break
+                neg[clash] = rng.integers(0, n_items, int(clash.sum()))
+            e = emb.clone().requires_grad_(True)
+            u = e[torch.from_numpy(who)]
+            d = (u * (items[torch.from_numpy(pos)] - items[torch.from_numpy(neg)])).sum(-1)
+            loss = -torch.nn.functional.logsigmoid(d).sum()
+            (g,) = torch.autograd.grad(loss, e)
+            t += 1  # torch.optim.Adam over the whole table (users outside the batch: zero gradient)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            emb = emb - lr * (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt() + eps)
+        self.state.update(users_emb=emb.numpy(), adam_m=m.numpy(), adam_v=v.numpy(), adam_t=np.array([t]))
+        return emb
+
+    def gradient(self, items: torch.Tensor, targets: np.ndarray, rnd: int) -> torch.Tensor:
+        """The round's attack gradient w.r.t. the item table (n_items, d)."""
+        items = items.detach().float().cpu()
+        emb = self._approximate(items, rnd)
+        public = torch.from_numpy(self.public[self.known].toarray())
+        leaf = items.clone().requires_grad_(True)
+        loss = _attack_loss(emb, leaf, public, torch.from_numpy(targets), int(self.c.top_k))
+        if not loss.requires_grad:
+            return torch.zeros_like(items)
+        (g,) = torch.autograd.grad(loss, leaf)
+        return g
+
+    def rows_of(self, k: int, grad: torch.Tensor, targets: np.ndarray, rnd: int) -> np.ndarray:
+        """Malicious client k's rows: the targets and kappa - len(targets) items drawn once, by gradient norm."""
+        rows = self.state["rows"][k]
+        if rows[0] < 0:
+            kappa = min(int(self.c.kappa), self.data.n_items)
+            p = grad.norm(dim=1).double().numpy() + 1e-7
+            p[targets] = 0.0
+            rng = numpy_stream(self.seed, STREAM_FRA, _CHOICE, rnd, int(self.bad[k]))
+            extra = rng.choice(self.data.n_items, size=max(0, kappa - len(targets)), replace=False, p=p / p.sum())
+            chosen = np.concatenate([targets[:kappa], extra]).astype(np.int64)
+            rows = np.full(int(self.c.kappa), -1, np.int64)
+            rows[:len(chosen)] = chosen
+            self.state["rows"][k] = rows
+        return rows[rows >= 0]
+
+
+@register
+class FedRecAttack(Mechanism):
+    kind, name = "attack", "fedrecattack"
+    Config = FedRecAttackConfig
+    modes = ("device",)
+    keeps_node_state = True
+
+    def check(self, cfg) -> None:
+        from fedrec.run_config import federation
+
+        fed = federation(cfg)
+        if str(cfg.model.name) != "bpr":
+            raise ConfigError(f"attack=fedrecattack: crafts item-embedding gradients of MF (model=bpr), got model={cfg.model.name}")
+        if fed.local_optimizer != "sgd" or int(cfg.train.local_epochs) != 1:
+            raise ConfigError("attack=fedrecattack: uploads are gradients, so clients take one local SGD step "
+                              "(federation.local_optimizer=sgd, train.local_epochs=1)")
+
+    def data_transforms(self) -> list:
+        return [FakeClients(self.config)]
+
+    def targets(self, data, seed: int) -> np.ndarray:
+        """The target item ids (internal), the same on every process."""
+        return select_targets(self.config, data, int(seed))
+
+    # ------------------------------------------------------------------ node: the malicious uploads
+    def user_transform(self, ctx):
+        bad = malicious_users(ctx.data)
+        if len(bad) == 0:
+            return None
+        cfg, c = ctx.cfg, self.config
+        lr = float(cfg.federation.local_lr)
+        targets = self.targets(ctx.data, int(cfg.seed))
+        name = "item_emb.weight"
+        round_state: dict = {}
+
+        def center() -> tuple[Center, torch.Tensor]:
+            if "center" not in round_state:  # once per round, at the first malicious client
+                dim = int(ctx.start[name].shape[1])
+                cen = Center(c, ctx.data, int(cfg.seed), dim, ctx.state.get("attack", {}))
+                round_state["center"] = cen
+                with torch.enable_grad():  # the fold runs under no_grad
+                    round_state["grad"] = cen.gradient(ctx.start[name], targets, ctx.round)
+            return round_state["center"], round_state["grad"]
+
+        def craft(users, deltas):
+            users = np.asarray(users)
+            mine = np.flatnonzero(np.isin(users, bad))
+            if len(mine) == 0:
+                return deltas, {"malicious-users": 0}
+            cen, g = center()
+            d = deltas[name].clone()
+            rows_sent = 0
+            for i in mine:
+                k = int(np.searchsorted(bad, users[i]))
+                rows = torch.from_numpy(cen.rows_of(k, g, targets, ctx.round))
+                part = g[rows]
+                norms = part.norm(dim=1, keepdim=True)
+                part = part * torch.clamp(float(c.grad_clip) / norms.clamp(min=1e-30), max=1.0)
+                g[rows] -= part  # the next malicious client sends what is left
+                d[i] = 0.0
+                d[i, rows] = (-lr * part).to(d.dtype).to(d.device)
+                rows_sent += int((part.norm(dim=1) > 0).sum())
+            ctx.state["attack"] = cen.state
+            return deltas | {name: d}, {"malicious-users": len(mine), "malicious-rows": rows_sent}
+
+        return craft
+
+    # ------------------------------------------------------------------ node: evaluation
+    def node_eval(self, cfg, model, data, users) -> dict[str, float]:
+        """The targets' metric sums over the node's genuine users: ``target/<metric>/sum`` over (user,
+        target) pairs and ``target/users`` = the pairs, so the server's exact pooling (sum / users) gives
+        ER@K and NDCG@K per pair, and ``target/rank`` the mean rank."""
+        from fedrec.eval.targets import target_metric_sums
+        from fedrec.models.base import Batch
+
+        targets = self.targets(data, int(cfg.seed))
+        device = next(model.parameters()).device
+
+        def score(rows, x):
+            return model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x))
+
+        model.eval()
+        sums = target_metric_sums(score, data, targets, list(cfg.eval.ks), int(cfg.eval.batch_size), users=users,
+                                  device=device)
+        out = {"target/users": sums["pairs"], "target/rank/sum": sums["rank"]}
+        return out | {f"target/{k}/sum": v for k, v in sums.items() if k.startswith(("er@", "ndcg@"))}
+
+    # ------------------------------------------------------------------ server: the report
+    def report(self, ctx) -> dict:
+        data, c = ctx.data, self.config
+        targets = self.targets(data, int(ctx.cfg.seed))
+        history = getattr(self, "_history", {})
+        ev = getattr(ctx.strategy, "last_eval", None) if ctx.strategy is not None else None
+        rnd = getattr(ctx, "client_evaluated_round", None)
+        if ev is not None and rnd is not None and rnd not in history:
+            vals = {k[len("target/"):]: float(v) for k, v in dict(ev).items() if str(k).startswith("target/")}
+            if vals:
+                fed = ctx.cfg.federation
+                if str(fed.sampling) == "permutation":  # which pass over all clients the round ends
+                    from fedrec.federated.device_node import per_round_count, rounds_per_pass
+                    from fedrec.run_config import federation
+
+                    per_pass = rounds_per_pass(data.n_users, per_round_count(federation(ctx.cfg), data.n_users))
+                    vals["pass"] = rnd / per_pass
+                history[int(rnd)] = vals
+        self._history = history
+        section = {"name": self.name, "injected_users": int(len(malicious_users(data))),
+                   "malicious_fraction": len(malicious_users(data)) / max(1, len(data.genuine())),
+                   "kappa": int(c.kappa), "public_fraction": float(c.public_fraction),
+                   "targets": [str(data.item_ids[t]) for t in targets]}
+        if history:
+            last = max(history)
+            section |= {"round": last, "target_metrics": history[last],
+                        "history": {str(r): history[r] for r in sorted(history)}}
+        return section
+
+    def state(self) -> dict:
+        return {"history": {str(k): v for k, v in getattr(self, "_history", {}).items()}}
+
+    def load_state(self, state: dict) -> None:
+        self._history = {int(k): dict(v) for k, v in state.get("history", {}).items()}
