@@ -59,6 +59,7 @@ import scipy.sparse as sp
 import torch
 
 from attacks.shilling import TARGET_SELECTIONS, select_targets
+from attacks.target_tracking import TargetTracking
 from fedrec.errors import ConfigError
 from fedrec.mechanisms import Mechanism, register
 from fedrec.rng import numpy_stream
@@ -255,7 +256,7 @@ class Center:
 
 
 @register
-class FedRecAttack(Mechanism):
+class FedRecAttack(TargetTracking, Mechanism):
     kind, name = "attack", "fedrecattack"
     Config = FedRecAttackConfig
     modes = ("device",)
@@ -321,57 +322,23 @@ class FedRecAttack(Mechanism):
 
         return craft
 
-    # ------------------------------------------------------------------ node: evaluation
-    def node_eval(self, cfg, model, data, users) -> dict[str, float]:
-        """The targets' metric sums over the node's genuine users: ``target/<metric>/sum`` over (user,
-        target) pairs and ``target/users`` = the pairs, so the server's exact pooling (sum / users) gives
-        ER@K and NDCG@K per pair, and ``target/rank`` the mean rank."""
-        from fedrec.eval.targets import target_metric_sums
-        from fedrec.models.base import Batch
-
-        targets = self.targets(data, int(cfg.seed))
-        device = next(model.parameters()).device
-
-        def score(rows, x):
-            return model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x))
-
-        model.eval()
-        sums = target_metric_sums(score, data, targets, list(cfg.eval.ks), int(cfg.eval.batch_size), users=users,
-                                  device=device)
-        out = {"target/users": sums["pairs"], "target/rank/sum": sums["rank"]}
-        return out | {f"target/{k}/sum": v for k, v in sums.items() if k.startswith(("er@", "ndcg@"))}
-
     # ------------------------------------------------------------------ server: the report
+    def target_ids(self, data, seed: int) -> np.ndarray:
+        return self.targets(data, seed)
+
     def report(self, ctx) -> dict:
         data, c = ctx.data, self.config
         targets = self.targets(data, int(ctx.cfg.seed))
-        history = getattr(self, "_history", {})
-        ev = getattr(ctx.strategy, "last_eval", None) if ctx.strategy is not None else None
-        rnd = getattr(ctx, "client_evaluated_round", None)
-        if ev is not None and rnd is not None and rnd not in history:
-            vals = {k[len("target/"):]: float(v) for k, v in dict(ev).items() if str(k).startswith("target/")}
-            if vals:
-                fed = ctx.cfg.federation
-                if str(fed.sampling) == "permutation":  # which pass over all clients the round ends
-                    from fedrec.federated.device_node import per_round_count, rounds_per_pass
-                    from fedrec.run_config import federation
-
-                    per_pass = rounds_per_pass(data.n_users, per_round_count(federation(ctx.cfg), data.n_users))
-                    vals["pass"] = rnd / per_pass
-                history[int(rnd)] = vals
-        self._history = history
         section = {"name": self.name, "injected_users": int(len(malicious_users(data))),
                    "malicious_fraction": len(malicious_users(data)) / max(1, len(data.genuine())),
                    "kappa": int(c.kappa), "public_fraction": float(c.public_fraction),
-                   "targets": [str(data.item_ids[t]) for t in targets]}
-        if history:
-            last = max(history)
-            section |= {"round": last, "target_metrics": history[last],
-                        "history": {str(r): history[r] for r in sorted(history)}}
+                   "targets": [str(data.item_ids[t]) for t in targets]} | self.target_section(ctx)
+        if "history" in section and str(ctx.cfg.federation.sampling) == "permutation":
+            from fedrec.federated.device_node import per_round_count, rounds_per_pass
+            from fedrec.run_config import federation
+
+            per_pass = rounds_per_pass(data.n_users, per_round_count(federation(ctx.cfg), data.n_users))
+            for rnd, entry in section["history"].items():  # which pass over all clients the round ends
+                entry["pass"] = int(rnd) / per_pass
+            section["pass"] = section["round"] / per_pass
         return section
-
-    def state(self) -> dict:
-        return {"history": {str(k): v for k, v in getattr(self, "_history", {}).items()}}
-
-    def load_state(self, state: dict) -> None:
-        self._history = {int(k): dict(v) for k, v in state.get("history", {}).items()}

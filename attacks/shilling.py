@@ -62,6 +62,7 @@ import scipy.sparse as sp
 from fedrec.data import Interactions  # the package before its submodules (see fedrec/federated/node.py)
 from fedrec.data.sequences import Sequences
 from fedrec.errors import ConfigError
+from attacks.target_tracking import TargetTracking
 from fedrec.mechanisms import Mechanism, register
 from fedrec.rng import numpy_stream
 
@@ -396,10 +397,11 @@ def build_shilling(cfg, kind: str | None = None, where: str = "attack") -> Shill
 
 
 # --------------------------------------------------------------------------- as mechanisms (attack=...)
-class _ShillingMechanism(Mechanism):
+class _ShillingMechanism(TargetTracking, Mechanism):
     """``attack=random|average|bandwagon|segment``: the profiles enter through the data hook, so
     every process (server and nodes) loads the same fake users; they then train like any user, as
-    users or as clients, in every federation mode."""
+    users or as clients, in every federation mode. The report carries the targets' metrics per
+    evaluated round (``attacks.target_tracking``)."""
 
     kind = "attack"
     transform: type[ShillingAttack] = ShillingAttack
@@ -407,29 +409,14 @@ class _ShillingMechanism(Mechanism):
     def data_transforms(self) -> list:
         return [self.transform(self.config)]
 
+    def target_ids(self, data, seed: int) -> np.ndarray:
+        return self.transform(self.config).target_items(data, seed)
+
     def report(self, ctx) -> dict:
         data = ctx.data
-        targets = self.transform(self.config).target_items(data, int(ctx.cfg.seed))
-        section = {"name": self.name, "injected_users": int(data.n_injected),
-                   "targets": [str(data.item_ids[t]) for t in targets]}  # ids as in the data files
-        return section | self._target_metrics(ctx, targets)
-
-    def _target_metrics(self, ctx, targets) -> dict:
-        """The targets' er@K / hr@K / ndcg@K / mean rank over genuine users, for the last model the server
-        evaluated (recomputed only when it evaluated a new one)."""
-        cached = getattr(self, "_targets_at", (None, {}))
-        if ctx.evaluated_round is None or cached[0] == ctx.evaluated_round:
-            return cached[1]
-        from fedrec.eval.targets import target_metrics
-
-        if ctx.model.private_parameter_names():  # e.g. BPR's user rows: only the nodes hold them
-            out = {"target_metrics": "not computed: the model's private parameters live on the nodes "
-                                     "(node-side target evaluation is not built yet)"}
-        else:
-            out = {"round": ctx.evaluated_round} | target_metrics(
-                ctx.model, ctx.data, targets, list(ctx.cfg.eval.ks), int(ctx.cfg.eval.batch_size))
-        self._targets_at = (ctx.evaluated_round, out)
-        return out
+        targets = self.target_ids(data, int(ctx.cfg.seed))
+        return {"name": self.name, "injected_users": int(data.n_injected),
+                "targets": [str(data.item_ids[t]) for t in targets]} | self.target_section(ctx)
 
 
 @register

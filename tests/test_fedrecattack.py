@@ -124,7 +124,7 @@ def test_a_short_run_raises_the_targets_exposure_above_the_clean_run(tiny_cfg, t
     _, _, attacked = _run(tiny_cfg, tmp_path, "attacked", *rounds)
     _, _, clean = _run(tiny_cfg, tmp_path, "clean", *rounds, "attack.fraction=0")
     assert clean["attack"]["injected_users"] == 0 and clean["attack"]["targets"] == attacked["attack"]["targets"]
-    er_attacked = attacked["attack"]["target_metrics"]["er@10"]
-    er_clean = clean["attack"]["target_metrics"]["er@10"]
+    er_attacked = attacked["attack"]["er@10"]
+    er_clean = clean["attack"]["er@10"]
     print("er@10 attacked", er_attacked, "clean", er_clean)
     assert er_attacked > er_clean + 0.2

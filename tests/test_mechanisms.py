@@ -271,3 +271,12 @@ def test_shilling_run_reports_its_targets_metrics(tiny_cfg, tmp_path):
     assert attack == summary["attack"] and attack["round"] == 2 and attack["injected_users"] == 6
     assert 0 <= attack["er@10"] <= 1 and 1 <= attack["mean_rank"] <= 50
     assert attack["eligible_users"] <= 60  # genuine users only (60 of 66)
+
+
+def test_shilling_target_metrics_come_from_the_nodes_when_they_evaluate(tiny_cfg, tmp_path):
+    """BPR cross-device: only the nodes hold the user rows, so the nodes' target sums are pooled."""
+    cfg = tiny_cfg(*DEVICE, "federation.rounds=2", "attack=bandwagon", "attack.count=6", model="bpr")
+    _, _, _, rec = _serve(cfg, tmp_path, "bpr")
+    attack = rec.extra["attack"]
+    assert attack["round"] == 2 and set(attack["history"]) == {"1", "2"}
+    assert 0 <= attack["er@10"] <= 1 and 0 <= attack["hr@10"] <= 1 and attack["mean_rank"] >= 1

@@ -77,3 +77,36 @@ def test_a_promoted_target_ranks_first_for_every_eligible_user():
                                                     data, [7], [1, 3]))
     assert m["er@1"] == 1.0 and m["hr@3"] == 1.0 and m["ndcg@1"] == 1.0 and m["mean_rank"] == 1.0
     assert m["eligible_users"] == int((~train[:, 7]).sum())
+
+
+def test_node_sums_pool_to_the_server_metrics(tiny_cfg):
+    """Target sums of two nodes' users, pooled as the strategy pools metric sums, equal the metrics over all users."""
+    from attacks.target_tracking import TargetTracking
+    from fedrec.data import load_dataset
+    from fedrec.eval.targets import target_metrics
+    from fedrec.models import build_model, data_shape
+    from strategies import exact_metric_mean
+
+    class Tracker(TargetTracking):
+        def target_ids(self, data, seed):
+            return np.array([4, 17])
+
+    cfg = tiny_cfg(model="multvae")
+    data = load_dataset(cfg.dataset, 0)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, data_shape(data, seed=0))
+    halves = np.array_split(np.arange(data.n_users), 2)
+
+    class _Reply:
+        def __init__(self, values):
+            from flwr.app import MetricRecord, RecordDict
+
+            self.content = RecordDict({"metrics": MetricRecord(values)})
+
+    pooled = dict(exact_metric_mean([_Reply(Tracker().node_eval(cfg, model, data, h)).content for h in halves], ""))
+    whole = target_metrics(model, data, [4, 17], list(cfg.eval.ks))
+    for k in cfg.eval.ks:
+        assert abs(pooled[f"target/er@{k}"] - whole[f"er@{k}"]) < 1e-9
+        assert abs(pooled[f"target/ndcg@{k}"] - whole[f"ndcg@{k}"]) < 1e-9
+        assert abs(pooled[f"target_users/hr@{k}"] - whole[f"hr@{k}"]) < 1e-9
+    assert abs(pooled["target/rank"] - whole["mean_rank"]) < 1e-9
