@@ -27,7 +27,10 @@ The attack, in each round that samples at least one malicious client (one coordi
    row norms, each row clipped to ``grad_clip``; what it uploaded is subtracted from the shared gradient,
    so the next malicious client of the round sends what is left. As a delta (what fedrec clients
    upload) the crafted rows are ``-federation.local_lr x gradient``, which the server's row clip at
-   ``local_lr x 1`` and sum treat exactly like a genuine client's one SGD step.
+   ``local_lr x 1`` and sum treat exactly like a genuine client's one SGD step. Under a mean of the
+   sampled users' models (``strategy=fedavg``, uniform weights; ``conf/experiment/fedrecattack_fedavg_ml100k.yaml``)
+   the attacker multiplies that delta by the round's number of sampled users (:func:`upload_scale`), so
+   the server still applies ``local_lr x`` each malicious client's clipped rows; the kappa cap is unchanged.
 
 Hook: ``user_transform`` replaces the malicious users' (all-zero: they have no data) deltas inside the
 node's fold; the row-sparse upload then sends only the rows the attack set. The center's state (the
@@ -81,6 +84,7 @@ class FedRecAttackConfig:
     target_selection: str = "random"  # official: one uniformly random item
     n_targets: int = 1
     top_k: int = 10  # the item to beat is the top_k-th of each user's approximated ranking
+    upload_scale: float | None = None  # crafted delta = -local_lr x upload_scale x clipped gradient; None: auto
 
     def __post_init__(self):
         if self.count is not None and (isinstance(self.count, bool) or int(self.count) < 0):
@@ -91,6 +95,8 @@ class FedRecAttackConfig:
             raise ConfigError(f"attack.kappa: must be >= 1, got {self.kappa}")
         if not 0 < float(self.public_fraction) <= 1:
             raise ConfigError(f"attack.public_fraction: must be in (0, 1], got {self.public_fraction}")
+        if self.upload_scale is not None and not float(self.upload_scale) > 0:
+            raise ConfigError(f"attack.upload_scale: must be positive or null, got {self.upload_scale}")
         for key in ("attack_lr", "grad_clip"):
             if not float(getattr(self, key)) > 0:
                 raise ConfigError(f"attack.{key}: must be positive, got {getattr(self, key)}")
@@ -254,6 +260,29 @@ class Center:
         return rows[rows >= 0]
 
 
+def upload_scale(c: FedRecAttackConfig, cfg, n_users: int) -> float:
+    """How much the attacker multiplies its crafted delta (``-local_lr x clipped gradient``) so that what the
+    server applies per malicious client is ``local_lr x`` its clipped gradient rows, as in the paper's setting.
+
+    ``strategy=row_clip_sum`` adds every upload's rows as they are (after its row clip at ``local_lr x 1``):
+    scale 1. Any other strategy (``fedavg``: the uniform mean of the sampled users' models) divides each upload
+    by the number m of users the round samples, so the attacker, who knows the protocol, multiplies by m:
+    ``federation.users_per_round`` or ``round(user_fraction x n_users)`` (fixed / permutation sampling), the
+    expected ``user_fraction x n_users`` under Poisson sampling (n_users counts the fake clients: they are
+    sampled like everyone). ``attack.upload_scale`` overrides."""
+    if c.upload_scale is not None:
+        return float(c.upload_scale)
+    if str(cfg.strategy.name) == "row_clip_sum":
+        return 1.0
+    from fedrec.federated.device_node import per_round_count
+    from fedrec.run_config import federation
+
+    fed = federation(cfg)
+    if fed.sampling == "poisson" and not fed.users_per_round:
+        return float(fed.user_fraction) * n_users
+    return float(per_round_count(fed, n_users))
+
+
 @register
 class FedRecAttack(Mechanism):
     kind, name = "attack", "fedrecattack"
@@ -270,6 +299,9 @@ class FedRecAttack(Mechanism):
         if fed.local_optimizer != "sgd" or int(cfg.train.local_epochs) != 1:
             raise ConfigError("attack=fedrecattack: uploads are gradients, so clients take one local SGD step "
                               "(federation.local_optimizer=sgd, train.local_epochs=1)")
+        if str(cfg.strategy.name) != "row_clip_sum" and fed.weighting != "uniform":
+            raise ConfigError("attack=fedrecattack under a weighted mean: the fake clients hold no data, so "
+                              "federation.weighting=interactions gives their uploads weight 0; use weighting=uniform")
 
     def data_transforms(self) -> list:
         return [FakeClients(self.config)]
@@ -284,7 +316,7 @@ class FedRecAttack(Mechanism):
         if len(bad) == 0:
             return None
         cfg, c = ctx.cfg, self.config
-        lr = float(cfg.federation.local_lr)
+        lr = float(cfg.federation.local_lr) * upload_scale(c, cfg, ctx.data.n_users)
         targets = self.targets(ctx.data, int(cfg.seed))
         name = "item_emb.weight"
         round_state: dict = {}

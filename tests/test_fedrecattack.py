@@ -128,3 +128,59 @@ def test_a_short_run_raises_the_targets_exposure_above_the_clean_run(tiny_cfg, t
     er_clean = clean["attack"]["target_metrics"]["er@10"]
     print("er@10 attacked", er_attacked, "clean", er_clean)
     assert er_attacked > er_clean + 0.2
+
+
+# ------------------------------------------------------------------- cross-device FedAvg (a mean)
+def test_upload_scale_undoes_the_mean_of_the_sampled_users(tiny_cfg):
+    from attacks.fedrecattack import FedRecAttackConfig, upload_scale
+
+    c = FedRecAttackConfig()
+    base = ["federation=device", "attack=fedrecattack", "train.local_epochs=1", "federation.local_optimizer=sgd"]
+    clip_sum = tiny_cfg(*base, "strategy=row_clip_sum", model="bpr")
+    assert upload_scale(c, clip_sum, 990) == 1.0  # a clipped sum adds each upload as it is
+    fixed = tiny_cfg(*base, "strategy=fedavg", "federation.user_fraction=0.1", model="bpr")
+    assert upload_scale(c, fixed, 990) == 99.0  # the mean over round(0.1 x 990) sampled users
+    count = tiny_cfg(*base, "strategy=fedavg", "federation.users_per_round=32", model="bpr")
+    assert upload_scale(c, count, 990) == 32.0
+    poisson = tiny_cfg(*base, "strategy=fedavg", "federation.sampling=poisson", "federation.user_fraction=0.05",
+                       model="bpr")
+    assert abs(upload_scale(c, poisson, 990) - 49.5) < 1e-9  # the expected number sampled
+    assert upload_scale(FedRecAttackConfig(upload_scale=3.0), fixed, 990) == 3.0
+
+
+def test_fedavg_rejects_interaction_weights(tiny_cfg):
+    import pytest
+
+    from fedrec.errors import ConfigError
+    from fedrec.mechanisms import build_mechanisms
+
+    cfg = tiny_cfg(*FEDAVG, "federation.weighting=interactions", model="bpr")
+    with pytest.raises(ConfigError, match="weighting"):  # the fake clients' uploads would weigh 0
+        build_mechanisms(cfg)
+
+
+FEDAVG = ["federation=device", "federation.num_nodes=1", "federation.user_fraction=0.25",
+          "federation.local_optimizer=sgd", "federation.local_lr=0.1", "federation.evaluation=clients",
+          "strategy=fedavg", "model.sampling=all_pairs", "model.init_std=0.1", "train.local_epochs=1",
+          "eval.ks=[5,10]", "train.select_metric=recall@10", "attack=fedrecattack", f"attack.kappa={KAPPA}",
+          "attack.public_fraction=0.2", "attack.fraction=0.1", "attack.target_selection=unpopular"]
+
+
+def test_a_short_fedavg_run_raises_the_targets_exposure_above_the_clean_run(tiny_cfg, tmp_path):
+    from tests.test_mechanisms import _serve
+
+    def run(name, *extra):
+        cfg = tiny_cfg(*FEDAVG, "federation.rounds=8", "train.eval_every=4", *extra, model="bpr")
+        _, _, replies, recorder = _serve(cfg, tmp_path, name)
+        return replies, dict(recorder.extra)["attack"]
+
+    replies, attacked = run("attacked")
+    _, clean = run("clean", "attack.fraction=0")
+    _, unscaled = run("unscaled", "attack.upload_scale=1")  # the paper's clipped-sum delta, divided by the mean
+    assert clean["targets"] == attacked["targets"] == unscaled["targets"]
+    assert sum(r.content["metrics"]["count/malicious-users"] for r in replies
+               if "count/malicious-users" in r.content["metrics"]) > 0
+    er = {k: v["target_metrics"]["er@5"] for k, v in (("attacked", attacked), ("clean", clean),
+                                                        ("unscaled", unscaled))}
+    print("er@5", er)
+    assert er["attacked"] > er["clean"] + 0.2 and er["attacked"] > er["unscaled"] + 0.1
