@@ -184,3 +184,38 @@ def test_a_short_fedavg_run_raises_the_targets_exposure_above_the_clean_run(tiny
                                                         ("unscaled", unscaled))}
     print("er@5", er)
     assert er["attacked"] > er["clean"] + 0.2 and er["attacked"] > er["unscaled"] + 0.1
+
+
+# ------------------------------------------------------------------- DiffRec as the victim
+def test_diffrec_uploads_touch_at_most_kappa_items_and_only_item_indexed_tensors(tiny_cfg, tmp_path):
+    from attacks.fedrecattack import FedRecAttack, denoiser_layout, malicious_users
+    from fedrec.data import load_run_data
+    from fedrec.mechanisms import NodeContext, build_mechanisms, data_transforms
+    from fedrec.models import build_model, data_shape
+
+    cfg = tiny_cfg(*[o for o in FEDAVG if not o.startswith("model.")], model="diffrec")
+    mech = next(m for m in build_mechanisms(cfg) if isinstance(m, FedRecAttack))
+    data = load_run_data(cfg.dataset, int(cfg.seed), data_transforms([mech]))
+    model = build_model(cfg.model, data_shape(data))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ctx = NodeContext(cfg=cfg, data=data, users=np.arange(data.n_users), partition_id=0, round=1, config={},
+                      start=start)
+    craft = mech.user_transform(ctx)
+    bad = malicious_users(data)
+    users = np.array([0, 1, *bad[:3]])
+    deltas = {n: torch.randn(len(users), *p.shape) * 1e-3 for n, p in start.items()}
+    out, counts = craft(users, deltas)
+    assert counts["malicious-users"] == 3
+    w_in, w_out, b_out = denoiser_layout(start)
+    n = data.n_items
+    target = mech.targets(data, int(cfg.seed))
+    for i in range(2):  # genuine users' deltas untouched
+        assert all(torch.equal(out[k][i], deltas[k][i]) for k in start)
+    for i in range(2, 5):
+        items = set(torch.nonzero(out[w_out][i].abs().sum(1) + out[b_out][i].abs()).ravel().tolist())
+        items |= set(torch.nonzero(out[w_in][i][:, :n].abs().sum(0)).ravel().tolist())
+        assert 0 < len(items) <= KAPPA
+        assert not out[w_in][i][:, n:].any()  # the time-embedding columns of the input layer: untouched
+        assert all(not out[k][i].any() for k in start if k not in (w_in, w_out, b_out))  # hidden layers: zero
+    assert set(target.tolist()) <= set(torch.nonzero(out[b_out][2]).ravel().tolist())
+    assert out[b_out][2, target[0]] > 0  # the first malicious client raises the target's output bias
