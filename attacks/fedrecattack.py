@@ -42,7 +42,8 @@ items, the per-item clip and the subtraction are step 3's); hidden layers and th
 delta. Why these: they are the parameters that belong to one item (what kappa limits), and the output bias
 lifts the target for every user alike, with no private factor of random sign as in MF. Measured
 (docs/RESULTS.md): ER@10 1.00 at round 15 of ML-100K FedAvg, after which the benign users' SGD on the
-pushed denoiser diverges.
+pushed denoiser diverges; with ``upload_scale=10`` (instead of the 99 sampled users) 0.85 at round 30 and
+the victim's accuracy intact.
 
 Hook: ``user_transform`` replaces the malicious users' (all-zero: they have no data) deltas inside the
 node's fold; the row-sparse upload then sends only the rows the attack set. The center's state (the
