@@ -219,3 +219,20 @@ def test_diffrec_uploads_touch_at_most_kappa_items_and_only_item_indexed_tensors
         assert all(not out[k][i].any() for k in start if k not in (w_in, w_out, b_out))  # hidden layers: zero
     assert set(target.tolist()) <= set(torch.nonzero(out[b_out][2]).ravel().tolist())
     assert out[b_out][2, target[0]] > 0  # the first malicious client raises the target's output bias
+
+
+def test_a_short_fedavg_run_on_diffrec_raises_the_targets_exposure_above_the_clean_run(tiny_cfg, tmp_path):
+    from tests.test_mechanisms import _serve
+
+    base = [o for o in FEDAVG if not o.startswith("model.")]
+
+    def run(name, *extra):
+        cfg = tiny_cfg(*base, "federation.rounds=6", "train.eval_every=3", *extra, model="diffrec")
+        _, _, _, recorder = _serve(cfg, tmp_path, name)
+        return dict(recorder.extra)["attack"]
+
+    attacked, clean = run("attacked"), run("clean", "attack.fraction=0")
+    assert clean["targets"] == attacked["targets"]
+    er = {"attacked": attacked["target_metrics"]["er@5"], "clean": clean["target_metrics"]["er@5"]}
+    print("er@5", er)
+    assert er["attacked"] > er["clean"] + 0.2
