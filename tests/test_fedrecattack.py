@@ -128,3 +128,111 @@ def test_a_short_run_raises_the_targets_exposure_above_the_clean_run(tiny_cfg, t
     er_clean = clean["attack"]["er@10"]
     print("er@10 attacked", er_attacked, "clean", er_clean)
     assert er_attacked > er_clean + 0.2
+
+
+# ------------------------------------------------------------------- cross-device FedAvg (a mean)
+def test_upload_scale_undoes_the_mean_of_the_sampled_users(tiny_cfg):
+    from attacks.fedrecattack import FedRecAttackConfig, upload_scale
+
+    c = FedRecAttackConfig()
+    base = ["federation=device", "attack=fedrecattack", "train.local_epochs=1", "federation.local_optimizer=sgd"]
+    clip_sum = tiny_cfg(*base, "strategy=row_clip_sum", model="bpr")
+    assert upload_scale(c, clip_sum, 990) == 1.0  # a clipped sum adds each upload as it is
+    fixed = tiny_cfg(*base, "strategy=fedavg", "federation.user_fraction=0.1", model="bpr")
+    assert upload_scale(c, fixed, 990) == 99.0  # the mean over round(0.1 x 990) sampled users
+    count = tiny_cfg(*base, "strategy=fedavg", "federation.users_per_round=32", model="bpr")
+    assert upload_scale(c, count, 990) == 32.0
+    poisson = tiny_cfg(*base, "strategy=fedavg", "federation.sampling=poisson", "federation.user_fraction=0.05",
+                       model="bpr")
+    assert abs(upload_scale(c, poisson, 990) - 49.5) < 1e-9  # the expected number sampled
+    assert upload_scale(FedRecAttackConfig(upload_scale=3.0), fixed, 990) == 3.0
+
+
+def test_fedavg_rejects_interaction_weights(tiny_cfg):
+    import pytest
+
+    from fedrec.errors import ConfigError
+    from fedrec.mechanisms import build_mechanisms
+
+    cfg = tiny_cfg(*FEDAVG, "federation.weighting=interactions", model="bpr")
+    with pytest.raises(ConfigError, match="weighting"):  # the fake clients' uploads would weigh 0
+        build_mechanisms(cfg)
+
+
+FEDAVG = ["federation=device", "federation.num_nodes=1", "federation.user_fraction=0.25",
+          "federation.local_optimizer=sgd", "federation.local_lr=0.1", "federation.evaluation=clients",
+          "strategy=fedavg", "model.sampling=all_pairs", "model.init_std=0.1", "train.local_epochs=1",
+          "eval.ks=[5,10]", "train.select_metric=recall@10", "attack=fedrecattack", f"attack.kappa={KAPPA}",
+          "attack.public_fraction=0.2", "attack.fraction=0.1", "attack.target_selection=unpopular"]
+
+
+def test_a_short_fedavg_run_raises_the_targets_exposure_above_the_clean_run(tiny_cfg, tmp_path):
+    from tests.test_mechanisms import _serve
+
+    def run(name, *extra):
+        cfg = tiny_cfg(*FEDAVG, "federation.rounds=8", "train.eval_every=4", *extra, model="bpr")
+        _, _, replies, recorder = _serve(cfg, tmp_path, name)
+        return replies, dict(recorder.extra)["attack"]
+
+    replies, attacked = run("attacked")
+    _, clean = run("clean", "attack.fraction=0")
+    _, unscaled = run("unscaled", "attack.upload_scale=1")  # the paper's clipped-sum delta, divided by the mean
+    assert clean["targets"] == attacked["targets"] == unscaled["targets"]
+    assert sum(r.content["metrics"]["count/malicious-users"] for r in replies
+               if "count/malicious-users" in r.content["metrics"]) > 0
+    er = {k: v["target_metrics"]["er@5"] for k, v in (("attacked", attacked), ("clean", clean),
+                                                        ("unscaled", unscaled))}
+    print("er@5", er)
+    assert er["attacked"] > er["clean"] + 0.2 and er["attacked"] > er["unscaled"] + 0.1
+
+
+# ------------------------------------------------------------------- DiffRec as the victim
+def test_diffrec_uploads_touch_at_most_kappa_items_and_only_item_indexed_tensors(tiny_cfg, tmp_path):
+    from attacks.fedrecattack import FedRecAttack, denoiser_layout, malicious_users
+    from fedrec.data import load_run_data
+    from fedrec.mechanisms import NodeContext, build_mechanisms, data_transforms
+    from fedrec.models import build_model, data_shape
+
+    cfg = tiny_cfg(*[o for o in FEDAVG if not o.startswith("model.")], model="diffrec")
+    mech = next(m for m in build_mechanisms(cfg) if isinstance(m, FedRecAttack))
+    data = load_run_data(cfg.dataset, int(cfg.seed), data_transforms([mech]))
+    model = build_model(cfg.model, data_shape(data))
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ctx = NodeContext(cfg=cfg, data=data, users=np.arange(data.n_users), partition_id=0, round=1, config={},
+                      start=start)
+    craft = mech.user_transform(ctx)
+    bad = malicious_users(data)
+    users = np.array([0, 1, *bad[:3]])
+    deltas = {n: torch.randn(len(users), *p.shape) * 1e-3 for n, p in start.items()}
+    out, counts = craft(users, deltas)
+    assert counts["malicious-users"] == 3
+    w_in, w_out, b_out = denoiser_layout(start)
+    n = data.n_items
+    target = mech.targets(data, int(cfg.seed))
+    for i in range(2):  # genuine users' deltas untouched
+        assert all(torch.equal(out[k][i], deltas[k][i]) for k in start)
+    for i in range(2, 5):
+        items = set(torch.nonzero(out[w_out][i].abs().sum(1) + out[b_out][i].abs()).ravel().tolist())
+        items |= set(torch.nonzero(out[w_in][i][:, :n].abs().sum(0)).ravel().tolist())
+        assert 0 < len(items) <= KAPPA
+        assert not out[w_in][i][:, n:].any()  # the time-embedding columns of the input layer: untouched
+        assert all(not out[k][i].any() for k in start if k not in (w_in, w_out, b_out))  # hidden layers: zero
+    assert set(target.tolist()) <= set(torch.nonzero(out[b_out][2]).ravel().tolist())
+    assert out[b_out][2, target[0]] > 0  # the first malicious client raises the target's output bias
+
+
+def test_a_short_fedavg_run_on_diffrec_raises_the_targets_exposure_above_the_clean_run(tiny_cfg, tmp_path):
+    from tests.test_mechanisms import _serve
+
+    base = [o for o in FEDAVG if not o.startswith("model.")]
+
+    def run(name, *extra):
+        cfg = tiny_cfg(*base, "federation.rounds=6", "train.eval_every=3", *extra, model="diffrec")
+        _, _, _, recorder = _serve(cfg, tmp_path, name)
+        return dict(recorder.extra)["attack"]
+
+    attacked, clean = run("attacked"), run("clean", "attack.fraction=0")
+    assert clean["targets"] == attacked["targets"]
+    er = {"attacked": attacked["target_metrics"]["er@5"], "clean": clean["target_metrics"]["er@5"]}
+    print("er@5", er)
+    assert er["attacked"] > er["clean"] + 0.2
