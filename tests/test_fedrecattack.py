@@ -180,7 +180,7 @@ def test_a_short_fedavg_run_raises_the_targets_exposure_above_the_clean_run(tiny
     assert clean["targets"] == attacked["targets"] == unscaled["targets"]
     assert sum(r.content["metrics"]["count/malicious-users"] for r in replies
                if "count/malicious-users" in r.content["metrics"]) > 0
-    er = {k: v["target_metrics"]["er@5"] for k, v in (("attacked", attacked), ("clean", clean),
+    er = {k: v["er@5"] for k, v in (("attacked", attacked), ("clean", clean),
                                                         ("unscaled", unscaled))}
     print("er@5", er)
     assert er["attacked"] > er["clean"] + 0.2 and er["attacked"] > er["unscaled"] + 0.1
@@ -233,6 +233,6 @@ def test_a_short_fedavg_run_on_diffrec_raises_the_targets_exposure_above_the_cle
 
     attacked, clean = run("attacked"), run("clean", "attack.fraction=0")
     assert clean["targets"] == attacked["targets"]
-    er = {"attacked": attacked["target_metrics"]["er@5"], "clean": clean["target_metrics"]["er@5"]}
+    er = {"attacked": attacked["er@5"], "clean": clean["er@5"]}
     print("er@5", er)
     assert er["attacked"] > er["clean"] + 0.2
