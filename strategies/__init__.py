@@ -29,7 +29,8 @@ from typing import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from flwr.serverapp.strategy import (Bulyan, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi,
+                                     Krum, MultiKrum)
 
 from fedrec.errors import ConfigError
 from fedrec.federated import protocol as P
@@ -565,8 +566,33 @@ class FedrecRowClipSum(FedrecMixin, FedAvg):
         self.batch_rule = partial(row_clip_sum, bound=self.row_clip)
 
 
+# Flower's Byzantine-robust rules over the round's node-level uploads (one model per silo, or per node of
+# users in cross-device mode): fedrec's layer (sampling, upload checks, partition order) around Flower's
+# arithmetic. Rules over every *user* of the round are batch rules (``user_median``, ``row_clip_sum``).
+class FedrecKrum(FedrecMixin, Krum):
+    """Krum (Blanchard et al., NeurIPS 2017): the upload with the smallest sum of squared distances to its
+    n - f - 2 nearest others (``num_malicious_nodes`` = f)."""
+
+
+class FedrecMultiKrum(FedrecMixin, MultiKrum):
+    """Multi-Krum (Blanchard et al., 2017): the mean of the ``num_nodes_to_select`` best Krum uploads."""
+
+
+class FedrecBulyan(FedrecMixin, Bulyan):
+    """Bulyan (El Mhamdi et al., ICML 2018): Multi-Krum selection, then a coordinate-wise trimmed mean."""
+
+
+class FedrecFedMedian(FedrecMixin, FedMedian):
+    """Coordinate-wise median of the node uploads (Yin et al., ICML 2018)."""
+
+
+class FedrecFedTrimmedAvg(FedrecMixin, FedTrimmedAvg):
+    """Coordinate-wise trimmed mean of the node uploads, ``beta`` cut from each end (Yin et al., 2018)."""
+
+
 STRATEGIES = {"fedavg": FedrecFedAvg, "fedprox": FedrecFedProx, "fedadam": FedrecFedAdam,
-              "fedyogi": FedrecFedYogi, "fedavgm": FedrecFedAvgM,
+              "fedyogi": FedrecFedYogi, "fedavgm": FedrecFedAvgM, "krum": FedrecKrum, "multikrum": FedrecMultiKrum,
+              "bulyan": FedrecBulyan, "fedmedian": FedrecFedMedian, "fedtrimmedavg": FedrecFedTrimmedAvg,
               "user_median": FedrecUserMedian, "row_clip_sum": FedrecRowClipSum}
 
 

@@ -487,3 +487,56 @@ def test_aggregation_does_not_depend_on_reply_order():
         results.add(float(arrays["w"].numpy()[0]))
     assert len(results) == 1, results
     del shapes
+
+
+# ----------------------------------------------------------------------------- Flower's robust rules
+def _robust_round(name, n=7, **params):
+    rng = np.random.default_rng(11)
+    g = make_arrays(rng)
+    s = build_strategy({"name": name, **params}, num_nodes=n, fraction=1.0, seed=0, client_evaluation=False)
+    msgs = start_round(s, g, grid=FakeGrid(n))
+    uploads = [make_arrays(rng) for _ in range(n)]
+    uploads[2] = {k: v + 50.0 for k, v in uploads[2].items()}  # one far-off (malicious) upload
+    replies = [reply(m, a, 3, **{"partition-id": pid}) for pid, (m, a) in enumerate(zip(msgs, uploads))]
+    arrays, _ = s.aggregate_train(1, replies)
+    return {k: a.numpy() for k, a in arrays.items()}, uploads
+
+
+def _flat(u):
+    return np.concatenate([u[k].ravel().astype(np.float64) for k in SHAPES])
+
+
+def _krum_scores(uploads, f):
+    x = np.stack([_flat(u) for u in uploads])
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    k = len(uploads) - f - 2
+    return np.array([np.sort(np.delete(d[i], i))[:k].sum() for i in range(len(uploads))])
+
+
+def test_fedmedian_and_trimmed_mean_equal_numpy():
+    from scipy.stats import trim_mean
+
+    got, uploads = _robust_round("fedmedian")
+    for k in SHAPES:
+        np.testing.assert_allclose(got[k], np.median(np.stack([u[k] for u in uploads]), axis=0), rtol=1e-5, atol=1e-6)
+    got, uploads = _robust_round("fedtrimmedavg", beta=0.2)
+    for k in SHAPES:
+        np.testing.assert_allclose(got[k], trim_mean(np.stack([u[k] for u in uploads]), 0.2, axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_krum_and_multikrum_pick_by_numpy_scores():
+    got, uploads = _robust_round("krum", num_malicious_nodes=1)
+    best = int(np.argmin(_krum_scores(uploads, 1)))
+    for k in SHAPES:
+        np.testing.assert_allclose(got[k], uploads[best][k], rtol=1e-6)
+    got, uploads = _robust_round("multikrum", num_malicious_nodes=1, num_nodes_to_select=3)
+    chosen = np.argsort(_krum_scores(uploads, 1))[:3]
+    assert 2 not in chosen  # the far-off upload is never selected
+    for k in SHAPES:
+        np.testing.assert_allclose(got[k], np.mean([uploads[i][k] for i in chosen], axis=0), rtol=1e-5, atol=1e-6)
+
+
+def test_bulyan_runs_and_drops_the_far_upload():
+    got, uploads = _robust_round("bulyan", n=7, num_malicious_nodes=1)
+    for k in SHAPES:
+        assert np.abs(got[k]).max() < 10  # the +50 upload did not pull the aggregate
