@@ -37,7 +37,7 @@ from fedrec.federated import protocol as P
 from fedrec.federated.arrays import check_update
 from fedrec.rng import PURPOSE_NODE_SAMPLING, numpy_stream
 from strategies.update_batch import (RowUpdates, UpdateBatch, coordinate_median, derive_weights, row_clip_sum,
-                                     weighted_mean)
+                                     row_median, weighted_mean)
 
 
 class _Reply:
@@ -550,6 +550,14 @@ class FedrecUserMedian(FedrecMixin, FedAvg):
     batch_rule = staticmethod(coordinate_median)
 
 
+class FedrecUserRowMedian(FedrecMixin, FedAvg):
+    """The FedRec-aware median (cross-device, row-sparse item tables): each item row the median over only the
+    sampled users who touched it (:func:`strategies.update_batch.row_median`), dense tables the
+    coordinate-wise median over all users; the aggregation Spattack-style defenses build on."""
+
+    batch_rule = staticmethod(row_median)
+
+
 class FedrecRowClipSum(FedrecMixin, FedAvg):
     """FedRecAttack's server (Rong et al., ICDE 2022; cross-device, row-sparse item tables): the new
     item table is the global one plus the sum over the round's users of their row deltas, each row
@@ -593,7 +601,7 @@ class FedrecFedTrimmedAvg(FedrecMixin, FedTrimmedAvg):
 STRATEGIES = {"fedavg": FedrecFedAvg, "fedprox": FedrecFedProx, "fedadam": FedrecFedAdam,
               "fedyogi": FedrecFedYogi, "fedavgm": FedrecFedAvgM, "krum": FedrecKrum, "multikrum": FedrecMultiKrum,
               "bulyan": FedrecBulyan, "fedmedian": FedrecFedMedian, "fedtrimmedavg": FedrecFedTrimmedAvg,
-              "user_median": FedrecUserMedian, "row_clip_sum": FedrecRowClipSum}
+              "user_median": FedrecUserMedian, "user_row_median": FedrecUserRowMedian, "row_clip_sum": FedrecRowClipSum}
 
 
 def build_strategy(cfg_strategy, *, num_nodes: int, fraction: float, seed: int, client_evaluation: bool,

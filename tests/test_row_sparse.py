@@ -225,3 +225,23 @@ def test_offsets_that_do_not_partition_the_rows_reject_the_reply(offsets, why):
     assert got is None
     assert s.last_train["rejected-updates"] == 3
     assert any(why in r for r in s.last_train["rejected-reasons"]), s.last_train["rejected-reasons"]
+
+
+def test_user_row_median_takes_each_row_over_the_users_who_touched_it(tiny_cfg, tmp_path):
+    """strategy=user_row_median over three nodes' row-sparse uploads: per item row, numpy's median over only
+    the users whose upload carries that row (untouched rows keep the global row)."""
+    base = ["federation=device", "federation.num_nodes=3", "federation.rounds=1", "strategy=user_row_median",
+            "federation.user_fraction=0.6"]
+    g0, got, replies, _ = _serve(tiny_cfg(*base, model="bpr"), tmp_path, "rowmed")
+    rows_key, offsets_key, values_key = P.row_keys(ITEMS)
+    touched: dict[int, list[np.ndarray]] = {}
+    for r in replies:
+        arrays = {k: a.numpy() for k, a in r.content["arrays"].items()}
+        for row, value in zip(arrays[rows_key], arrays[values_key]):
+            touched.setdefault(int(row), []).append(g0[ITEMS][row] + value.astype(np.float64))
+    want = g0[ITEMS].copy()
+    for row, values in touched.items():
+        want[row] = np.median(np.stack(values), axis=0)
+    n_users = sum(len(r.content[P.USER_WEIGHTS]["users"].numpy()) for r in replies)
+    assert any(len(v) < n_users for v in touched.values())  # rows some users did not touch: differs from user_median
+    np.testing.assert_allclose(got[ITEMS], want, rtol=1e-5, atol=1e-6)
