@@ -374,6 +374,17 @@ def upload_scale(c: FedRecAttackConfig, cfg, n_users: int) -> float:
     return float(per_round_count(fed, n_users))
 
 
+def _take_rows(cen, g: torch.Tensor, k: int, targets, rnd: int, clip: float):
+    """Malicious client ``k``'s rows of the attack gradient ``g`` (at most kappa, chosen by the center), each
+    clipped to ``clip``. What it sends is taken off ``g``, so the next malicious client sends what is left.
+    Returns (rows, their clipped gradient, rows actually sent)."""
+    rows = torch.from_numpy(cen.rows_of(k, g, targets, rnd))
+    part = g[rows]
+    part = part * torch.clamp(clip / part.norm(dim=1, keepdim=True).clamp(min=1e-30), max=1.0)
+    g[rows] -= part
+    return rows, part, int((part.norm(dim=1) > 0).sum())
+
+
 @register
 class FedRecAttack(TargetTracking, Mechanism):
     kind, name = "attack", "fedrecattack"
@@ -434,15 +445,11 @@ class FedRecAttack(TargetTracking, Mechanism):
             d = deltas[name].clone()
             rows_sent = 0
             for i in mine:
-                k = int(np.searchsorted(bad, users[i]))
-                rows = torch.from_numpy(cen.rows_of(k, g, targets, ctx.round))
-                part = g[rows]
-                norms = part.norm(dim=1, keepdim=True)
-                part = part * torch.clamp(float(c.grad_clip) / norms.clamp(min=1e-30), max=1.0)
-                g[rows] -= part  # the next malicious client sends what is left
+                rows, part, sent = _take_rows(cen, g, int(np.searchsorted(bad, users[i])), targets, ctx.round,
+                                              float(c.grad_clip))
                 d[i] = 0.0
                 d[i, rows] = (-lr * part).to(d.dtype).to(d.device)
-                rows_sent += int((part.norm(dim=1) > 0).sum())
+                rows_sent += sent
             ctx.state["attack"] = cen.state
             return deltas | {name: d}, {"malicious-users": len(mine), "malicious-rows": rows_sent}
 
@@ -474,12 +481,8 @@ class FedRecAttack(TargetTracking, Mechanism):
             out = {n: d.clone() for n, d in deltas.items()}
             rows_sent = 0
             for i in mine:
-                k = int(np.searchsorted(bad, users[i]))
-                rows = torch.from_numpy(cen.rows_of(k, g, targets, ctx.round))
-                part = g[rows]
-                norms = part.norm(dim=1, keepdim=True)
-                part = part * torch.clamp(float(c.grad_clip) / norms.clamp(min=1e-30), max=1.0)
-                g[rows] -= part
+                rows, part, sent = _take_rows(cen, g, int(np.searchsorted(bad, users[i])), targets, ctx.round,
+                                              float(c.grad_clip))
                 for n in out:
                     out[n][i] = 0.0
                 w_in, w_out, b_out = names
@@ -489,7 +492,7 @@ class FedRecAttack(TargetTracking, Mechanism):
                 out[w_out][i, r] = pieces[w_out].to(out[w_out].dtype).to(dev)
                 out[b_out][i, r] = pieces[b_out].to(out[b_out].dtype).to(dev)
                 out[w_in][i][:, r] = pieces[w_in].to(out[w_in].dtype).to(dev)
-                rows_sent += int((part.norm(dim=1) > 0).sum())
+                rows_sent += sent
             ctx.state["attack"] = cen.state
             return out, {"malicious-users": len(mine), "malicious-rows": rows_sent}
 

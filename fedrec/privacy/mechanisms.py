@@ -42,11 +42,6 @@ class DPSGD(DPMechanism):
 
     from fedrec.privacy.dpsgd import DPSGDConfig as Config  # noqa: E402  (the typed block)
 
-    def check(self, cfg) -> None:
-        super().check(cfg)
-        if cfg.federation.mode == "device":  # pragma: no cover  (modes already refuses it)
-            raise ConfigError("privacy=dpsgd: with one client per user use privacy=user_dp")
-
     def check_model(self, cfg, model, data) -> None:
         if model.input_kind == "sequence":
             raise ConfigError(f"privacy=dpsgd: model {model.name!r} reads sequences, which DP-SGD does not support yet")
