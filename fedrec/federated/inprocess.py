@@ -14,6 +14,7 @@ restored after each message, so a run gives the same numbers as the same config 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -67,12 +68,31 @@ class InProcessGrid:
             torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def _task_identity():
+    """Flower's ``Message()`` reads the process's task identity, which a ServerApp process (``flwr run``, Ray)
+    sets; outside one (this backend from ``simulations.run``) it is unset and the first message raises. Set a
+    run-local one for the run and restore whatever was there."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = {a: getattr(TaskIdentity, a) for a in ("_run_id", "_node_id", "_task_id")}
+    for attr, value in saved.items():
+        if value is None:
+            setattr(TaskIdentity, attr, 1)
+    try:
+        yield
+    finally:
+        for attr, value in saved.items():
+            setattr(TaskIdentity, attr, value)
+
+
 def run_inprocess(cfg, data, recorder, resume: dict | None = None) -> None:
     """The run's rounds on an :class:`InProcessGrid` of ``federation.num_nodes`` nodes."""
     from fedrec.federated.server_app import serve
     from fedrec.run_config import federation
 
     fed = federation(cfg)
-    serve(InProcessGrid(fed.num_nodes), cfg, data, recorder, resume, simulated=True)
+    with _task_identity():
+        serve(InProcessGrid(fed.num_nodes), cfg, data, recorder, resume, simulated=True)
     if recorder.rounds_done < fed.rounds and "stopped" not in recorder.extra:
         raise RuntimeError(f"the federation stopped after round {recorder.rounds_done} of {fed.rounds}")
