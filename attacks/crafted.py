@@ -151,9 +151,9 @@ class MFItems:
     def scores(self, users: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         return users @ matrix.T
 
-    def user_rows(self, deltas: dict, i: int) -> torch.Tensor:
-        """User i's delta as item rows (n_items, width)."""
-        return deltas[self.name][i].detach().float().cpu()
+    def row_norms(self, deltas: dict, idx) -> torch.Tensor:
+        """(len(idx), n_items) the L2 norm of each item row of the users ``idx``'s deltas."""
+        return deltas[self.name][idx].float().norm(dim=-1).cpu()
 
     def write(self, out: dict, i: int, rows: torch.Tensor, part: torch.Tensor) -> None:
         """User i uploads ``part`` (the delta of the item rows ``rows``) and nothing else."""
@@ -219,8 +219,10 @@ class DenoiserItems:
     def scores(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         return denoise(self.params | self.split(matrix), x, self.emb_size, self.norm)
 
-    def user_rows(self, deltas: dict, i: int) -> torch.Tensor:
-        return self.slices(*(deltas[k][i].detach().float().cpu() for k in (self.w_out, self.b_out, self.w_in)))
+    def row_norms(self, deltas: dict, idx) -> torch.Tensor:
+        sq = (deltas[self.w_out][idx].float().pow(2).sum(-1) + deltas[self.b_out][idx].float().pow(2)
+              + deltas[self.w_in][idx][:, :, :self.n_items].float().pow(2).sum(1))
+        return sq.sqrt().cpu()
 
     def write(self, out: dict, i: int, rows: torch.Tensor, part: torch.Tensor) -> None:
         for n in out:
@@ -381,6 +383,11 @@ class CraftedItemAttack(TargetTracking, Mechanism):
         """The crafted delta is ``-upload_factor x`` the clipped gradient rows."""
         return float(ctx.cfg.federation.local_lr) * upload_scale(self.config, ctx.cfg, ctx.data.n_users)
 
+    def chunk_factor(self, cen: CraftCenter, side, deltas: dict, genuine: np.ndarray, factor: float) -> float:
+        """The factor for one chunk of the node's fold (``genuine``: the chunk's other users); default the
+        run's :meth:`upload_factor`."""
+        return factor
+
     # ------------------------------------------------------------------ node: the malicious uploads
     def user_transform(self, ctx):
         bad = malicious_users(ctx.data)
@@ -406,6 +413,7 @@ class CraftedItemAttack(TargetTracking, Mechanism):
             if cen.shared and "grad" not in round_state:
                 with torch.enable_grad():  # the fold runs under no_grad
                     round_state["grad"] = cen.gradient(targets, ctx.round)
+            factor = self.chunk_factor(cen, side, deltas, np.flatnonzero(~np.isin(users, bad)), lr)
             out = {n: d.clone() for n, d in deltas.items()}
             rows_sent = 0
             for i in mine:
@@ -416,7 +424,7 @@ class CraftedItemAttack(TargetTracking, Mechanism):
                     with torch.enable_grad():
                         g = cen.gradient(targets, ctx.round, k)
                 rows, part, sent = take_rows(cen, g, k, targets, ctx.round, float(c.grad_clip))
-                side.write(out, int(i), rows, -lr * part)
+                side.write(out, int(i), rows, -factor * part)
                 rows_sent += sent
             ctx.state["attack"] = cen.state
             return out, {"malicious-users": len(mine), "malicious-rows": rows_sent}
