@@ -112,6 +112,86 @@ def plot(rows: list[dict], root: Path) -> Path:
     return out
 
 
+ATTACK_COLUMNS = ["attack", "fraction", "victim", "er@10", "hr@10", "ndcg@10", "mean_rank", "test_ndcg@20",
+                  "test_recall@20", "targets", "injected_users", "wall_s", "run"]
+
+
+def collect_attacks(root: Path) -> list[dict]:
+    """One row per run folder whose summary.json has an ``attack`` section with target metrics."""
+    rows = []
+    for summary_path in sorted(root.rglob("summary.json")):
+        s = json.loads(summary_path.read_text())
+        a = s.get("attack") or {}
+        if "er@10" not in a:
+            continue
+        cfg = OmegaConf.load(summary_path.parent / "config.yaml")
+        block = cfg.get("attack") or {}
+        injected = int(a.get("injected_users", 0))
+        fraction = float(block.get("fraction") or 0.0) if injected else 0.0
+        rows.append({"attack": a.get("name", block.get("name")), "fraction": fraction, "victim": s.get("model"),
+                     "er@10": a["er@10"], "hr@10": a.get("hr@10"), "ndcg@10": a.get("ndcg@10"),
+                     "mean_rank": a.get("mean_rank"), "test_ndcg@20": s["test"].get("ndcg@20"),
+                     "test_recall@20": s["test"].get("recall@20"), "targets": " ".join(a.get("targets", [])),
+                     "injected_users": injected, "wall_s": round(float(s.get("wall_s", 0)), 1),
+                     "run": str(summary_path.parent.relative_to(root))})
+    return sorted(rows, key=lambda r: (str(r["victim"]), str(r["attack"]), r["fraction"]))
+
+
+def write_attack_table(rows: list[dict], root: Path) -> Path:
+    with open(root / "attack_report.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=ATTACK_COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r[k], k) for k in ATTACK_COLUMNS})
+    lines = ["| " + " | ".join(ATTACK_COLUMNS) + " |", "|" + "---|" * len(ATTACK_COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r[k], k) for k in ATTACK_COLUMNS) + " |" for r in rows]
+    out = root / "attack_report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def plot_attack_success(rows: list[dict], root: Path) -> Path:
+    """Target ER@10 vs budget: one panel per victim, one line per attack, the clean run dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    victims = sorted({str(r["victim"]) for r in rows})
+    fig, axes = plt.subplots(1, len(victims), figsize=(5.2 * len(victims), 4.0), squeeze=False)
+    for ax, victim in zip(axes[0], victims):
+        mine = [r for r in rows if str(r["victim"]) == victim]
+        clean = [r["er@10"] for r in mine if r["fraction"] == 0]
+        for attack in sorted({str(r["attack"]) for r in mine if r["fraction"] > 0}):
+            rs = sorted((r for r in mine if str(r["attack"]) == attack and r["fraction"] > 0),
+                        key=lambda r: r["fraction"])
+            ax.plot([r["fraction"] for r in rs], [r["er@10"] for r in rs], marker="o", label=attack)
+        if clean:
+            ax.axhline(sum(clean) / len(clean), color="grey", linestyle="--", label="clean (fraction 0)")
+        ax.set_xlabel("malicious clients per genuine user (attack.fraction)")
+        ax.set_ylabel("target ER@10 (genuine users)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"victim: {victim}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = root / "attack_success.png"
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def report_attacks(root: Path) -> str | None:
+    """The attack table and plot of the folder's attack runs; a line naming them, or None without any."""
+    rows = collect_attacks(root)
+    if not rows:
+        return None
+    table = write_attack_table(rows, root)
+    png = plot_attack_success(rows, root)
+    print(table.read_text())
+    return f"attack table: {root / 'attack_report.csv'}, {table}; plot: {png}"
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m simulations.report <multirun dir>", file=sys.stderr)
@@ -125,6 +205,9 @@ def main(argv: list[str]) -> int:
     png = plot(rows, root)
     print((root / "report.md").read_text())
     print(f"table: {root / 'report.csv'}, {root / 'report.md'}; plot: {png}")
+    attacks = report_attacks(root)
+    if attacks:
+        print(attacks)
     return 0
 
 

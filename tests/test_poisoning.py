@@ -137,7 +137,7 @@ def _craft_once(tiny_cfg, attack, model, *extra):
     users = np.array([0, 1, *bad[:3]])
     g = torch.Generator().manual_seed(1)
     deltas = {n: torch.randn(len(users), *p.shape, generator=g) * 1e-3 for n, p in start.items()}
-    out, counts = mech.user_transform(ctx)(users, deltas)
+    out, counts = mech.user_transform(ctx)(users, {n: d.clone() for n, d in deltas.items()})
     return cfg, mech, data, start, deltas, out, counts
 
 
