@@ -5,6 +5,11 @@
 * :mod:`attacks.model_poisoning` -- malicious clients craft their uploads (scaling / sign-flip baselines);
 * :mod:`attacks.fedrecattack` -- FedRecAttack (Rong et al., ICDE 2022): injected fake clients upload
   item-row gradients crafted from public interactions (at most kappa rows each);
+* :mod:`attacks.crafted` -- the machinery those item-side attacks share (fake clients, kappa rows, clip, upload
+  scaling, BPR-MF and DiffRec item sides), on which also run :mod:`attacks.pipattack` (PipAttack),
+  :mod:`attacks.ara_ahum` (A-ra, A-hum), :mod:`attacks.untargeted` (FedAttack-style) and
+  :mod:`attacks.random_update` (Gaussian updates);
+* :mod:`attacks.target_tracking` -- target metrics of any attack, and ``attack=none``'s clean-run tracking;
 * :mod:`attacks.threat` -- the keyed choice of malicious clients.
 
 Each attack is a mechanism (``fedrec.mechanisms``, Hydra group ``attack``).
