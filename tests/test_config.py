@@ -22,7 +22,8 @@ NOT_IMPLEMENTED: set = set()
 COMPANIONS = {("privacy", "dpsgd"): ["federation=none"],
               ("privacy", "user_dp"): ["federation=device", "federation.sampling=poisson"],
               ("privacy", "node_dp"): ["federation=silo"],
-              ("attack", "fedrecattack"): ["federation=device", "model=bpr"],
+              **{("attack", a): ["federation=device", "model=bpr"]
+                 for a in ("fedrecattack", "pipattack", "ara", "ahum", "untargeted", "random_update")},
               ("strategy", "row_clip_sum"): ["federation=device", "model=bpr"]}
 
 
