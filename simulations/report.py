@@ -68,16 +68,22 @@ def _fmt(v, key: str = "") -> str:
     return "" if v is None else str(v)
 
 
-def write_table(rows: list[dict], root: Path) -> None:
-    rows = sorted(rows, key=lambda r: (r["mechanism"], r["model"], r["target_epsilon"]))
-    with open(root / "report.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+def write_csv_md(rows: list[dict], columns: list[str], root: Path, stem: str) -> Path:
+    """``<stem>.csv`` and ``<stem>.md`` (a Markdown table) of ``rows`` under ``root``; returns the .md path."""
+    with open(root / f"{stem}.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for r in rows:
-            w.writerow({k: _fmt(r[k], k) for k in COLUMNS})
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[k], k) for k in COLUMNS) + " |" for r in rows]
-    (root / "report.md").write_text("\n".join(lines) + "\n")
+            w.writerow({k: _fmt(r[k], k) for k in columns})
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r[k], k) for k in columns) + " |" for r in rows]
+    (root / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return root / f"{stem}.md"
+
+
+def write_table(rows: list[dict], root: Path) -> None:
+    rows = sorted(rows, key=lambda r: (r["mechanism"], r["model"], r["target_epsilon"]))
+    write_csv_md(rows, COLUMNS, root, "report")
 
 
 def plot(rows: list[dict], root: Path) -> Path:
@@ -138,16 +144,7 @@ def collect_attacks(root: Path) -> list[dict]:
 
 
 def write_attack_table(rows: list[dict], root: Path) -> Path:
-    with open(root / "attack_report.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=ATTACK_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r[k], k) for k in ATTACK_COLUMNS})
-    lines = ["| " + " | ".join(ATTACK_COLUMNS) + " |", "|" + "---|" * len(ATTACK_COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[k], k) for k in ATTACK_COLUMNS) + " |" for r in rows]
-    out = root / "attack_report.md"
-    out.write_text("\n".join(lines) + "\n")
-    return out
+    return write_csv_md(rows, ATTACK_COLUMNS, root, "attack_report")
 
 
 def plot_attack_success(rows: list[dict], root: Path) -> Path:
