@@ -9,7 +9,8 @@
   scaling, BPR-MF and DiffRec item sides), on which also run :mod:`attacks.pipattack` (PipAttack),
   :mod:`attacks.ara_ahum` (A-ra, A-hum), :mod:`attacks.untargeted` (FedAttack-style) and
   :mod:`attacks.random_update` (Gaussian updates);
-* :mod:`attacks.target_tracking` -- target metrics of any attack, and ``attack=none``'s clean-run tracking;
+* :mod:`attacks.target_tracking` -- target metrics of any attack; :mod:`attacks.clean` -- ``attack=none``,
+  which tracks the same metrics on the clean run when given targets;
 * :mod:`attacks.threat` -- the keyed choice of malicious clients.
 
 Each attack is a mechanism (``fedrec.mechanisms``, Hydra group ``attack``).
