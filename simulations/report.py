@@ -155,6 +155,8 @@ def plot_attack_success(rows: list[dict], root: Path) -> Path:
     import matplotlib.pyplot as plt
 
     victims = sorted({str(r["victim"]) for r in rows})
+    names = sorted({str(r["attack"]) for r in rows if r["fraction"] > 0})
+    colour = {a: f"C{i % 10}" for i, a in enumerate(names)}  # one colour per attack in every panel
     fig, axes = plt.subplots(1, len(victims), figsize=(5.2 * len(victims), 4.0), squeeze=False)
     for ax, victim in zip(axes[0], victims):
         mine = [r for r in rows if str(r["victim"]) == victim]
@@ -162,7 +164,8 @@ def plot_attack_success(rows: list[dict], root: Path) -> Path:
         for attack in sorted({str(r["attack"]) for r in mine if r["fraction"] > 0}):
             rs = sorted((r for r in mine if str(r["attack"]) == attack and r["fraction"] > 0),
                         key=lambda r: r["fraction"])
-            ax.plot([r["fraction"] for r in rs], [r["er@10"] for r in rs], marker="o", label=attack)
+            ax.plot([r["fraction"] for r in rs], [r["er@10"] for r in rs], marker="o", label=attack,
+                    color=colour[attack])
         if clean:
             ax.axhline(sum(clean) / len(clean), color="grey", linestyle="--", label="clean (fraction 0)")
         ax.set_xlabel("malicious clients per genuine user (attack.fraction)")
