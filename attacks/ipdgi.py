@@ -87,6 +87,13 @@ def diffusion_config(c, seed: int):
                                 train_steps=int(c.diffusion_train_steps), seed=int(seed))
 
 
+def diffusion_cache(cfg):
+    """Where trained catalogue diffusion models are kept: ``<paths.output_root>/cache``."""
+    from pathlib import Path
+
+    return Path(str(cfg.paths.output_root)) / "cache"
+
+
 def ipdgi_images(diffusion, originals: torch.Tensor, objective, t_star: int, sample_steps: int,
                  guidance_scale: float, inner_steps: int, step_size: float, epsilon: float,
                  generator: torch.Generator) -> torch.Tensor:
@@ -124,7 +131,7 @@ class IPDGIAttack(ImageAttack):
         if not done and ctx.evaluated_round is not None and ctx.evaluated_round >= self._attack_epoch(cfg):
             done["clean"] = target_metrics(ctx.model, data, targets, list(cfg.eval.ks), int(cfg.eval.batch_size))
             images = catalogue(data).float()
-            diffusion = train_image_diffusion(images, diffusion_config(c, cfg.seed))
+            diffusion = train_image_diffusion(images, diffusion_config(c, cfg.seed), diffusion_cache(cfg))
             originals = images[torch.as_tensor(targets)]
             gen = torch.Generator().manual_seed(int(cfg.seed) + 0x1D6)
             adv = ipdgi_images(diffusion, originals, self.objective(ctx), c.t_star, c.sample_steps,

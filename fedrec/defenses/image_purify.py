@@ -102,12 +102,11 @@ class ImagePurify(Mechanism):
     # ------------------------------------------------------------------ purification
     def _diffusion(self, ctx):
         from attacks.image_common import catalogue
-        from fedrec.models.image_diffusion import ImageDiffusionConfig, train_image_diffusion
+        from attacks.ipdgi import diffusion_cache, diffusion_config
+        from fedrec.models.image_diffusion import train_image_diffusion
 
-        c = self.config
-        return train_image_diffusion(catalogue(ctx.data).float(), ImageDiffusionConfig(
-            channels=int(c.diffusion_channels), steps=int(c.diffusion_steps),
-            train_steps=int(c.diffusion_train_steps), seed=int(ctx.cfg.seed)))
+        return train_image_diffusion(catalogue(ctx.data).float(), diffusion_config(self.config, ctx.cfg.seed),
+                                     diffusion_cache(ctx.cfg))
 
     def prepare_model(self, ctx) -> None:
         from attacks.image_common import catalogue
@@ -117,9 +116,10 @@ class ImagePurify(Mechanism):
 
     def filter_item_images(self, ctx, items, images, source: str):
         c = self.config
-        st = self.__dict__.setdefault("_state", {"scores": {}, "catalogue": None, "uploads": {}, "n": 0})
+        st = self.__dict__.setdefault("_state", {"scores": {}, "catalogue": None, "uploads": {}, "n": 0, "purified": 0})
         gen = torch.Generator().manual_seed(int(ctx.cfg.seed) * 1_000_003 + PURIFY_STREAM + st["n"])
         st["n"] += 1
+        st["purified"] += len(images)
         purified = purify_images(self._diffusion(ctx), images.float(), int(c.t_star), int(c.sample_steps),
                                  float(c.guidance_scale), gen, int(c.batch_size))
         scores = encoding_distance(ctx.model, images.float().to(ctx.model.item_features.device),
@@ -142,8 +142,8 @@ class ImagePurify(Mechanism):
             return {"name": self.name, "purified": 0}
         threshold = float(np.quantile(st["catalogue"], float(self.config.flag_quantile)))
         flagged = sorted(i for i, s in st["uploads"].items() if s > threshold)
-        out = {"name": self.name, "purified": int(st["n"] and len(st["catalogue"]) + len(st["uploads"])),
-               "threshold": threshold, "uploads": len(st["uploads"]), "flagged": len(flagged),
+        out = {"name": self.name, "purified": int(st["purified"]),
+               "threshold": threshold, "uploaded_items": len(st["uploads"]), "flagged": len(flagged),
                "flagged_items": [str(ctx.data.item_ids[i]) for i in flagged]}
         attack = next((m for m in ctx.mechanisms if m.kind == "attack"), None)
         perturbed = set(attack.perturbed_items().tolist()) if attack is not None and hasattr(attack, "perturbed_items") else set()

@@ -152,20 +152,57 @@ def _cache_key(images: torch.Tensor, cfg: ImageDiffusionConfig) -> str:
     return f"{digest}:{sorted(asdict(cfg).items())}"
 
 
-def train_image_diffusion(images: torch.Tensor, cfg: ImageDiffusionConfig) -> ImageDiffusion:
+def train_image_diffusion(images: torch.Tensor, cfg: ImageDiffusionConfig, cache_dir=None) -> ImageDiffusion:
     """The catalogue diffusion model of (B, C, H, W) ``images`` in [0, 1], trained once per process per
-    (images, config)."""
+    (images, config); with ``cache_dir`` also kept on disk (``<cache_dir>/image_diffusion-<digest>.pt``,
+    the digest covering the images' bytes and every config field), so runs on one catalogue share it."""
     key = _cache_key(images, cfg)
     if key in _TRAINED:
         return _TRAINED[key]
+    path = None
+    if cache_dir is not None:
+        from pathlib import Path
+
+        path = Path(cache_dir) / f"image_diffusion-{hashlib.sha256(key.encode()).hexdigest()[:20]}.pt"
+        if path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["key"] != key:
+                raise ConfigError(f"{path}: cached image diffusion model of another catalogue/config; delete it")
+            model = _build(images, cfg)
+            model.net.load_state_dict(saved["net"])
+            model.final_loss = float(saved["final_loss"])
+            _freeze(model.net)
+            _TRAINED[key] = model
+            return model
+    model = _train(images, cfg)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"key": key, "net": model.net.state_dict(), "final_loss": model.final_loss}, path)
+    _TRAINED[key] = model
+    return model
+
+
+def _build(images: torch.Tensor, cfg: ImageDiffusionConfig) -> ImageDiffusion:
     if images.shape[-1] % 4 or images.shape[-2] % 4:
         raise ConfigError(f"diffusion: image sides must be multiples of 4, got {tuple(images.shape[-2:])} (dataset.image_size)")
-    torch_gen = torch.Generator().manual_seed(int(cfg.seed))
     with torch.random.fork_rng(devices=[]):  # the init must not move the run's global torch stream
         torch.manual_seed(int(cfg.seed))
         net = TinyUNet(cfg.channels, images.shape[1])
     diffusion = GaussianDiffusion(cfg.steps, noise_schedule="cosine", noise_scale=1.0, mean_type="eps",
                                   reweight=False, importance_sampling=False)
+    return ImageDiffusion(diffusion, net)
+
+
+def _freeze(net: nn.Module) -> None:
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+
+
+def _train(images: torch.Tensor, cfg: ImageDiffusionConfig) -> ImageDiffusion:
+    model = _build(images, cfg)
+    net, diffusion = model.net, model.diffusion
+    torch_gen = torch.Generator().manual_seed(int(cfg.seed))
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     x_all = images.detach().float() * 2.0 - 1.0
     n = len(x_all)
@@ -179,10 +216,6 @@ def train_image_diffusion(images: torch.Tensor, cfg: ImageDiffusionConfig) -> Im
         opt.zero_grad()
         loss.backward()
         opt.step()
-    net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    model = ImageDiffusion(diffusion, net)
+    _freeze(net)
     model.final_loss = float(loss.detach())
-    _TRAINED[key] = model
     return model
