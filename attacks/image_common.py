@@ -77,11 +77,6 @@ def pgd_steps(objective, image: torch.Tensor, original: torch.Tensor, steps: int
     return x
 
 
-def catalogue(data) -> torch.Tensor:
-    images = data.item_side.images
-    return images if torch.is_tensor(images) else images.load_all()
-
-
 class VisualObjective:
     """J(x) of the module docstring for one trained visual recommender."""
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attacks.image_common import ImageAttack, ImageAttackConfig, catalogue, pgd_steps
+from attacks.image_common import ImageAttack, ImageAttackConfig, pgd_steps
 from fedrec.errors import ConfigError
 from fedrec.mechanisms import install_item_images, register
 
@@ -62,7 +62,7 @@ class ImagePoisonAttack(ImageAttack):
         st = self.__dict__.setdefault("_state", {})
         rnd = ctx.evaluated_round
         if rnd is not None and rnd >= int(c.start_epoch) and st.get("last") != rnd:
-            original = catalogue(data).float()[torch.as_tensor(targets)]
+            original = data.item_side.all_images()[torch.as_tensor(targets)]
             if "image" not in st:
                 st["clean"] = target_metrics(ctx.model, data, targets, list(cfg.eval.ks), int(cfg.eval.batch_size))
                 st["image"] = original.clone()

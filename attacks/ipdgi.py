@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from attacks.image_common import ImageAttack, ImageAttackConfig, catalogue, pgd_steps, project
+from attacks.image_common import ImageAttack, ImageAttackConfig, pgd_steps, project
 from fedrec.errors import ConfigError
 from fedrec.mechanisms import install_item_images, register
 
@@ -80,20 +80,6 @@ class IPDGIConfig(ImageAttackConfig):
             raise ConfigError("attack.inner_steps/step_size: inner_steps >= 0 and step_size > 0")
 
 
-def diffusion_config(c, seed: int):
-    from fedrec.models.image_diffusion import ImageDiffusionConfig
-
-    return ImageDiffusionConfig(channels=int(c.diffusion_channels), steps=int(c.diffusion_steps),
-                                train_steps=int(c.diffusion_train_steps), seed=int(seed))
-
-
-def diffusion_cache(cfg):
-    """Where trained catalogue diffusion models are kept: ``<paths.output_root>/cache``."""
-    from pathlib import Path
-
-    return Path(str(cfg.paths.output_root)) / "cache"
-
-
 def ipdgi_images(diffusion, originals: torch.Tensor, objective, t_star: int, sample_steps: int,
                  guidance_scale: float, inner_steps: int, step_size: float, epsilon: float,
                  generator: torch.Generator) -> torch.Tensor:
@@ -123,16 +109,15 @@ class IPDGIAttack(ImageAttack):
     def report(self, ctx) -> dict:
         from fedrec.eval.images import perturbation_sizes
         from fedrec.eval.targets import target_metrics
-        from fedrec.models.image_diffusion import train_image_diffusion
+        from fedrec.models.image_diffusion import catalogue_model
 
         c, cfg, data = self.config, ctx.cfg, ctx.data
         targets = self.target_ids(data, int(cfg.seed))
         done = self.__dict__.setdefault("_done", {})
         if not done and ctx.evaluated_round is not None and ctx.evaluated_round >= self._attack_epoch(cfg):
             done["clean"] = target_metrics(ctx.model, data, targets, list(cfg.eval.ks), int(cfg.eval.batch_size))
-            images = catalogue(data).float()
-            diffusion = train_image_diffusion(images, diffusion_config(c, cfg.seed), diffusion_cache(cfg))
-            originals = images[torch.as_tensor(targets)]
+            diffusion = catalogue_model(data, c, cfg)
+            originals = data.item_side.all_images()[torch.as_tensor(targets)]
             gen = torch.Generator().manual_seed(int(cfg.seed) + 0x1D6)
             adv = ipdgi_images(diffusion, originals, self.objective(ctx), c.t_star, c.sample_steps,
                                c.guidance_scale, c.inner_steps, c.step_size, c.epsilon, gen)

@@ -74,6 +74,13 @@ class ItemSideData:
     # (dataset.item_graph). It is private, so it is not stored here: DataShape.item_graph() builds it.
     private_graph: str | None = None
 
+    def all_images(self) -> "torch.Tensor":
+        """Every item's image, (n_items, C, H, W) float32 in [0, 1] (an ImageFolder is read whole)."""
+        if self.images is None:
+            raise ConfigError("dataset.images: the dataset has no item images (set dataset.images=synthetic or a folder)")
+        images = self.images if not isinstance(self.images, ImageFolder) else self.images.load_all()
+        return images.float()
+
 
 # --------------------------------------------------------------------------- categories
 

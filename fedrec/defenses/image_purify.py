@@ -101,17 +101,12 @@ class ImagePurify(Mechanism):
 
     # ------------------------------------------------------------------ purification
     def _diffusion(self, ctx):
-        from attacks.image_common import catalogue
-        from attacks.ipdgi import diffusion_cache, diffusion_config
-        from fedrec.models.image_diffusion import train_image_diffusion
+        from fedrec.models.image_diffusion import catalogue_model
 
-        return train_image_diffusion(catalogue(ctx.data).float(), diffusion_config(self.config, ctx.cfg.seed),
-                                     diffusion_cache(ctx.cfg))
+        return catalogue_model(ctx.data, self.config, ctx.cfg)
 
     def prepare_model(self, ctx) -> None:
-        from attacks.image_common import catalogue
-
-        images = catalogue(ctx.data).float()
+        images = ctx.data.item_side.all_images()
         install_item_images(ctx, np.arange(len(images)), images, "catalogue")
 
     def filter_item_images(self, ctx, items, images, source: str):

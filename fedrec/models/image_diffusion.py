@@ -147,6 +147,24 @@ class ImageDiffusion:
 _TRAINED: dict[str, ImageDiffusion] = {}
 
 
+def config_of(block, seed: int) -> ImageDiffusionConfig:
+    """The diffusion model a mechanism's block asks for (``diffusion_channels``/``_steps``/``_train_steps``)."""
+    return ImageDiffusionConfig(channels=int(block.diffusion_channels), steps=int(block.diffusion_steps),
+                                train_steps=int(block.diffusion_train_steps), seed=int(seed))
+
+
+def cache_dir(cfg):
+    """Where trained catalogue diffusion models are kept: ``<paths.output_root>/cache``."""
+    from pathlib import Path
+
+    return Path(str(cfg.paths.output_root)) / "cache"
+
+
+def catalogue_model(data, block, cfg) -> ImageDiffusion:
+    """The run's catalogue diffusion model (trained, or loaded from the cache)."""
+    return train_image_diffusion(data.item_side.all_images(), config_of(block, cfg.seed), cache_dir(cfg))
+
+
 def _cache_key(images: torch.Tensor, cfg: ImageDiffusionConfig) -> str:
     digest = hashlib.sha256(images.detach().cpu().numpy().astype(np.float32).tobytes()).hexdigest()[:16]
     return f"{digest}:{sorted(asdict(cfg).items())}"

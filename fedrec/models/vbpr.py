@@ -90,16 +90,6 @@ class FixedCNN(nn.Module):
         return F.adaptive_avg_pool2d(h, self.pool).flatten(1)
 
 
-def catalogue_images(shape: DataShape) -> torch.Tensor:
-    images = shape.item_side.images
-    if images is None:
-        raise ConfigError("model=vbpr: the dataset has no item images (set dataset.images=synthetic or a folder)")
-    images = images if torch.is_tensor(images) else images.load_all()
-    if images.shape[0] != shape.n_items:
-        raise ConfigError(f"model=vbpr: {images.shape[0]} item images for {shape.n_items} items")
-    return images.float()
-
-
 class VBPR(BPRMF):
     """VBPR; see the module docstring."""
 
@@ -107,7 +97,11 @@ class VBPR(BPRMF):
 
     def __init__(self, cfg: VBPRConfig, shape: DataShape):
         super().__init__(cfg, shape)
-        images = catalogue_images(shape)
+        if shape.item_side.images is None:
+            raise ConfigError("model=vbpr: the dataset has no item images (set dataset.images=synthetic or a folder)")
+        images = shape.item_side.all_images()
+        if images.shape[0] != shape.n_items:
+            raise ConfigError(f"model=vbpr: {images.shape[0]} item images for {shape.n_items} items")
         self.extractor = FixedCNN(list(cfg.extractor_channels), cfg.extractor_seed, cfg.feature_pool,
                                   in_channels=images.shape[1])
         with torch.no_grad():
