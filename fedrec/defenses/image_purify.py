@@ -21,10 +21,11 @@ the whole catalogue before the first epoch (so the model trains on purified feat
 every later upload (``fedrec.mechanisms.install_item_images``, e.g. IPDGI's replacement image) is
 purified and scored before the model sees it.
 
-Report (summary.json "defense"): ``purified`` images, the ``threshold``, ``flagged`` uploads,
+Report (summary.json "defense"): ``purified`` images, the ``threshold``, ``flagged_uploads``,
 and, against the attack's ground truth (which items' images it perturbed; read for the report only,
-never for a decision), detection ``auc`` over every item's current image (perturbed vs clean),
-``precision`` / ``recall`` at the threshold, and the score quantiles of both groups.
+never for a decision), :func:`fedrec.eval.detection.detection_report` over every item's current
+image (perturbed vs clean): ``auc``, ``precision`` / ``recall`` / ``flagged`` at the threshold,
+``malicious``, ``examples``, and the score medians of both groups.
 
 Deviation: Yuan et al. purify images uploaded in a federation with a large pretrained diffusion
 model; here the model is the tiny catalogue UNet, the run is centralised (the attack at hand is the
@@ -130,28 +131,24 @@ class ImagePurify(Mechanism):
 
     # ------------------------------------------------------------------ report
     def report(self, ctx) -> dict | None:
-        from fedrec.privacy.audit import attack_metrics
+        from fedrec.eval.detection import detection_report
 
         st = self.__dict__.get("_state")
         if st is None or st["catalogue"] is None:
             return {"name": self.name, "purified": 0}
         threshold = float(np.quantile(st["catalogue"], float(self.config.flag_quantile)))
         flagged = sorted(i for i, s in st["uploads"].items() if s > threshold)
-        out = {"name": self.name, "purified": int(st["purified"]),
-               "threshold": threshold, "uploaded_items": len(st["uploads"]), "flagged": len(flagged),
+        out = {"name": self.name, "purified": int(st["purified"]), "threshold": threshold,
+               "uploaded_items": len(st["uploads"]), "flagged_uploads": len(flagged),
                "flagged_items": [str(ctx.data.item_ids[i]) for i in flagged]}
         attack = next((m for m in ctx.mechanisms if m.kind == "attack"), None)
-        perturbed = set(attack.perturbed_items().tolist()) if attack is not None and hasattr(attack, "perturbed_items") else set()
-        if perturbed:
+        perturbed = attack.perturbed_items() if attack is not None and hasattr(attack, "perturbed_items") else []
+        if len(perturbed):  # every item's current image: perturbed (ground truth) vs clean
             items = np.array(sorted(st["scores"]))
             scores = np.array([st["scores"][i] for i in items])
-            truth = np.isin(items, list(perturbed))
-            metrics = attack_metrics(scores[truth], scores[~truth])
-            hit = scores > threshold
-            tp = int((hit & truth).sum())
-            out |= {"auc": metrics["auc"], "precision": tp / max(int(hit.sum()), 1), "recall": tp / int(truth.sum()),
-                    "flagged_all": int(hit.sum()), "perturbed": int(truth.sum()),
-                    "score_perturbed_median": float(np.median(scores[truth])),
+            truth = np.isin(items, perturbed)
+            out |= detection_report(scores, truth, scores > threshold)
+            out |= {"score_perturbed_median": float(np.median(scores[truth])),
                     "score_clean_median": float(np.median(scores[~truth])),
                     "score_clean_q99": float(np.quantile(scores[~truth], 0.99))}
         return out

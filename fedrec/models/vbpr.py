@@ -51,6 +51,7 @@ from fedrec.models.bpr import BPRConfig, BPRMF
 
 @dataclass
 class VBPRConfig(BPRConfig):
+    embedding_size: int = 32  # dimension of gamma_u, gamma_i (VBPR splits its factors: latent + visual)
     visual_size: int = 32  # dimension of theta_u and of E f_i
     extractor_channels: list = field(default_factory=lambda: [16, 32, 32])  # conv widths of the fixed CNN
     extractor_seed: int = 0  # seed of the fixed CNN's weights (public: attackers know the extractor)
