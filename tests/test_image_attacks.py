@@ -205,7 +205,7 @@ def test_images_path_shorthand_and_synthetic_needs_a_look_key(tmp_path):
 
 TINY_VBPR = ["dataset.images=synthetic", "dataset.image_size=8", "model.embedding_size=8", "model.visual_size=4",
              "model.extractor_channels=[8,8]", "eval.ks=[5,10]", "train.select_metric=recall@10"]
-TINY_DIFF = ["diffusion_steps=20", "diffusion_train_steps=40", "diffusion_channels=8"]
+TINY_DIFF = ["diffusion_steps=20", "diffusion_train_steps=10", "diffusion_channels=8"]
 
 
 def _vbpr_cfg(tmp_path, *overrides):
