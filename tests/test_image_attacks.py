@@ -196,11 +196,29 @@ def test_image_attacks_need_a_visual_recommender(tiny_cfg):  # noqa: D103
         build_mechanisms(tiny_cfg("federation=none", "attack=ipdgi", "attack.epsilon=2", model="bpr"))
 
 
-def test_images_path_shorthand_and_synthetic_needs_a_look_key(tmp_path):
+def test_images_path_shorthand_and_synthetic_genre_looks_on_an_atomic_catalogue(tmp_path):
+    from fedrec.data.loaders import load_dataset
     from fedrec.data.side import check_side_options
+    from fedrec.errors import DataError
+    from tests.test_item_side import atomic_cfg, write_png, write_toy
 
     opts = check_side_options({"kind": "atomic", "images": str(tmp_path / "imgs")})
     assert opts["images"] == "folder" and opts["folder"] == str(tmp_path / "imgs")
+    write_toy(tmp_path)
+    d = load_dataset(atomic_cfg(tmp_path, images="synthetic", image_size=8), 0)  # keyed by the .item genres
+    img = d.item_side.all_images()
+    assert img.shape == (d.n_items, 3, 8, 8)
+    again = load_dataset(atomic_cfg(tmp_path, images="synthetic", image_size=8), 0).item_side.all_images()
+    assert torch.equal(img, again)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for t in d.item_ids[:-1]:
+        write_png(folder / f"{t}.png", (10, 200, 30))
+    with pytest.raises(DataError, match=f"no image for item '{d.item_ids[-1]}'"):  # one line naming the item
+        load_dataset(atomic_cfg(tmp_path, images=str(folder), image_size=8), 0)
+    write_png(folder / f"{d.item_ids[-1]}.png", (1, 2, 3))
+    loaded = load_dataset(atomic_cfg(tmp_path, images=str(folder), image_size=8), 0).item_side.all_images()
+    assert loaded.shape == (d.n_items, 3, 8, 8) and float(loaded[0, 1].mean()) == pytest.approx(200 / 255)
 
 
 TINY_VBPR = ["dataset.images=synthetic", "dataset.image_size=8", "model.embedding_size=8", "model.visual_size=4",

@@ -99,6 +99,9 @@ class ImagePurify(Mechanism):
         if str(cfg.model.name) != "vbpr":
             raise ConfigError(f"defense=image_purify: needs a visually-aware recommender (model=vbpr), "
                               f"got model={cfg.model.name}")
+        if cfg.get("resume"):
+            raise ConfigError("defense=image_purify: resume=true is not supported (the detection scores are not "
+                              "checkpointed)")
 
     # ------------------------------------------------------------------ purification
     def _diffusion(self, ctx):
