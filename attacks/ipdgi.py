@@ -24,10 +24,11 @@ As implemented (``federation=none``, ``model=vbpr``):
    ``step_size`` on J at the clean estimate x0_hat, each projected into the L_inf ball of
    ``epsilon`` around the original, eps_hat re-derived from x_t;
    :class:`fedrec.models.image_diffusion.RefinedDDIM`). The result is projected again. Forward
-   guidance is off by default: measured on ML-100K it did not promote at all (scales 30-300 left the
-   mean rank at or above the clean one), since the gradient through the denoiser's Jacobian loses the
-   high-frequency directions the extractor responds to; backward guidance is what promotes
-   (docs/RESULTS.md: without it, 1.03x; with it, 22.4x).
+   guidance is off by default: in an exploration on the seed-0 ML-100K victim (ten targets, clean
+   mean rank 949) forward guidance alone at scales 30-300 gave mean ranks 830-1244 (at best 1.14x),
+   plausibly because the gradient through the denoiser's Jacobian loses the high-frequency directions
+   the extractor responds to; backward guidance is what promotes (docs/RESULTS.md: without it 1.03x,
+   with it 22.4x).
 4. The image is uploaded (:func:`fedrec.mechanisms.install_item_images`: a defense such as
    ``image_purify`` sees it first) and the model recomputes the target's features; the target metrics
    from then on (``attacks.target_tracking``) are the attacked ones.
