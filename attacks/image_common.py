@@ -110,12 +110,9 @@ class ImageAttack(TargetTracking, Mechanism):
     modes = ("none",)
 
     def check(self, cfg) -> None:
-        if str(cfg.model.name) != "vbpr":
-            raise ConfigError(f"attack={self.name}: needs a visually-aware recommender (model=vbpr), "
-                              f"got model={cfg.model.name}")
-        if cfg.get("resume"):
-            raise ConfigError(f"attack={self.name}: resume=true is not supported (the uploaded images and the "
-                              "attack's state are not checkpointed)")
+        from fedrec.models.vbpr import check_visual_run
+
+        check_visual_run(cfg, f"attack={self.name}", "the uploaded images and the attack's state are")
 
     def target_ids(self, data, seed: int) -> np.ndarray:
         return select_targets(self.config, data, seed)

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from attacks.image_common import ImageAttack, ImageAttackConfig, pgd_steps, project

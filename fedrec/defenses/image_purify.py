@@ -96,12 +96,9 @@ class ImagePurify(Mechanism):
     modes = ("none",)
 
     def check(self, cfg) -> None:
-        if str(cfg.model.name) != "vbpr":
-            raise ConfigError(f"defense=image_purify: needs a visually-aware recommender (model=vbpr), "
-                              f"got model={cfg.model.name}")
-        if cfg.get("resume"):
-            raise ConfigError("defense=image_purify: resume=true is not supported (the detection scores are not "
-                              "checkpointed)")
+        from fedrec.models.vbpr import check_visual_run
+
+        check_visual_run(cfg, "defense=image_purify", "the detection scores are")
 
     # ------------------------------------------------------------------ purification
     def _diffusion(self, ctx):

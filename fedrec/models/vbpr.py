@@ -68,6 +68,15 @@ class VBPRConfig(BPRConfig):
             raise ConfigError(f"model.feature_pool: must be >= 1, got {self.feature_pool}")
 
 
+def check_visual_run(cfg, what: str, unsaved: str) -> None:
+    """An image mechanism's config check: it needs ``model=vbpr`` and cannot resume (``unsaved`` is what
+    its checkpoint would lack)."""
+    if str(cfg.model.name) != "vbpr":
+        raise ConfigError(f"{what}: needs a visually-aware recommender (model=vbpr), got model={cfg.model.name}")
+    if cfg.get("resume"):
+        raise ConfigError(f"{what}: resume=true is not supported ({unsaved} not checkpointed)")
+
+
 class FixedCNN(nn.Module):
     """The fixed random feature extractor (see the module docstring); weights are buffers."""
 
