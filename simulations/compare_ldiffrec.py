@@ -683,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     print("selection: official: valid Recall@20 rounded to 4 decimals, strictly better, every 5 epochs; "
           "fedrec: train.select_metric unrounded, strictly better, every train.eval_every epochs")
     ok = rep.print()
-    print("EQUIVALENT within tol" if ok else "DIFFERENCES FOUND", f"(tol {args.tol:g})")
+    scope = " (drift mode: per-step rows have no verdict; --resync judges them)" if rep.drift else ""
+    print(("EQUIVALENT within tol" if ok else "DIFFERENCES FOUND") + f" (tol {args.tol:g}){scope}")
     return 0 if ok else 1
 
 
