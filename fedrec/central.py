@@ -4,6 +4,11 @@ Same model, same local-training code and same evaluation as the Flower clients; 
 rounds. Follows the official DiffRec loop: evaluate every ``train.eval_every`` epochs, keep the
 epoch with the best validation ``train.select_metric``, stop after ``train.patience`` epochs
 without improvement. The model, its batches and the evaluation run on the config's ``device``.
+
+Deviation from the official DiffRec / L-DiffRec selection: the official loop compares the validation
+Recall@20 *rounded to 4 decimals* (``evaluate_utils.computeTopNAccuracy`` rounds) and keeps the earlier
+epoch on a tie at that precision; fedrec compares the unrounded metric, so on such a tie it can keep a
+later epoch whose unrounded value is higher.
 """
 
 from __future__ import annotations
