@@ -1,4 +1,7 @@
 """Defenses as mechanisms (``fedrec.mechanisms``, Hydra group ``defense``).
 
 ``norm_bound``: every update's L2 norm bounded before aggregation (Sun et al., 2019).
+``degree_detect`` / ``pca_detect`` / ``diffusion_detect``: fake-profile detectors on the training data that
+drop the flagged users' training rows; ``profile_purify``: diffusion purification of every profile
+(``profiles.py``).
 """

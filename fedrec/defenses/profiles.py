@@ -22,20 +22,28 @@ evaluation still covers every genuine user, a flagged genuine user now with no t
   paper z-scores explicit ratings; here the binary implicit rows (a user with a constant row, empty
   or full, has no direction and scores 0 loading).
 * ``diffusion_detect`` -- a DiffRec (:mod:`fedrec.models.diffrec`, its default architecture and
-  schedule) trained on the data reconstructs every profile from itself (DiffRec's inference); the score
-  is one minus the mean percentile of the user's own items in its reconstruction (0: every own item
-  reconstructed above all others), so profiles whose items the model finds unlikely together score high;
-  percentiles make users of different lengths comparable. fedrec's own detector in the spirit of the
-  issue (a diffusion recommender scoring suspicious users); no paper to follow.
+  schedule) reconstructs every profile with a random half of it hidden (DiffRec's own training
+  corruption, its input dropout, as an explicit mask; ``masks`` draws), and each own item is scored by
+  its percentile in the reconstructions of the draws that hid it; the user's score is one minus the
+  mean over its items, so profiles whose items the model cannot predict from each other score high
+  (percentiles make users of different lengths comparable). Cross-fitted: the users fall into ``folds``
+  keyed folds and each fold is scored by the DiffRec trained on the others, because a DiffRec scoring
+  its own training users memorises them (measured on ML-100K with bandwagon fakes: hidden random filler
+  items came back in the top 3% of the reconstruction, AUC 0.14, inverted). fedrec's own detector in
+  the spirit of the defenses issue (a diffusion recommender scoring suspicious users); no paper to follow.
 
 Purification (``profile_purify``), the profile analogue of Yuan et al.'s (TOIS 2023) image purification:
-every profile is noised to step ``t_star`` of the trained DiffRec's forward process and denoised back
-(the core's ``purify`` with DiffRec's posterior-mean sampler); each user keeps the ``keep_share`` of
-its own items with the highest purified scores (at least one) and loses the rest. Its report counts the
-removed interactions, of fake and genuine users, and those of the attack's target items
-(``Interactions.attack_targets``).
+every half-hidden profile is noised to step ``t_star`` of the DiffRec's forward process and denoised back
+to x0 (the core's ``purify`` with DiffRec's posterior-mean sampler, the denoiser seeing the visible half
+at every step), cross-fitted as above; each user keeps the ``keep_share`` of its own items with the
+highest purified percentiles (at least one) and loses the rest. Deviation: DiffRec's schedule keeps
+over 99% of the signal at every step (noise_scale 0.005), so the forward noise alone leaves the
+denoiser close to the identity on the history; hiding half the profile is what makes the reconstruction
+of an item informative. Its report counts the removed interactions, of fake and genuine users, and those
+of the attack's target items (``Interactions.attack_targets``).
 
-Every figure lands under "defense" in summary.json: ``detection`` (``fedrec.eval.detection``:
+Every figure lands under "defense" in summary.json (carried from the process that applied the transform
+by ``Interactions.transform_reports``): ``detection`` (``fedrec.eval.detection``:
 precision, recall, AUC against ``Interactions.injected``) and ``dropped_users`` /
 ``dropped_genuine``; or purification's counts.
 """
