@@ -16,6 +16,7 @@ from fedrec.defenses.profiles import (DegreeDetectConfig, DegreeDetector, DiffRe
                                       keep_top_share, pca_scores, purify_scores)
 from fedrec.errors import ConfigError
 from fedrec.eval.detection import roc_auc
+from tests.test_strategies import task_identity  # noqa: F401  (autouse fixture: Message() needs it)
 from tests.test_transforms import tiny_data_cfg
 
 FIT = dict(epochs=30, lr=1e-2, batch_size=64)
@@ -203,3 +204,25 @@ def test_defense_run_reports_detection_in_summary(tiny_cfg, tmp_path):
     d = summary["defense"]
     assert d["name"] == "degree_detect" and d["detection"]["malicious"] == 6 and d["dropped_users"] == 7
     assert summary["attack"]["injected_users"] == 6
+
+
+def test_defense_in_a_cross_device_run_drops_on_every_process(tiny_cfg, tmp_path):
+    """federation=device (in-process Grid): the server's summary carries the detection, and every node's
+    view of the data has the same emptied training rows."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    from fedrec.experiment import execute
+    from fedrec.federated.node import node_view
+
+    cfg = tiny_cfg("federation=device", "federation.backend=inprocess", "federation.num_nodes=2",
+                   "federation.rounds=1", "attack=bandwagon", "attack.count=6", "defense=pca_detect",
+                   "defense.flag_fraction=0.1", model="bpr")
+    execute(cfg, tmp_path / "run", progress=False)
+    d = json.loads((tmp_path / "run" / "summary.json").read_text())["defense"]
+    assert d["name"] == "pca_detect" and d["dropped_users"] == 7 and d["detection"]["examples"] == 66
+    yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    views = [node_view(yaml, {"partition-id": p}) for p in range(2)]
+    assert all(int((np.diff(v.data.train.indptr) == 0).sum()) >= 7 for v in views)
+    assert all((v.data.train != views[0].data.train).nnz == 0 for v in views)
