@@ -9,16 +9,19 @@ What a real transport guarantees is kept: every message and every reply is a cop
 between the server and a node), each node has its own ``Context`` (node config with its partition,
 its own state), node state goes to the run folder as in a simulation (``serve(..., simulated=True)``),
 and a handler cannot change the server process's torch state: its global RNG state and thread count are
-restored after each message, so a run gives the same numbers as the same config on Ray.
+restored after each message, so a run gives the same numbers as the same config on Ray. Flower's
+``TaskIdentity`` (which ``Message()`` reads) is the ServerApp's, as Flower's runtime sets it, and the
+destination node's while that node handles a message.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.federated import client_app
 
@@ -33,6 +36,8 @@ class InProcessGrid:
     None: the server's hint (the run folder), as in a simulation.
     """
 
+    RUN_ID = 1
+
     def __init__(self, num_nodes: int, node_ids=None, state_dir=None):
         self.ids = [int(i) for i in (node_ids or [9000 + 13 * i for i in range(num_nodes)])]
         self.contexts = {}
@@ -40,9 +45,14 @@ class InProcessGrid:
             node_config = {"partition-id": pid, "num-partitions": num_nodes}
             if state_dir is not None:
                 node_config["state-dir"] = str(state_dir)
-            self.contexts[nid] = Context(run_id=1, node_id=nid, node_config=node_config, state=RecordDict(),
+            self.contexts[nid] = Context(run_id=self.RUN_ID, node_id=nid, node_config=node_config, state=RecordDict(),
                                          run_config={})
         self.sent: list[tuple[str, int, dict]] = []  # (message type, node id, config) of every message
+
+    @classmethod
+    def act_as_server(cls) -> None:
+        """This process's task identity: the ServerApp's of run ``RUN_ID`` (as Flower's runtime sets it)."""
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, cls.RUN_ID, SUPERLINK_NODE_ID
 
     def get_node_ids(self):
         return list(self.ids)
@@ -58,6 +68,8 @@ class InProcessGrid:
 
     def _deliver(self, msg: Message, node_id: int) -> Message:
         rng, threads = torch.get_rng_state(), torch.get_num_threads()
+        server_node = TaskIdentity._node_id
+        TaskIdentity.node_id = node_id
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         try:
             return _HANDLERS[msg.metadata.message_type](msg, self.contexts[node_id])
@@ -66,24 +78,7 @@ class InProcessGrid:
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
             torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def _task_identity():
-    """Flower's ``Message()`` reads the process's task identity, which a ServerApp process (``flwr run``, Ray)
-    sets; outside one (this backend from ``simulations.run``) it is unset and the first message raises. Set a
-    run-local one for the run and restore whatever was there."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = {a: getattr(TaskIdentity, a) for a in ("_run_id", "_node_id", "_task_id")}
-    for attr, value in saved.items():
-        if value is None:
-            setattr(TaskIdentity, attr, 1)
-    try:
-        yield
-    finally:
-        for attr, value in saved.items():
-            setattr(TaskIdentity, attr, value)
+            TaskIdentity.node_id = server_node
 
 
 def run_inprocess(cfg, data, recorder, resume: dict | None = None) -> None:
@@ -92,7 +87,7 @@ def run_inprocess(cfg, data, recorder, resume: dict | None = None) -> None:
     from fedrec.run_config import federation
 
     fed = federation(cfg)
-    with _task_identity():
-        serve(InProcessGrid(fed.num_nodes), cfg, data, recorder, resume, simulated=True)
+    InProcessGrid.act_as_server()
+    serve(InProcessGrid(fed.num_nodes), cfg, data, recorder, resume, simulated=True)
     if recorder.rounds_done < fed.rounds and "stopped" not in recorder.extra:
         raise RuntimeError(f"the federation stopped after round {recorder.rounds_done} of {fed.rounds}")
