@@ -73,6 +73,18 @@ def run_inprocess(cfg, data, recorder, resume: dict | None = None) -> None:
     from fedrec.run_config import federation
 
     fed = federation(cfg)
+    _server_task_identity()
     serve(InProcessGrid(fed.num_nodes), cfg, data, recorder, resume, simulated=True)
     if recorder.rounds_done < fed.rounds and "stopped" not in recorder.extra:
         raise RuntimeError(f"the federation stopped after round {recorder.rounds_done} of {fed.rounds}")
+
+
+def _server_task_identity() -> None:
+    """Flower's Message() reads the process's task identity, which a ServerApp process gets from the
+    SuperLink; here there is none, so set the one Flower's legacy in-process API sets (a run id, the
+    SuperLink's node id), unless this process already has one."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    if TaskIdentity._run_id is None:
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID
