@@ -90,6 +90,10 @@ class BatchRuleDefense(Mechanism):
                 rep = detection_report(np.concatenate(self._scores), np.concatenate(self._truth),
                                        np.concatenate(self._flagged))
                 out["detection"] = rep  # over every (round, user) upload scored
+                scores, truth = np.concatenate(self._scores), np.concatenate(self._truth)
+                out["score_quantiles"] = {  # where the threshold sits between the two groups (min/median/max)
+                    group: [float(np.quantile(scores[mask], q)) for q in (0.0, 0.5, 0.99, 1.0)]
+                    for group, mask in (("malicious", truth), ("genuine", ~truth)) if mask.any()}
             dropped = np.array(sorted(self._dropped), dtype=np.int64)
             out["dropped_uploads"] = int(sum(int(f.sum()) for f in self._flagged))
             out["dropped_users"] = len(dropped)

@@ -8,11 +8,14 @@ so its upload is an outlier of the round in size. Per user u, two features of it
 
 * ``log ||delta_u||`` -- the whole upload's L2 norm;
 * ``log max_r ||delta_u[r]||`` -- its largest item row (row-sparse tables; a push concentrated on a few
-  rows, e.g. a target item, stands out even if the whole norm does not).
+  rows, e.g. a target item, stands out even if the whole norm does not);
+* ``log median_r ||delta_u[r]||`` -- its typical item row (row-sparse tables): an upload scaled as a
+  whole (FedRecAttack's m-fold crafted rows, ``attack=scaling``) moves every row, while a genuine user's
+  typical row is small however many items it has (its norm and largest row grow with its history).
 
 Each feature is standardised robustly over the round's users, ``z = (x - median) / (1.4826 MAD)`` (the
 attackers are a minority of the round, so median and MAD are the genuine users'), the user's score is
-the larger of its z's, and users with ``score > threshold`` are flagged (one-sided: a small update does
+the largest of its z's, and users with ``score > threshold`` are flagged (one-sided: a small update does
 not harm). A round in which more than ``max_drop`` of the users would be flagged drops only the
 ``max_drop`` share with the highest scores (a guard against a benign round with a heavy tail).
 
@@ -67,24 +70,39 @@ def upload_features(batch: UpdateBatch, base: dict[str, np.ndarray]) -> dict[str
     for k, v in batch.arrays.items():
         d = v.reshape(n, -1).astype(np.float64) - base[k].reshape(1, -1).astype(np.float64)
         sq += (d ** 2).sum(1)
-    max_row = np.zeros(n)
-    for ru in batch.rows.values():
+    max_row, med_row = np.zeros(n), np.zeros(n)
+    for ru in batch.rows.values():  # with several row-sparse tables: the largest over tables
         if not len(ru.rows):
             continue
         norms = np.sqrt((ru.values.reshape(len(ru.rows), -1).astype(np.float64) ** 2).sum(1))
         users = ru.entry_users()
         sq += np.bincount(users, weights=norms ** 2, minlength=n)
         np.maximum.at(max_row, users, norms)
-    return {"norm": np.sqrt(sq), "max_row": max_row}
+        med_row = np.maximum(med_row, _group_medians(norms, ru.offsets))
+    return {"norm": np.sqrt(sq), "max_row": max_row, "median_row": med_row}
+
+
+def _group_medians(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(U,) the median of each user's ``values[offsets[u]:offsets[u+1]]`` (0 for a user without entries)."""
+    counts = np.diff(offsets)
+    users = np.repeat(np.arange(len(counts)), counts)
+    s = values[np.lexsort((values, users))]  # by user, then value
+    lo = offsets[:-1] + np.maximum(counts - 1, 0) // 2
+    hi = offsets[:-1] + counts // 2
+    out = np.zeros(len(counts))
+    has = counts > 0
+    out[has] = (s[lo[has]] + s[np.minimum(hi[has], len(s) - 1)]) / 2
+    return out
 
 
 def upload_scores(batch: UpdateBatch, base: dict[str, np.ndarray]) -> np.ndarray:
-    """Per user, the larger robust z of its log upload norm and log largest-row norm."""
+    """Per user, the largest robust z of its log upload norm, log largest-row and log median-row norms."""
     feats = upload_features(batch, base)
     tiny = 1e-30
     score = robust_z(np.log(feats["norm"] + tiny))
     if batch.rows:
-        score = np.maximum(score, robust_z(np.log(feats["max_row"] + tiny)))
+        for key in ("max_row", "median_row"):
+            score = np.maximum(score, robust_z(np.log(feats[key] + tiny)))
     return score
 
 
