@@ -59,40 +59,39 @@ def _moved(ru: RowUpdates, rows: np.ndarray, deltas: np.ndarray) -> np.ndarray:
     return out.astype(ru.base.dtype)
 
 
-def row_trimmed_mean(batch: UpdateBatch, beta: float, rescale: bool = True) -> dict[str, np.ndarray]:
-    """Per row, the coordinate-wise trimmed mean of the touching users' deltas (``floor(beta c_r)`` cut
-    from each end; unweighted), times the row's weight share when ``rescale``."""
-    _only_rows(batch, "row_trimmed_mean")
-    if not 0 <= beta < 0.5:
-        raise ValueError(f"row_trimmed_mean: beta must be in [0, 0.5), got {beta}")
+def _per_row(batch: UpdateBatch, rule: str, statistic, rescale: bool) -> dict[str, np.ndarray]:
+    """Every row-sparse table with each touched row moved by ``statistic(ru)`` ((R, m) deltas of the
+    touched rows, in row order), times the row's weight share when ``rescale``."""
+    _only_rows(batch, rule)
     out = {}
     for k, ru in batch.rows.items():
         if not len(ru.rows):
             out[k] = ru.base.copy()
             continue
         rows, share = touch_share(ru, batch.weights)
+        out[k] = _moved(ru, rows, statistic(ru).astype(np.float64) * (share[:, None] if rescale else 1.0))
+    return out
+
+
+def row_trimmed_mean(batch: UpdateBatch, beta: float, rescale: bool = True) -> dict[str, np.ndarray]:
+    """Per row, the coordinate-wise trimmed mean of the touching users' deltas (``floor(beta c_r)`` cut
+    from each end; unweighted), times the row's weight share when ``rescale``."""
+    if not 0 <= beta < 0.5:
+        raise ValueError(f"row_trimmed_mean: beta must be in [0, 0.5), got {beta}")
+
+    def trimmed(ru: RowUpdates) -> np.ndarray:
         starts, counts, s = _sorted_groups(ru)
         cut = np.floor(beta * counts).astype(np.int64)
         csum = np.concatenate([np.zeros((1, s.shape[1])), np.cumsum(s.astype(np.float64), axis=0)])
-        kept = csum[starts + counts - cut] - csum[starts + cut]
-        mean = kept / (counts - 2 * cut)[:, None]
-        out[k] = _moved(ru, rows, mean * (share[:, None] if rescale else 1.0))
-    return out
+        return (csum[starts + counts - cut] - csum[starts + cut]) / (counts - 2 * cut)[:, None]
+
+    return _per_row(batch, "row_trimmed_mean", trimmed, rescale)
 
 
 def row_median(batch: UpdateBatch, rescale: bool = True) -> dict[str, np.ndarray]:
     """Per row, the coordinate-wise median of the touching users' deltas, times the row's weight share
     when ``rescale`` (``strategies.update_batch.row_median`` is the unscaled form)."""
-    _only_rows(batch, "row_median")
-    out = {}
-    for k, ru in batch.rows.items():
-        if not len(ru.rows):
-            out[k] = ru.base.copy()
-            continue
-        rows, share = touch_share(ru, batch.weights)
-        med = _median_of_groups(*_sorted_groups(ru)).astype(np.float64)
-        out[k] = _moved(ru, rows, med * (share[:, None] if rescale else 1.0))
-    return out
+    return _per_row(batch, "row_median", lambda ru: _median_of_groups(*_sorted_groups(ru)), rescale)
 
 
 def _padded_groups(ru: RowUpdates) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -130,22 +129,18 @@ def row_krum(batch: UpdateBatch, f: int, rescale: bool = True) -> dict[str, np.n
     """Per row, Krum over the touching users' deltas with ``f`` tolerated attackers, times the row's
     weight share when ``rescale``; rows touched by fewer than ``2f + 3`` users take the coordinate
     median of their deltas (Krum is undefined there)."""
-    _only_rows(batch, "row_krum")
     if int(f) < 0:
         raise ValueError(f"row_krum: f must be >= 0, got {f}")
-    out = {}
-    for k, ru in batch.rows.items():
-        if not len(ru.rows):
-            out[k] = ru.base.copy()
-            continue
-        rows, share = touch_share(ru, batch.weights)
-        _, counts, padded = _padded_groups(ru)
+
+    def krum(ru: RowUpdates) -> np.ndarray:
+        rows, counts, padded = _padded_groups(ru)
         chosen = padded[np.arange(len(rows)), krum_choice(padded, counts, int(f))]
         small = counts < 2 * int(f) + 3
         if small.any():
             chosen[small] = _median_of_groups(*_sorted_groups(ru))[small]
-        out[k] = _moved(ru, rows, chosen * (share[:, None] if rescale else 1.0))
-    return out
+        return chosen
+
+    return _per_row(batch, "row_krum", krum, rescale)
 
 
 # ------------------------------------------------------------------------------------------- clipping
