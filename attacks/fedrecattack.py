@@ -440,7 +440,7 @@ class FedRecAttack(TargetTracking, Mechanism):
             users = np.asarray(users)
             mine = np.flatnonzero(np.isin(users, bad))
             if len(mine) == 0:
-                return deltas, {"malicious-users": 0}
+                return deltas, {"malicious-users": 0, "malicious-rows": 0}  # every node reports the same keys
             cen, g = center()
             d = deltas[name].clone()
             rows_sent = 0
@@ -476,7 +476,7 @@ class FedRecAttack(TargetTracking, Mechanism):
             users = np.asarray(users)
             mine = np.flatnonzero(np.isin(users, bad))
             if len(mine) == 0:
-                return deltas, {"malicious-users": 0}
+                return deltas, {"malicious-users": 0, "malicious-rows": 0}  # every node reports the same keys
             cen, g = center()
             out = {n: d.clone() for n, d in deltas.items()}
             rows_sent = 0

@@ -104,3 +104,16 @@ def test_bad_defense_configs_fail_with_one_line(tiny_cfg, overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         validate(tiny_cfg(*overrides))
+
+
+@pytest.mark.slow  # the attack center's pass over the users: ~20 s on an idle core
+def test_fedrecattack_on_several_nodes_reports_the_same_metric_keys(tiny_cfg, tmp_path):
+    """Nodes without a malicious client report the attack's counts as zeros: Flower's FedAvg refuses replies
+    whose metric keys differ (the defense grid runs FedRecAttack on 10 nodes)."""
+    cfg = tiny_cfg("federation=device", "federation.num_nodes=3", "federation.rounds=1", "federation.user_fraction=1.0",
+                   "federation.local_optimizer=sgd", "attack=fedrecattack", "attack.count=1", "model.sampling=all_pairs",
+                   model="bpr")
+    _, _, replies, recorder = _serve(cfg, tmp_path, "fra3")
+    keys = [sorted(k for k in r.content["metrics"] if k.startswith("count/")) for r in replies]
+    assert len(replies) == 3 and all(k == keys[0] for k in keys) and "count/malicious-rows" in keys[0]
+    assert recorder.rounds_done == 1
