@@ -44,7 +44,7 @@ def ground_truth(cfg, data) -> np.ndarray:
 class BatchRuleDefense(Mechanism):
     """A defense whose :meth:`rule` (``UpdateBatch -> new global arrays``) replaces FedAvg's mean.
     Detecting defenses call :meth:`record_detection` each round; the report then holds the run's
-    detection figures against the injected users."""
+    detection figures against :func:`ground_truth`."""
 
     kind = "defense"
     modes = ("device",)
@@ -64,16 +64,15 @@ class BatchRuleDefense(Mechanism):
 
     def _counted_rule(self, batch):
         stats: dict = {}
-        out = self.rule(batch, stats) if self.takes_stats else self.rule(batch)
+        out = self.rule(batch, stats)
         for k, v in stats.items():
             if k.startswith(("clipped-", "sparsified-")):
                 self.counts[k] = self.counts.get(k, 0.0) + float(v)
         self.counts["rounds"] = self.counts.get("rounds", 0.0) + 1
         return out
 
-    takes_stats = False
-
-    def rule(self, batch, stats: dict | None = None) -> dict[str, np.ndarray]:
+    def rule(self, batch, stats: dict) -> dict[str, np.ndarray]:
+        """The round's new global arrays; ``stats`` collects the rule's counts (``clipped-...``)."""
         raise NotImplementedError
 
     def record_detection(self, users: np.ndarray, scores: np.ndarray, flagged: np.ndarray) -> None:
@@ -170,7 +169,6 @@ class RowNormBoundConfig:
 class RowNormBound(BatchRuleDefense):
     name = "row_norm_bound"
     Config = RowNormBoundConfig
-    takes_stats = True
 
     def rule(self, batch, stats=None):
         return row_robust.row_norm_bound(batch, float(self.config.multiple), stats=stats)
@@ -194,7 +192,6 @@ class HierarchicalClipConfig:
 class HierarchicalClip(BatchRuleDefense):
     name = "hierarchical_clip"
     Config = HierarchicalClipConfig
-    takes_stats = True
 
     def rule(self, batch, stats=None):
         c = self.config
