@@ -117,3 +117,17 @@ def test_fedrecattack_on_several_nodes_reports_the_same_metric_keys(tiny_cfg, tm
     keys = [sorted(k for k in r.content["metrics"] if k.startswith("count/")) for r in replies]
     assert len(replies) == 3 and all(k == keys[0] for k in keys) and "count/malicious-rows" in keys[0]
     assert recorder.rounds_done == 1
+
+
+def test_inprocess_backend_runs_without_a_task_identity(tiny_cfg, tmp_path, monkeypatch):
+    """`simulations.run ... federation.backend=inprocess` in a fresh process (no Ray, no ServerApp) has no Flower
+    task identity; the backend sets the server's, or Message() fails before round 1."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedrec.experiment import execute
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, None)
+    summary = execute(tiny_cfg(*BASE, "federation.backend=inprocess", "defense=update_detect", model="bpr"),
+                      tmp_path / "run", progress=False)
+    assert summary["rounds"] == 1 and summary["defense"]["name"] == "update_detect"
