@@ -4,6 +4,11 @@ Same model, same local-training code and same evaluation as the Flower clients; 
 rounds. Follows the official DiffRec loop: evaluate every ``train.eval_every`` epochs, keep the
 epoch with the best validation ``train.select_metric``, stop after ``train.patience`` epochs
 without improvement. The model, its batches and the evaluation run on the config's ``device``.
+
+Deviation from the official DiffRec / L-DiffRec selection: the official loop compares the validation
+Recall@20 *rounded to 4 decimals* (``evaluate_utils.computeTopNAccuracy`` rounds) and keeps the earlier
+epoch on a tie at that precision; fedrec compares the unrounded metric, so on such a tie it can keep a
+later epoch whose unrounded value is higher.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> No
     from fedrec.mechanisms import ServerContext, build_mechanisms
 
     mechanisms = build_mechanisms(cfg)
-    ctx = ServerContext(cfg=cfg, data=data, model=model, strategy=None)  # no strategy: centralised
+    ctx = ServerContext(cfg=cfg, data=data, model=model, strategy=None, mechanisms=mechanisms)  # no strategy: centralised
+    for m in mechanisms:
+        m.prepare_model(ctx)
     private = None  # a mechanism's trainer replacing the epoch (DP-SGD)
     for m in mechanisms:
         trainer = m.central_trainer(model, optimizer, rows, cfg, resume)

@@ -9,7 +9,10 @@ validation items), take the top K. With binary relevance, per user:
 * ``ndcg@K``      = sum_{hit at rank r} 1/log2(r+2) / sum_{r < min(n_target, K)} 1/log2(r+2)
 * ``mrr@K``       = 1 / (rank of first hit + 1), 0 without a hit
 
-each averaged over the users that have held-out items. Both splits are scored from ONE forward
+each averaged over the users that have held-out items. (The official DiffRec ``computeTopNAccuracy``
+divides by every user, counting one without held-out items as 0, and rounds to 4 decimals; on
+DiffRec's splits every user has valid and test items, so the figures agree, see
+``simulations/compare_ldiffrec.py``.) Both splits are scored from ONE forward
 pass (the model reads the training row for both, as the official DiffRec evaluation does).
 
 Sequence models (``input_kind == "sequence"``) are evaluated next-item, one pass per split: valid

@@ -9,7 +9,9 @@ What a real transport guarantees is kept: every message and every reply is a cop
 between the server and a node), each node has its own ``Context`` (node config with its partition,
 its own state), node state goes to the run folder as in a simulation (``serve(..., simulated=True)``),
 and a handler cannot change the server process's torch state: its global RNG state and thread count are
-restored after each message, so a run gives the same numbers as the same config on Ray.
+restored after each message, so a run gives the same numbers as the same config on Ray. Flower's
+``TaskIdentity`` (which ``Message()`` reads) is the ServerApp's, as Flower's runtime sets it, and the
+destination node's while that node handles a message.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import copy
 
 import torch
 from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedrec.federated import client_app
 
@@ -32,6 +36,8 @@ class InProcessGrid:
     None: the server's hint (the run folder), as in a simulation.
     """
 
+    RUN_ID = 1
+
     def __init__(self, num_nodes: int, node_ids=None, state_dir=None):
         self.ids = [int(i) for i in (node_ids or [9000 + 13 * i for i in range(num_nodes)])]
         self.contexts = {}
@@ -39,9 +45,14 @@ class InProcessGrid:
             node_config = {"partition-id": pid, "num-partitions": num_nodes}
             if state_dir is not None:
                 node_config["state-dir"] = str(state_dir)
-            self.contexts[nid] = Context(run_id=1, node_id=nid, node_config=node_config, state=RecordDict(),
+            self.contexts[nid] = Context(run_id=self.RUN_ID, node_id=nid, node_config=node_config, state=RecordDict(),
                                          run_config={})
         self.sent: list[tuple[str, int, dict]] = []  # (message type, node id, config) of every message
+
+    @classmethod
+    def act_as_server(cls) -> None:
+        """This process's task identity: the ServerApp's of run ``RUN_ID`` (as Flower's runtime sets it)."""
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, cls.RUN_ID, SUPERLINK_NODE_ID
 
     def get_node_ids(self):
         return list(self.ids)
@@ -57,6 +68,8 @@ class InProcessGrid:
 
     def _deliver(self, msg: Message, node_id: int) -> Message:
         rng, threads = torch.get_rng_state(), torch.get_num_threads()
+        server_node = TaskIdentity._node_id
+        TaskIdentity.node_id = node_id
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         try:
             return _HANDLERS[msg.metadata.message_type](msg, self.contexts[node_id])
@@ -65,6 +78,7 @@ class InProcessGrid:
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
             torch.set_num_threads(threads)
+            TaskIdentity.node_id = server_node
 
 
 def run_inprocess(cfg, data, recorder, resume: dict | None = None) -> None:
@@ -73,18 +87,7 @@ def run_inprocess(cfg, data, recorder, resume: dict | None = None) -> None:
     from fedrec.run_config import federation
 
     fed = federation(cfg)
-    _server_task_identity()
+    InProcessGrid.act_as_server()
     serve(InProcessGrid(fed.num_nodes), cfg, data, recorder, resume, simulated=True)
     if recorder.rounds_done < fed.rounds and "stopped" not in recorder.extra:
         raise RuntimeError(f"the federation stopped after round {recorder.rounds_done} of {fed.rounds}")
-
-
-def _server_task_identity() -> None:
-    """Flower's Message() reads the process's task identity, which a ServerApp process gets from the
-    SuperLink; here there is none, so set the one Flower's legacy in-process API sets (a run id, the
-    SuperLink's node id), unless this process already has one."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
-    from flwr.supercore.task_identity import TaskIdentity
-
-    if TaskIdentity._run_id is None:
-        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SUPERLINK_NODE_ID

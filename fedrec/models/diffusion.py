@@ -11,7 +11,9 @@ the samplers live here, and a model hands the core its denoiser as a callable. W
 2. The closed-form forward process q(x_t | x_0) (DDPM, Ho et al. 2020), ``q_sample``.
 3. The training loss of DiffRec (Wang et al., SIGIR 2023, github.com/YiyanXu/DiffRec
    ``models/gaussian_diffusion.py``): x0- or eps-prediction, SNR reweighting (x0: SNR(t-1) - SNR(t),
-   1 at t=0) and importance-sampled timesteps (pt ∝ sqrt(E[L_t^2]) over the last 10 losses of each t,
+   1 at t=0; the per-t weights and eps -> x0 coefficients formed in float64 as official, then stored
+   float32; the loss itself is float32 where the official code multiplies in float64, a difference
+   of < 1e-6 relative, see ``simulations/compare_ldiffrec.py``) and importance-sampled timesteps (pt ∝ sqrt(E[L_t^2]) over the last 10 losses of each t,
    1/1000 uniform mass, uniform until every t has 10 losses; Improved DDPM). Deviation: the history is
    a per-timestep ring buffer updated in one vectorised scatter instead of a Python loop over the batch;
    the kept set (the last 10 losses per t) and so the sampling distribution are identical.
@@ -269,12 +271,20 @@ class GaussianDiffusion(nn.Module):
             coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
             snr = ac / (1.0 - ac)
             posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
+            # DiffRec's loss weights per t (1 at t = 0): x0: SNR(t-1) - SNR(t); eps: (1 - alpha_bar_t) /
+            # ((1 - alpha_bar_{t-1})^2 (1 - beta_t)). Both are differences of nearly equal numbers for
+            # DiffRec's small noise (alpha_bar ~ 1 - 1e-5), so they are formed here in float64, where the
+            # official code forms them too; from float32 buffers they were off by up to 3e-6 (x0) and
+            # 0.3% to 23% (eps; the cancellation in 1 - alpha_bar_{t-1}).
+            weight_x0 = np.append(1.0, snr[:-1] - snr[1:])
+            weight_eps = np.append(1.0, ((1.0 - ac) / ((1.0 - ac_prev) ** 2 * (1.0 - betas)))[1:])
         # Coefficients are computed in float64 (as the official code) and stored as float32.
         for name, arr in {
             "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
             "sqrt_ac": np.sqrt(ac), "sqrt_one_minus_ac": np.sqrt(1.0 - ac),
+            "sqrt_recip_ac": np.sqrt(1.0 / ac), "sqrt_recipm1_ac": np.sqrt(1.0 / ac - 1.0),
             "posterior_coef1": coef1, "posterior_coef2": coef2, "posterior_variance": posterior_variance,
-            "snr": snr,
+            "snr": snr, "loss_weight_x0": weight_x0, "loss_weight_eps": weight_eps,
         }.items():
             self.register_buffer(name, torch.tensor(arr, dtype=torch.float32), persistent=False)
         # Importance-sampling state (persistent: it is part of a checkpoint, never aggregated).
@@ -290,8 +300,8 @@ class GaussianDiffusion(nn.Module):
         return expand_to(self.sqrt_ac[t], x0) * x0 + expand_to(self.sqrt_one_minus_ac[t], x0) * noise
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        ac = expand_to(self.alphas_cumprod[t], x_t)
-        return (x_t - torch.sqrt(1 - ac) * eps) / torch.sqrt(ac)
+        """x0 = sqrt(1/alpha_bar_t) x_t - sqrt(1/alpha_bar_t - 1) eps, coefficients from float64 (official)."""
+        return expand_to(self.sqrt_recip_ac[t], x_t) * x_t - expand_to(self.sqrt_recipm1_ac[t], x_t) * eps
 
     # ----------------------------------------------------------------- timestep sampling
     def history_full(self) -> bool:
@@ -380,11 +390,8 @@ class GaussianDiffusion(nn.Module):
         if not self.reweight:
             return mse
         if self.mean_type == "x0":
-            weight = self.snr[(t - 1).clamp(min=0)] - self.snr[t]
-            weight = torch.where(t == 0, torch.ones_like(weight), weight)
-            return weight * mse
-        weight = (1 - self.alphas_cumprod[t]) / ((1 - self.alphas_cumprod_prev[t]) ** 2 * (1 - self.betas[t]))
-        weight = torch.where(t == 0, torch.ones_like(weight), weight)
+            return self.loss_weight_x0[t] * mse
+        weight = self.loss_weight_eps[t]
         likelihood = per_example_mean((x0 - self.predict_x0_from_eps(x_t, t, out)) ** 2) / 2.0
         return weight * torch.where(t == 0, likelihood, mse)
 
@@ -569,10 +576,16 @@ class DDIMSampler(Sampler):
             if grad is not None:
                 eps = eps - d.sqrt_one_minus_ac[i] * grad
                 x0 = (x - d.sqrt_one_minus_ac[i] * eps) / d.sqrt_ac[i]
+            x0, eps = self.refine(d, x, x0, eps, i)
             if j == len(seq) - 1:
                 return x0
             x = self._step(d, x0, eps, i, int(seq[j + 1]), generator)
         return x
+
+    def refine(self, d: GaussianDiffusion, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, i: int):
+        """(x0_hat, eps_hat) at step i after guidance; a subclass may change the clean estimate here
+        (e.g. backward universal guidance, Bansal et al. 2023), re-deriving eps_hat from x_t. Identity."""
+        return x0, eps
 
     def _step(self, d: GaussianDiffusion, x0, eps, i: int, s: int, generator) -> torch.Tensor:
         if self.eta == 0:
