@@ -408,7 +408,7 @@ class CraftedItemAttack(TargetTracking, Mechanism):
             users = np.asarray(users)
             mine = np.flatnonzero(np.isin(users, bad))
             if len(mine) == 0:
-                return deltas, {"malicious-users": 0}
+                return deltas, {"malicious-users": 0, "malicious-rows": 0}  # every node reports the same keys
             cen = center()
             if cen.shared and "grad" not in round_state:
                 with torch.enable_grad():  # the fold runs under no_grad
