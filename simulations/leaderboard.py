@@ -17,7 +17,8 @@ count), ``trials.csv`` (every trial's values and validation figure), ``leaderboa
 chart), and each trial's run folder under ``runs/``. One line per trial is printed while it runs.
 
 Every other argument is a Hydra override of the run config (``dataset=ml-100k-all``, ``seed=1``,
-``device=cuda``), applied to every trial; ``federation`` is always ``none``. Bad model names, bad
+``device=cuda``, ``train.epochs=300``), applied to every trial after the space's ``fixed`` values;
+``federation`` is always ``none``. Bad model names, bad
 spaces or bad overrides fail with one ``error:`` line before the first trial.
 
 Columns: *train s* = the chosen trial's total training time (its epochs, or its one fit); *eval s /
@@ -149,8 +150,11 @@ def _override_value(value: Any) -> str:
 
 
 def trial_overrides(base: list[str], model: str, fixed: dict, values: dict, run_root: Path) -> list[str]:
-    return [*base, f"model={model}", "federation=none", "checkpoint.keep=1", f"paths.output_root={run_root}",
-            *(f"{k}={_override_value(v)}" for k, v in {**fixed, **values}.items())]
+    """One trial's run config: the model, its space's fixed values, then the command line's overrides
+    (so ``train.epochs=300`` raises every SGD model's budget), then the trial's sampled values."""
+    return [f"model={model}", "federation=none", "checkpoint.keep=1",
+            *(f"{k}={_override_value(v)}" for k, v in fixed.items()), *base, f"paths.output_root={run_root}",
+            *(f"{k}={_override_value(v)}" for k, v in values.items())]
 
 
 def check_plan(opts: DictConfig, overrides: list[str], specs: dict[str, ModelSpec]) -> tuple[list[str], int]:

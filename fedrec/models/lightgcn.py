@@ -32,6 +32,7 @@ node. Deviations and limits:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,6 +44,10 @@ from torch import nn
 from fedrec.errors import ConfigError
 from fedrec.models.base import Batch, DataShape
 from fedrec.models.bpr import BPRConfig, BPRMF
+
+
+# torch marks CSR tensors "beta" on every construction; the product used here is stable and tested.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 @dataclass
@@ -68,6 +73,22 @@ def normalized_adjacency(train: sp.csr_matrix) -> sp.coo_matrix:
     return sp.coo_matrix(sp.diags(d) @ a @ sp.diags(d))
 
 
+class _SymmetricSpMM(torch.autograd.Function):
+    """``A @ E`` for a symmetric sparse CSR ``A``, whose gradient in E is ``A @ grad`` (A^T = A).
+
+    torch's own backward of a sparse product transposes and converts A on every call; with A in CSR
+    and this backward a propagation step forward and back costs about a quarter (ML-100K, CPU)."""
+
+    @staticmethod
+    def forward(ctx, adj: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        ctx.adj = adj
+        return adj @ e
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, ctx.adj @ grad
+
+
 class LightGCN(BPRMF):
     name = "lightgcn"
     couples_users = True
@@ -86,7 +107,7 @@ class LightGCN(BPRMF):
         adj = normalized_adjacency(train)
         idx = torch.from_numpy(np.vstack([adj.row, adj.col]).astype(np.int64))
         self._adj = torch.sparse_coo_tensor(idx, torch.from_numpy(adj.data), adj.shape,
-                                            check_invariants=False).coalesce()
+                                            check_invariants=False).coalesce().to_sparse_csr()
 
     def propagate(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The final (mean over layers) user and item embeddings."""
@@ -97,7 +118,7 @@ class LightGCN(BPRMF):
             self._adj = self._adj.to(ego.device)
         layers, e = [ego], ego
         for _ in range(int(self.cfg.n_layers)):
-            e = torch.sparse.mm(self._adj, e)
+            e = _SymmetricSpMM.apply(self._adj, e)
             layers.append(e)
         final = torch.stack(layers, 1).mean(1)
         return final[:self.n_users], final[self.n_users:]
