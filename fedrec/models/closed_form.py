@@ -87,6 +87,22 @@ def symmetric_item_graph(train: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray((r.T @ r).toarray(), dtype=np.float64), np.asarray(train.sum(axis=0), dtype=np.float64).ravel()
 
 
+_EIGH_CACHE: dict[str, np.ndarray] = {}
+
+
+def _eigenvectors(p_tilde: np.ndarray) -> np.ndarray:
+    """Eigenvectors of the symmetric ``p_tilde`` by ascending eigenvalue, cached for the last matrix seen:
+    a leaderboard's GF-CF / BSPM trials share one training matrix, and the (n_items)^3 eigh dominates
+    their fit (ML-1M: tens of seconds)."""
+    import hashlib
+
+    key = hashlib.sha256(np.ascontiguousarray(p_tilde).view(np.uint8)).hexdigest()
+    if key not in _EIGH_CACHE:
+        _EIGH_CACHE.clear()
+        _EIGH_CACHE[key] = np.linalg.eigh(p_tilde)[1]
+    return _EIGH_CACHE[key]
+
+
 def ideal_low_pass(p_tilde: np.ndarray, item_degrees: np.ndarray, k: int) -> np.ndarray:
     """GF-CF's ideal low-pass filter D_I^-1/2 V_k V_k^T D_I^1/2, V_k the top-k right singular vectors of R~.
 
@@ -97,6 +113,5 @@ def ideal_low_pass(p_tilde: np.ndarray, item_degrees: np.ndarray, k: int) -> np.
     n = p_tilde.shape[0]
     if not 1 <= k <= n:
         raise ConfigError(f"model.factor_dim: must be in 1..{n} (the item count), got {k}")
-    _, vecs = np.linalg.eigh(p_tilde)  # ascending eigenvalues
-    v = vecs[:, n - k:]  # (n_items, k): the top k
+    v = _eigenvectors(p_tilde)[:, n - k:]  # (n_items, k): the top k
     return (degree_power(item_degrees, -0.5)[:, None] * v) @ (v.T * degree_power(item_degrees, 0.5)[None, :])

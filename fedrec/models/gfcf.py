@@ -1,6 +1,6 @@
 """GF-CF (Shen et al., "How Powerful is Graph Convolution for Recommendation?", CIKM 2021).
 
-Official code: github.com/yshenaw/GF_CF (``GF_CF`` in ``lgcn/model.py``; the same class is copied in
+Official code: github.com/yshenaw/GF_CF (class ``GF_CF`` in ``Table3&4/model.py``; the same class is copied in
 github.com/jeongwhanchoi/BSPM ``bspm/model.py``). As implemented there and here:
 
 * R~ = D_U^-1/2 R D_I^-1/2 (user and item degrees of the training matrix R);
