@@ -327,13 +327,13 @@ def write_chart(rows: list[dict], path: Path, title: str) -> None:
     keys = [k for k in ("test recall@20", "test ndcg@20", "test capped_recall@20") if any(k in r for r in rows)]
     x = np.arange(len(rows))
     width = 0.8 / len(keys)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(rows) + 4), 4))
     for j, k in enumerate(keys):
         ax.bar(x + (j - (len(keys) - 1) / 2) * width, [r.get(k, math.nan) for r in rows], width, label=k)
     ax.set_xticks(x, [r["model"] for r in rows], rotation=30, ha="right")
     ax.set_ylabel("test (chosen on validation)")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # beside the bars, never over one
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
