@@ -321,3 +321,18 @@ def test_every_registered_baseline_has_a_valid_space():
 
     specs = load_spaces()
     assert set(TRAINING_FREE + ["lightgcn", "bpr", "multvae", "diffrec"]) <= set(specs)
+
+
+def test_synthesize_utility_check_fits_a_training_free_model():
+    from fedrec.data import load_run_data
+    from simulations.synthesize import fit_and_evaluate
+
+    cfg = _cfg("federation=none", model="ease")
+    data = load_run_data(cfg.dataset, 0)
+    users = np.arange(data.n_users)
+    res = fit_and_evaluate(cfg, data.train, data, users, 0)
+    from fedrec.eval import evaluate_model
+
+    ref = _fitted({"name": "ease", "l2": float(cfg.model.l2)}, data.train)
+    assert res["epoch"] == 1
+    assert res["test"]["recall@20"] == pytest.approx(evaluate_model(ref, data, [10, 20])["test"]["recall@20"])
