@@ -242,8 +242,9 @@ def test_silo_node_graph_holds_only_its_users():
     np.testing.assert_array_equal(rows[[2, 5, 7]].toarray(), train[[2, 5, 7]].toarray())
 
 
-@pytest.mark.parametrize("name", TRAINING_FREE)
-@pytest.mark.parametrize("mode", ["federation=silo", "privacy=dpsgd"])
+# one check for every training-free model (ItemItemRecommender.trains_by_sgd); two of them suffice
+@pytest.mark.parametrize("name", ["pop", "bspm"])
+@pytest.mark.parametrize("mode", ["federation=silo", "federation=device", "privacy=dpsgd"])
 def test_training_free_refuses_federation_and_dpsgd(name, mode, tmp_path):
     from fedrec.experiment import execute
 
@@ -314,6 +315,14 @@ def test_leaderboard_bad_space_is_one_line(tmp_path):
     bad = {"ease": ModelSpec("ease", {}, [Param("model.lambda", "float", 1.0, 2.0)])}
     with pytest.raises(ConfigError, match=r"spaces.ease.space.model.lambda: no such key"):
         check_plan(opts, over, bad)
+
+
+def test_every_training_free_model_says_so():
+    from fedrec.models import REGISTRY
+
+    for name in TRAINING_FREE:
+        module, cls, _ = REGISTRY[name]
+        assert getattr(__import__(module, fromlist=[cls]), cls).trains_by_sgd is False
 
 
 def test_every_registered_baseline_has_a_valid_space():
