@@ -46,7 +46,9 @@ def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> No
     from fedrec.mechanisms import ServerContext, build_mechanisms
 
     mechanisms = build_mechanisms(cfg)
-    ctx = ServerContext(cfg=cfg, data=data, model=model, strategy=None)  # no strategy: centralised
+    ctx = ServerContext(cfg=cfg, data=data, model=model, strategy=None, mechanisms=mechanisms)  # no strategy: centralised
+    for m in mechanisms:
+        m.prepare_model(ctx)
     private = None  # a mechanism's trainer replacing the epoch (DP-SGD)
     for m in mechanisms:
         trainer = m.central_trainer(model, optimizer, rows, cfg, resume)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from omegaconf import OmegaConf
 
@@ -24,7 +25,10 @@ COMPANIONS = {("privacy", "dpsgd"): ["federation=none"],
               ("privacy", "user_dp"): ["federation=device", "federation.sampling=poisson"],
               ("privacy", "node_dp"): ["federation=silo"],
               ("attack", "fedrecattack"): ["federation=device", "model=bpr"],
-              ("strategy", "row_clip_sum"): ["federation=device", "model=bpr"]}
+              ("strategy", "row_clip_sum"): ["federation=device", "model=bpr"],
+              ("attack", "ipdgi"): ["federation=none", "model=vbpr"],
+              ("attack", "image_poison"): ["federation=none", "model=vbpr"],
+              ("defense", "image_purify"): ["federation=none", "model=vbpr"]}
 
 
 def test_groups_found():
@@ -78,7 +82,11 @@ def test_option_composes_and_validates(group, name):
 def test_model_option_builds(name):
     cfg = compose([f"model={name}"])
     rng = np.random.default_rng(0)
-    shape = DataShape(n_users=20, n_items=40, item_emb=rng.standard_normal((40, 8)).astype(np.float32))
+    from fedrec.data.side import ItemSideData
+
+    images = torch.from_numpy(rng.random((40, 3, 8, 8)).astype(np.float32))  # item images for VBPR
+    shape = DataShape(n_users=20, n_items=40, item_emb=rng.standard_normal((40, 8)).astype(np.float32),
+                      item_side=ItemSideData(images=images))
     model = build_model(cfg.model, shape)
     assert model.name == name
     if not model.trains_by_sgd:  # training-free (EASE, GF-CF, ...): fitted in closed form, no optimiser

@@ -218,7 +218,6 @@ def test_missing_image_names_item_and_folder(tmp_path):
 
 
 @pytest.mark.parametrize("kw,key", [
-    ({"images": "synthetic"}, "dataset.images=synthetic"),
     ({"images": "folder"}, "dataset.image_folder"),
     ({"images": "pictures"}, "dataset.images"),
     ({"image_size": 0}, "dataset.image_size"),

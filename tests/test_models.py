@@ -23,6 +23,7 @@ TINY: dict[str, dict] = {
     "ldiffrec": {"name": "ldiffrec", "in_dims": [8], "mlp_dims": [8], "n_cate": 2, "steps": 5,
                  "vae_anneal_steps": 0},
     "bpr": {"name": "bpr", "embedding_size": 8, "n_samples_per_user": 4},
+    "vbpr": {"name": "vbpr", "embedding_size": 8, "visual_size": 4, "extractor_channels": [8], "n_samples_per_user": 4},
     "multvae": {"name": "multvae", "hidden_dims": [16], "latent_dim": 8, "total_anneal_steps": 0},
     "sasrec_lite": {"name": "sasrec_lite", "hidden_dim": 16, "max_len": 6, "dropout": 0.0},
     # baselines; the training-free ones are tested in tests/test_baselines.py (no loss to descend)
@@ -42,8 +43,12 @@ def test_tiny_covers_registry():
 
 
 def _shape(seed: int = 0) -> DataShape:
+    from fedrec.data.side import ItemSideData
+
     rng = np.random.default_rng(seed)
-    return DataShape(N_USERS, N_ITEMS, item_emb=rng.standard_normal((N_ITEMS, 4)).astype(np.float32))
+    images = torch.from_numpy(rng.random((N_ITEMS, 3, 8, 8)).astype(np.float32))  # for VBPR's visual features
+    return DataShape(N_USERS, N_ITEMS, item_emb=rng.standard_normal((N_ITEMS, 4)).astype(np.float32),
+                     item_side=ItemSideData(images=images))
 
 
 def _data(seed: int = 0) -> Batch:
@@ -306,7 +311,8 @@ def test_bpr_defaults_follow_recbole():
     assert OmegaConf.load(CONF / "bpr.yaml").optim.batch_size == 2048  # RecBole's train_batch_size
     assert _build("bpr").train_unit == "interaction"
     assert _build("bpr", sampling="user").train_unit == "user"
-    assert all(_build(name).train_unit == "user" for name in REGISTRY if name != "bpr")
+    assert _build("vbpr").train_unit == "interaction"  # VBPR trains like BPR
+    assert all(_build(name).train_unit == "user" for name in REGISTRY if name not in ("bpr", "vbpr"))
 
 
 def test_bpr_interaction_epoch_visits_each_training_interaction_once():

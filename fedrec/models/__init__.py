@@ -19,6 +19,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "diffrec": ("fedrec.models.diffrec", "DiffRec", "DiffRecConfig"),
     "ldiffrec": ("fedrec.models.ldiffrec", "LDiffRec", "LDiffRecConfig"),
     "bpr": ("fedrec.models.bpr", "BPRMF", "BPRConfig"),
+    "vbpr": ("fedrec.models.vbpr", "VBPR", "VBPRConfig"),
     "multvae": ("fedrec.models.multvae", "MultVAE", "MultVAEConfig"),
     "sasrec_lite": ("fedrec.models.sasrec", "SASRecLite", "SASRecConfig"),
     # baselines (issue 13): training-free item-item models and LightGCN

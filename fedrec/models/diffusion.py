@@ -569,10 +569,16 @@ class DDIMSampler(Sampler):
             if grad is not None:
                 eps = eps - d.sqrt_one_minus_ac[i] * grad
                 x0 = (x - d.sqrt_one_minus_ac[i] * eps) / d.sqrt_ac[i]
+            x0, eps = self.refine(d, x, x0, eps, i)
             if j == len(seq) - 1:
                 return x0
             x = self._step(d, x0, eps, i, int(seq[j + 1]), generator)
         return x
+
+    def refine(self, d: GaussianDiffusion, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, i: int):
+        """(x0_hat, eps_hat) at step i after guidance; a subclass may change the clean estimate here
+        (e.g. backward universal guidance, Bansal et al. 2023), re-deriving eps_hat from x_t. Identity."""
+        return x0, eps
 
     def _step(self, d: GaussianDiffusion, x0, eps, i: int, s: int, generator) -> torch.Tensor:
         if self.eta == 0:
