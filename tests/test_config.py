@@ -14,7 +14,8 @@ from fedrec.errors import ConfigError
 from fedrec.models import REGISTRY, build_model
 from fedrec.models.base import DataShape
 
-OPTIONS = sorted((p.parent.name, p.stem) for p in Path(CONF_DIR).glob("*/*.yaml"))
+# conf/leaderboard/ holds simulations.leaderboard's own options and search spaces, not a run-config group
+OPTIONS = sorted((p.parent.name, p.stem) for p in Path(CONF_DIR).glob("*/*.yaml") if p.parent.name != "leaderboard")
 # groups named in config.yaml's defaults list (override as group=name; others need +group=name)
 DEFAULT_GROUPS = {k for d in OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").defaults)
                   if isinstance(d, dict) for k in d}
@@ -89,6 +90,9 @@ def test_model_option_builds(name):
                       item_side=ItemSideData(images=images))
     model = build_model(cfg.model, shape)
     assert model.name == name
+    if not model.trains_by_sgd:  # training-free (EASE, GF-CF, ...): fitted in closed form, no optimiser
+        assert "optim" not in cfg.model and not list(model.parameters())
+        return
     assert sum(p.numel() for p in model.parameters()) > 0
     for key in ("lr", "weight_decay", "batch_size"):
         assert key in cfg.model.optim

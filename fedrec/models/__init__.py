@@ -22,6 +22,14 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "vbpr": ("fedrec.models.vbpr", "VBPR", "VBPRConfig"),
     "multvae": ("fedrec.models.multvae", "MultVAE", "MultVAEConfig"),
     "sasrec_lite": ("fedrec.models.sasrec", "SASRecLite", "SASRecConfig"),
+    # baselines (issue 13): training-free item-item models and LightGCN
+    "pop": ("fedrec.models.pop", "Pop", "PopConfig"),
+    "itemknn": ("fedrec.models.itemknn", "ItemKNN", "ItemKNNConfig"),
+    "ease": ("fedrec.models.ease", "EASE", "EASEConfig"),
+    "gfcf": ("fedrec.models.gfcf", "GFCF", "GFCFConfig"),
+    "turbocf": ("fedrec.models.turbocf", "TurboCF", "TurboCFConfig"),
+    "bspm": ("fedrec.models.bspm", "BSPM", "BSPMConfig"),
+    "lightgcn": ("fedrec.models.lightgcn", "LightGCN", "LightGCNConfig"),
 }
 
 NON_MODEL_KEYS = {"name", "optim"}
