@@ -21,6 +21,7 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "bpr": ("fedrec.models.bpr", "BPRMF", "BPRConfig"),
     "multvae": ("fedrec.models.multvae", "MultVAE", "MultVAEConfig"),
     "sasrec_lite": ("fedrec.models.sasrec", "SASRecLite", "SASRecConfig"),
+    "giffcf": ("fedrec.models.giffcf", "GiffCF", "GiffCFConfig"),
 }
 
 NON_MODEL_KEYS = {"name", "optim"}
@@ -87,12 +88,15 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
             data._svd_item_emb = svd_item_embeddings(data.train, svd_dim, seed)
         return data._svd_item_emb
 
-    def co_graph():
-        if getattr(data, "_co_graph", None) is None:
+    def co_graph(**weighting):
+        # one cached graph per weighting (GiffCF's normalised one beside the plain counts)
+        cache = data.__dict__.setdefault("_co_graphs", {})
+        key = tuple(sorted(weighting.items()))
+        if key not in cache:
             from fedrec.data.side import co_interaction_graph
 
-            data._co_graph = co_interaction_graph(data.train)
-        return data._co_graph
+            cache[key] = co_interaction_graph(data.train, **weighting)
+        return cache[key]
 
     side = data.item_side
     wants_co_graph = side.graph is None and side.private_graph == "co_interaction"
