@@ -9,7 +9,13 @@ equal figures mean fedrec's graph, filters, denoiser, sampler and metric are the
     python -m simulations.giffcf_official /path/to/GiffCF/checkpoints/legacy/movielens.keras \
         [dataset=diffrec-ml-1m-clean] [other overrides]
 
-Needs ``h5py`` (``pip install fedrec[official]``).
+With ``train.epochs=N`` (N > 0) it first trains N epochs from those weights with fedrec's trainer
+(Adam at ``model.optim``, shuffled batches), printing each epoch's mean loss: started from the
+official code's initial weights (``model.save_weights`` after its ``seed_everything``/``load_model``)
+this is a side-by-side of the training curves from the same initialisation. Without ``train.epochs``
+it only scores.
+
+Needs ``h5py`` (``pip install -e .[official]``).
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ def official_state(path: str | Path) -> dict[str, torch.Tensor]:
     """fedrec GiffCF parameters from an official HDF5 weights file (Keras kernels transposed).
 
     The legacy and the retrained checkpoints nest the mixers' Dense layers differently
-    (``denoiser/dense_4`` vs ``denoiser/simple_mixer/dense_4``); the layer names are the same.
+    (``denoiser/dense_4`` vs ``denoiser/simple_mixer/dense_4``); the layer names are the same. A
+    ``model.save_weights("x.weights.h5")`` file of the official code names them by attribute instead
+    (``denoiser/embed_mixer/hidden/vars/0``), which are fedrec's names.
     """
     try:
         import h5py
@@ -48,7 +56,16 @@ def official_state(path: str | Path) -> dict[str, torch.Tensor]:
     state = {}
     for name, value in arrays.items():
         parts = name.split("/")
-        if parts[-1] == "item_embed:0":
+        if parts[-2:-1] == ["vars"]:  # Keras 3 ``.weights.h5`` layout: denoiser/<attribute>/<layer>/vars/<i>
+            if parts[:-2] == ["denoiser"]:
+                state["denoiser.item_embed"] = torch.from_numpy(value)
+            elif parts[0] == "denoiser" and len(parts) == 5:
+                module = f"denoiser.{parts[1]}.{parts[2]}"
+                if parts[-1] == "0":
+                    state[f"{module}.weight"] = torch.from_numpy(value).T.contiguous()
+                else:
+                    state[f"{module}.bias"] = torch.from_numpy(value)
+        elif parts[-1] == "item_embed:0":
             state["denoiser.item_embed"] = torch.from_numpy(value)
         elif len(parts) >= 2 and parts[-2] in KERAS_DENSE_TO_FEDREC:
             module = KERAS_DENSE_TO_FEDREC[parts[-2]]
@@ -70,7 +87,7 @@ def main(argv: list[str]) -> dict:
 
     conf = Path(__file__).resolve().parents[1] / "conf"
     overrides = ["dataset=diffrec-ml-1m-clean", "model=giffcf", "federation=none", "dataset.item_graph=co_interaction",
-                 *argv[1:]]
+                 "train.epochs=0", *argv[1:]]
     with initialize_config_dir(str(conf), version_base=None):
         cfg = compose("config", overrides=overrides)
     data = load_dataset(cfg.dataset, int(cfg.seed))
@@ -78,6 +95,17 @@ def main(argv: list[str]) -> dict:
     model = build_model(cfg.model, data_shape(data, seed=int(cfg.seed)))
     build_s = time.perf_counter() - t0
     model.load_state_dict(official_state(argv[0]), strict=True)  # every parameter, nothing else
+    if int(cfg.train.epochs) > 0:
+        from fedrec.train import make_optimizer, model_rows, train_epoch
+
+        torch.manual_seed(int(cfg.seed))
+        optimizer = make_optimizer(model, cfg.model.optim)
+        rows = model_rows(model, data, np.arange(data.n_users))
+        rng = np.random.default_rng(int(cfg.seed))
+        for epoch in range(1, int(cfg.train.epochs) + 1):
+            t0 = time.perf_counter()
+            stats = train_epoch(model, optimizer, rows, int(cfg.model.optim.batch_size), rng)
+            print(f"epoch {epoch} loss {stats['loss']:.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
     t0 = time.perf_counter()
     res = evaluate_model(model, data, list(cfg.eval.ks), int(cfg.eval.batch_size))
     eval_s = time.perf_counter() - t0

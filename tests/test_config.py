@@ -77,7 +77,13 @@ def test_option_composes_and_validates(group, name):
 def test_model_option_builds(name):
     cfg = compose([f"model={name}"])
     rng = np.random.default_rng(0)
-    shape = DataShape(n_users=20, n_items=40, item_emb=rng.standard_normal((40, 8)).astype(np.float32))
+    import scipy.sparse as sp
+
+    from fedrec.data.side import co_interaction_graph
+
+    train = sp.csr_matrix((rng.random((20, 40)) < 0.2).astype(np.float32))  # for models smoothing over it (giffcf)
+    shape = DataShape(n_users=20, n_items=40, item_emb=rng.standard_normal((40, 8)).astype(np.float32),
+                      item_graph_fn=lambda **weighting: co_interaction_graph(train, **weighting))
     model = build_model(cfg.model, shape)
     assert model.name == name
     assert sum(p.numel() for p in model.parameters()) > 0

@@ -24,6 +24,7 @@ TINY: dict[str, dict] = {
     "bpr": {"name": "bpr", "embedding_size": 8, "n_samples_per_user": 4},
     "multvae": {"name": "multvae", "hidden_dims": [16], "latent_dim": 8, "total_anneal_steps": 0},
     "sasrec_lite": {"name": "sasrec_lite", "hidden_dim": 16, "max_len": 6, "dropout": 0.0},
+    "giffcf": {"name": "giffcf", "embed_dim": 8},
 }
 SEQ_LEN = 6
 
@@ -34,7 +35,13 @@ def test_tiny_covers_registry():
 
 def _shape(seed: int = 0) -> DataShape:
     rng = np.random.default_rng(seed)
-    return DataShape(N_USERS, N_ITEMS, item_emb=rng.standard_normal((N_ITEMS, 4)).astype(np.float32))
+    import scipy.sparse as sp
+
+    from fedrec.data.side import co_interaction_graph
+
+    train = sp.csr_matrix(_data(seed).x.numpy())  # the co-interaction graph of the rows the tests train on
+    return DataShape(N_USERS, N_ITEMS, item_emb=rng.standard_normal((N_ITEMS, 4)).astype(np.float32),
+                     item_graph_fn=lambda **weighting: co_interaction_graph(train, **weighting))
 
 
 def _data(seed: int = 0) -> Batch:

@@ -54,6 +54,23 @@ def model_config(cfg: Any):
     return cls(**kwargs)
 
 
+def check_dataset_needs(cfg: Any) -> None:
+    """What the run's model needs from the dataset config, checked before any file is read.
+
+    A model config class may name the item graph it smooths over (``ITEM_GRAPH``, GiffCF:
+    "co_interaction"); the run must ask the dataset for it (``dataset.item_graph``).
+    """
+    name = _plain(cfg.model).get("name")
+    if name not in REGISTRY:
+        return  # model_config / build_model name the bad model
+    module, _, cfg_cls = REGISTRY[name]
+    need = getattr(getattr(__import__(module, fromlist=[cfg_cls]), cfg_cls), "ITEM_GRAPH", None)
+    have = cfg.get("dataset", {}).get("item_graph", None)
+    if need is not None and str(have) != need:
+        raise ConfigError(f"dataset.item_graph: model {name!r} smooths over the {need} item graph; set "
+                          f"dataset.item_graph={need} (got {have!r}; it is refused under DP: the graph is private)")
+
+
 def build_model(cfg: Any, shape: DataShape) -> Recommender:
     mcfg = model_config(cfg)
     name = _plain(cfg)["name"]
@@ -105,4 +122,4 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
                      item_side=side, item_graph_fn=co_graph if wants_co_graph else None)
 
 
-__all__ = ["Batch", "DataShape", "Recommender", "build_model", "model_config", "data_shape", "svd_item_embeddings", "REGISTRY"]
+__all__ = ["Batch", "DataShape", "Recommender", "build_model", "check_dataset_needs", "model_config", "data_shape", "svd_item_embeddings", "REGISTRY"]

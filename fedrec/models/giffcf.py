@@ -62,6 +62,7 @@ Deviations, each with its reason:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -84,6 +85,8 @@ TIME_DIM = 20
 
 @dataclass
 class GiffCFConfig:
+    ITEM_GRAPH: ClassVar[str] = "co_interaction"  # checked by fedrec.config.validate (check_dataset_needs)
+
     embed_dim: int = 200  # d, item embedding size
     steps: int = 3  # T, diffusion steps
     alpha: float = 1.5  # smoothing strength at t = T
@@ -200,7 +203,8 @@ class GiffCF(Recommender):
         else:
             coo = a.tocoo()
             idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
-            self.register_buffer("graph", torch.sparse_coo_tensor(idx, torch.from_numpy(coo.data), (n, n)).coalesce(),
+            self.register_buffer("graph", torch.sparse_coo_tensor(idx, torch.from_numpy(coo.data), (n, n),
+                                                         check_invariants=True).coalesce(),
                                  persistent=False)
         self.register_buffer("eigen_vectors", torch.from_numpy(vecs.astype(np.float32)), persistent=False)
         self.register_buffer("top_eigenvalue", torch.tensor(float(vals[0])), persistent=False)
