@@ -23,7 +23,8 @@ COMPANIONS = {("privacy", "dpsgd"): ["federation=none"],
               ("privacy", "user_dp"): ["federation=device", "federation.sampling=poisson"],
               ("privacy", "node_dp"): ["federation=silo"],
               ("attack", "fedrecattack"): ["federation=device", "model=bpr"],
-              ("strategy", "row_clip_sum"): ["federation=device", "model=bpr"]}
+              ("strategy", "row_clip_sum"): ["federation=device", "model=bpr"],
+              ("model", "giffcf"): ["dataset.item_graph=co_interaction"]}  # GiffCF smooths over that graph
 
 
 def test_groups_found():
