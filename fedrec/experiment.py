@@ -65,7 +65,7 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
         raise ConfigError(f"model.optim.batch_size: must be >= 1, got {cfg.model.optim.batch_size}")
     from fedrec.federated.validation import check_run
 
-    check_run(cfg, data, model, simulated=grid is None)  # strategy, sampling, local training, partition: before any file
+    check_run(cfg, data, model, simulated=grid is None and cfg.federation.get("backend", "ray") == "ray")  # strategy, sampling, local training, partition: before any file
     check_logger(cfg)
 
     resume = None
@@ -99,6 +99,10 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
             from fedrec.federated.server_app import serve
 
             serve(grid, cfg, data, recorder, resume)
+        elif cfg.federation.get("backend", "ray") == "inprocess":
+            from fedrec.federated.inprocess import run_inprocess
+
+            run_inprocess(cfg, data, recorder, resume)
         else:
             from fedrec.federated.simulation import simulate
 
