@@ -13,7 +13,8 @@ With ``train.epochs=N`` (N > 0) it first trains N epochs from those weights with
 (Adam at ``model.optim``, shuffled batches), printing each epoch's mean loss: started from the
 official code's initial weights (``model.save_weights`` after its ``seed_everything``/``load_model``)
 this is a side-by-side of the training curves from the same initialisation. Without ``train.epochs``
-it only scores.
+it only scores; every ``train.eval_every`` epochs of training it prints the validation and test
+figures.
 
 Needs ``h5py`` (``pip install -e .[official]``).
 """
@@ -106,6 +107,11 @@ def main(argv: list[str]) -> dict:
             t0 = time.perf_counter()
             stats = train_epoch(model, optimizer, rows, int(cfg.model.optim.batch_size), rng)
             print(f"epoch {epoch} loss {stats['loss']:.4f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+            if epoch % int(cfg.train.eval_every) == 0 and epoch < int(cfg.train.epochs):
+                mid = evaluate_model(model, data, list(cfg.eval.ks), int(cfg.eval.batch_size))
+                print(f"  epoch {epoch} valid capped_recall@20 {mid['valid']['capped_recall@20']:.4f} test "
+                      f"capped_recall@20 {mid['test']['capped_recall@20']:.4f} ndcg@20 {mid['test']['ndcg@20']:.4f}",
+                      flush=True)
     t0 = time.perf_counter()
     res = evaluate_model(model, data, list(cfg.eval.ks), int(cfg.eval.batch_size))
     eval_s = time.perf_counter() - t0
