@@ -15,7 +15,7 @@ from fedrec.errors import ConfigError
 from fedrec.typed_config import typed_block
 
 FEDERATION_MODES = ("none", "silo", "device")
-_METRICS = ("recall", "ndcg", "hr", "precision", "mrr")
+_METRICS = ("recall", "ndcg", "hr", "precision", "mrr", "capped_recall")  # fedrec.eval.metrics.METRICS
 
 
 def _positive(value, key: str) -> None:

@@ -25,11 +25,12 @@ COMPANIONS = {("privacy", "dpsgd"): ["federation=none"],
               ("privacy", "user_dp"): ["federation=device", "federation.sampling=poisson"],
               ("privacy", "node_dp"): ["federation=silo"],
               **{("attack", a): ["federation=device", "model=bpr"]
-                 for a in ("fedrecattack", "pipattack", "ara", "ahum", "untargeted", "random_update")},
+                 for a in ("fedrecattack", "fedrecattack_unpopular", "pipattack", "ara", "ahum", "untargeted", "random_update")},
               ("strategy", "row_clip_sum"): ["federation=device", "model=bpr"],
               ("attack", "ipdgi"): ["federation=none", "model=vbpr"],
               ("attack", "image_poison"): ["federation=none", "model=vbpr"],
-              ("defense", "image_purify"): ["federation=none", "model=vbpr"]}
+              ("defense", "image_purify"): ["federation=none", "model=vbpr"],
+              ("model", "giffcf"): ["dataset.item_graph=co_interaction"]}  # GiffCF smooths over that graph
 
 
 def test_groups_found():
@@ -83,11 +84,15 @@ def test_option_composes_and_validates(group, name):
 def test_model_option_builds(name):
     cfg = compose([f"model={name}"])
     rng = np.random.default_rng(0)
-    from fedrec.data.side import ItemSideData
+    import scipy.sparse as sp
+
+    from fedrec.data.side import ItemSideData, co_interaction_graph
 
     images = torch.from_numpy(rng.random((40, 3, 8, 8)).astype(np.float32))  # item images for VBPR
+    train = sp.csr_matrix((rng.random((20, 40)) < 0.2).astype(np.float32))  # for models smoothing over it (giffcf)
     shape = DataShape(n_users=20, n_items=40, item_emb=rng.standard_normal((40, 8)).astype(np.float32),
-                      item_side=ItemSideData(images=images))
+                      item_side=ItemSideData(images=images),
+                      item_graph_fn=lambda **weighting: co_interaction_graph(train, **weighting))
     model = build_model(cfg.model, shape)
     assert model.name == name
     if not model.trains_by_sgd:  # training-free (EASE, GF-CF, ...): fitted in closed form, no optimiser

@@ -34,6 +34,7 @@ TINY: dict[str, dict] = {
     "gfcf": {"name": "gfcf", "factor_dim": 8},
     "turbocf": {"name": "turbocf"},
     "bspm": {"name": "bspm", "factor_dim": 8},
+    "giffcf": {"name": "giffcf", "embed_dim": 8},
 }
 SEQ_LEN = 6
 
@@ -47,8 +48,14 @@ def _shape(seed: int = 0) -> DataShape:
 
     rng = np.random.default_rng(seed)
     images = torch.from_numpy(rng.random((N_ITEMS, 3, 8, 8)).astype(np.float32))  # for VBPR's visual features
+    import scipy.sparse as sp
+
+    from fedrec.data.side import co_interaction_graph
+
+    train = sp.csr_matrix(_data(seed).x.numpy())  # the co-interaction graph of the rows the tests train on
     return DataShape(N_USERS, N_ITEMS, item_emb=rng.standard_normal((N_ITEMS, 4)).astype(np.float32),
-                     item_side=ItemSideData(images=images))
+                     item_side=ItemSideData(images=images),
+                     item_graph_fn=lambda **weighting: co_interaction_graph(train, **weighting))
 
 
 def _data(seed: int = 0) -> Batch:

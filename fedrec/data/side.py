@@ -108,12 +108,37 @@ def category_graph(categories: ItemCategories) -> sp.csr_matrix:
     return _without_diagonal(c @ c.T)
 
 
-def co_interaction_graph(train: sp.csr_matrix) -> sp.csr_matrix:
-    """Item-item co-occurrence from the **training** matrix only: weight = number of users whose
-    training row holds both items. PRIVATE: derived from the users' interactions (refused under DP)."""
-    x = sp.csr_matrix(train, dtype=np.float32)
+def co_interaction_graph(train: sp.csr_matrix, user_power: float = 0.0, item_power: float = 0.0,
+                         diagonal: bool = False) -> sp.csr_matrix:
+    """Item-item co-occurrence from the **training** matrix only. PRIVATE: derived from the users'
+    interactions (refused under DP).
+
+    With the defaults, weight = number of users whose training row holds both items, no self-loops.
+    A weighting gives D_I^p R^T D_U^q R D_I^p for the binarised training matrix R (users x items),
+    D_U / D_I its user / item degrees, q = ``user_power``, p = ``item_power`` (a degree 0 gets weight
+    0), keeping the diagonal with ``diagonal``: GiffCF's graph is q = p = -1/2 with the diagonal
+    (official ``adj_right = D_U^-1/4 R D_I^-1/2``, A = adj_right^T adj_right), GF-CF's q = -1, p = -1/2.
+    Computed in float64, returned float32.
+    """
+    x = sp.csr_matrix(train, dtype=np.float64)
     x.data[:] = 1.0
-    return _without_diagonal(x.T @ x)
+    if user_power == 0.0 and item_power == 0.0:
+        g = x.T @ x
+        return sp.csr_matrix(g, dtype=np.float32) if diagonal else _without_diagonal(g)
+
+    def powered(deg: np.ndarray, p: float) -> np.ndarray:
+        out = np.zeros_like(deg)
+        np.power(deg, p, out=out, where=deg > 0)
+        return out
+
+    du = powered(np.asarray(x.sum(axis=1)).ravel(), user_power)
+    di = powered(np.asarray(x.sum(axis=0)).ravel(), item_power)
+    g = sp.diags(di) @ (x.T @ sp.diags(du) @ x) @ sp.diags(di)
+    g = sp.csr_matrix(g, dtype=np.float32)
+    if not diagonal:
+        return _without_diagonal(g)
+    g.sort_indices()
+    return g
 
 
 # --------------------------------------------------------------------------- images

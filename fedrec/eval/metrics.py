@@ -4,6 +4,9 @@ Protocol (DiffRec's and RecBole's): score every item, mask the user's training i
 validation items), take the top K. With binary relevance, per user:
 
 * ``recall@K``    = hits in top K / number of the user's held-out items
+* ``capped_recall@K`` = hits in top K / min(K, number of held-out items): GiffCF's "Recall"
+  (github.com/VinciZhu/GiffCF ``models/recommender.py``: ``hits / minimum(target_sum, k)``), 1 when
+  the top K is all hits however many items are held out; equal to recall@K for users with at most K
 * ``precision@K`` = hits / K
 * ``hr@K``        = 1 if any hit
 * ``ndcg@K``      = sum_{hit at rank r} 1/log2(r+2) / sum_{r < min(n_target, K)} 1/log2(r+2)
@@ -41,7 +44,7 @@ import torch
 
 from fedrec.errors import ConfigError
 
-METRICS = ("recall", "ndcg", "hr", "precision", "mrr")
+METRICS = ("recall", "ndcg", "hr", "precision", "mrr", "capped_recall")
 
 
 def check_ks(ks: Iterable[int], n_items: int) -> list[int]:
@@ -79,8 +82,10 @@ def topk_metric_sums(scores: torch.Tensor, target: torch.Tensor, ks: list[int]) 
     out: dict[str, torch.Tensor] = {}
     for k in ks:
         h = cum_hits[:, k - 1]
-        ideal = cum_idcg[(torch.clamp(n_target, max=k) - 1).long()]
+        capped = torch.clamp(n_target, max=k)
+        ideal = cum_idcg[(capped - 1).long()]
         out[f"recall@{k}"] = (h / n_target).sum()
+        out[f"capped_recall@{k}"] = (h / capped).sum()
         out[f"precision@{k}"] = (h / k).sum()
         out[f"hr@{k}"] = (h > 0).float().sum()
         out[f"ndcg@{k}"] = (cum_dcg[:, k - 1] / ideal).sum()

@@ -67,7 +67,7 @@ class DataShape:
     item_emb: np.ndarray | None = None
     item_emb_fn: Callable[[], np.ndarray | None] | None = field(default=None, repr=False)
     item_side: ItemSideData = field(default_factory=ItemSideData, repr=False)
-    item_graph_fn: Callable[[], sp.csr_matrix] | None = field(default=None, repr=False)
+    item_graph_fn: Callable[..., sp.csr_matrix] | None = field(default=None, repr=False)
 
     def item_embeddings(self) -> np.ndarray | None:
         if self.item_emb is None and self.item_emb_fn is not None:
@@ -81,6 +81,12 @@ class DataShape:
         if self.item_graph_fn is not None:
             return self.item_graph_fn()
         return None
+
+    def co_interaction_graph(self, **weighting) -> sp.csr_matrix | None:
+        """The private co-interaction graph with a weighting (the keywords of
+        :func:`fedrec.data.side.co_interaction_graph`: ``user_power``, ``item_power``, ``diagonal``),
+        or None unless the dataset asks for it (``dataset.item_graph=co_interaction``)."""
+        return None if self.item_graph_fn is None else self.item_graph_fn(**weighting)
 
 
 @dataclass

@@ -55,6 +55,16 @@ the samplers live here, and a model hands the core its denoiser as a callable. W
    tensor they shape (``generate``: the generator's device), so a model on a GPU takes a CUDA
    generator (``fedrec.rng.torch_stream(..., device=...)``; ``global_generator(device)`` for None).
 
+9. Graph-signal diffusion (:class:`GraphSignalDiffusion`, GiffCF: Zhu et al., SIGIR 2024,
+   github.com/VinciZhu/GiffCF ``models/giff_cf.py``): a deterministic forward process that smooths
+   the interaction vector over an item-item graph instead of drowning it in noise,
+   z_t = x + alpha (t / T) (A x - x), t = 0..T (the first-order form of the heat equation
+   dz/dt = -L z, L = I - A, that the official code uses), optionally plus Gaussian noise of std
+   noise_scale * noise_decay^(T - t); its training loss (per-example *sum* of squared errors of the
+   x0 prediction, t uniform in 1..T) and its DDIM-like sampler (predict x0 at z_t, re-smooth it to
+   step s = t - 1 and carry the residual z_t - F_t(x0_hat) over scaled by noise_decay^(t - s)).
+   The caller supplies the smoothing operator ``smooth(x) -> A x`` (row vectors) and the denoiser.
+
 Draw order (what a reference given "the same noise" must replay): training draws t, then the noise,
 then the dropout mask; an ancestral sampler draws one ``randn(x.shape)`` per step from ``start`` down
 to step 1; DDIM with eta > 0 one per step of its subsequence except the last.
@@ -599,3 +609,96 @@ class DDIMSampler(Sampler):
 def few_step(k: int) -> DDIMSampler:
     """The few-step sampler: deterministic DDIM (eta = 0) on k evenly spaced steps (Song et al. 2021, 4.2)."""
     return DDIMSampler(steps=k, eta=0.0)
+
+
+# ---------------------------------------------------------------------------- graph-signal diffusion
+#: ``smooth(x) -> A x`` for row vectors x (B, n_items): the graph filter of a graph-signal diffusion
+Smoother = Callable[[torch.Tensor], torch.Tensor]
+
+
+class GraphSignalDiffusion:
+    """GiffCF's forward process, loss and sampler (item 9 of the module docstring).
+
+    ``filter(x, ax, t) = x + alpha * t / T * (ax - x)`` with ``ax = smooth(x)`` is the official
+    ``GiffCF.filter``; ``sigma(t) = noise_scale * noise_decay ** (T - t)`` its ``sigma``. Timesteps
+    are integers 0..T: 0 is the data, T the most smoothed signal (official ``t = linspace(0, T, T+1)``).
+    """
+
+    def __init__(self, steps: int, alpha: float, noise_scale: float = 0.0, noise_decay: float = 0.5,
+                 what: str = "model"):
+        if int(steps) < 1:
+            raise ConfigError(f"{what}.steps: must be >= 1, got {steps}")
+        if not np.isfinite(alpha) or alpha <= 0:
+            raise ConfigError(f"{what}.alpha: must be a positive number, got {alpha}")
+        if noise_scale < 0:
+            raise ConfigError(f"{what}.noise_scale: must be >= 0, got {noise_scale}")
+        if noise_decay < 0:
+            raise ConfigError(f"{what}.noise_decay: must be >= 0, got {noise_decay}")
+        self.steps, self.alpha = int(steps), float(alpha)
+        self.noise_scale, self.noise_decay = float(noise_scale), float(noise_decay)
+
+    def _t(self, t, x: torch.Tensor) -> torch.Tensor:
+        """t (an int or a (B,) tensor) as float32 broadcasting over x's trailing dimensions."""
+        if not torch.is_tensor(t):
+            return torch.tensor(float(t), dtype=x.dtype, device=x.device)
+        return expand_to(t.to(x.dtype), x)
+
+    def filter(self, x: torch.Tensor, ax: torch.Tensor, t) -> torch.Tensor:
+        """The smoothed signal at step t: x + alpha (t / T) (A x - x)."""
+        return x + self.alpha * self._t(t, x) / self.steps * (ax - x)
+
+    def sigma(self, t, x: torch.Tensor) -> torch.Tensor:
+        return self.noise_scale * self.noise_decay ** (self.steps - self._t(t, x))
+
+    def q_sample(self, x0: torch.Tensor, ax0: torch.Tensor, t: torch.Tensor,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z_t = filter(x0, A x0, t) (+ sigma_t * noise when noise_scale > 0)."""
+        z = self.filter(x0, ax0, t)
+        if self.noise_scale > 0:
+            if noise is None:
+                raise ValueError("GraphSignalDiffusion.q_sample: noise_scale > 0 needs the noise")
+            z = z + self.sigma(t, x0) * noise
+        return z
+
+    def sample_timesteps(self, n: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """t uniform in 1..T (official ``tf.random.uniform((B, 1), 1, T + 1, dtype=int32)``)."""
+        return torch.randint(1, self.steps + 1, (n,), device=device, generator=generator)
+
+    def training_loss(self, denoise: Denoiser, x0: torch.Tensor, ax0: torch.Tensor,
+                      t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Per-example sum over items of (x0 - denoise(z_t, t))^2 (official ``train_step``).
+
+        Draws t, then the noise (only when noise_scale > 0), unless given explicitly.
+        """
+        if t is None:
+            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
+        if noise is None and self.noise_scale > 0:
+            noise = gaussian_like(x0, generator)
+        z_t = self.q_sample(x0, ax0, t, noise)
+        pred = denoise(z_t, t)
+        loss = ((x0 - pred) ** 2).sum(dim=tuple(range(1, x0.dim())))
+        return {"loss": loss, "pred_x0": pred, "t": t}
+
+    @torch.no_grad()
+    def sample(self, denoise: Denoiser, x: torch.Tensor, smooth: Smoother,
+               ax: torch.Tensor | None = None) -> torch.Tensor:
+        """The official DDIM-like sampler from the user's history x (deterministic).
+
+        z_T = filter(x, A x, T); for t = T..1, s = t - 1: x0_hat = denoise(z_t, t),
+        z_s = filter(x0_hat, A x0_hat, s) + noise_decay^(t - s) (z_t - filter(x0_hat, A x0_hat, t))
+        (the residual term only when noise_decay > 0, as the official code); returns z_0.
+        """
+        ax = smooth(x) if ax is None else ax
+        z = self.filter(x, ax, self.steps)
+        n = x.shape[0]
+        for t in range(self.steps, 0, -1):
+            s = t - 1
+            x0 = denoise(z, torch.full((n,), t, dtype=torch.long, device=x.device))
+            ax0 = smooth(x0)
+            z_s = self.filter(x0, ax0, s)
+            if self.noise_decay > 0:
+                z = z_s + self.noise_decay ** (t - s) * (z - self.filter(x0, ax0, t))
+            else:
+                z = z_s
+        return z
