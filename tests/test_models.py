@@ -44,14 +44,12 @@ def test_tiny_covers_registry():
 
 
 def _shape(seed: int = 0) -> DataShape:
-    from fedrec.data.side import ItemSideData
+    import scipy.sparse as sp
+
+    from fedrec.data.side import ItemSideData, co_interaction_graph
 
     rng = np.random.default_rng(seed)
     images = torch.from_numpy(rng.random((N_ITEMS, 3, 8, 8)).astype(np.float32))  # for VBPR's visual features
-    import scipy.sparse as sp
-
-    from fedrec.data.side import co_interaction_graph
-
     train = sp.csr_matrix(_data(seed).x.numpy())  # the co-interaction graph of the rows the tests train on
     return DataShape(N_USERS, N_ITEMS, item_emb=rng.standard_normal((N_ITEMS, 4)).astype(np.float32),
                      item_side=ItemSideData(images=images),
