@@ -18,6 +18,10 @@ class CleanTargetsConfig:
     targets: tuple[str, ...] | None = None  # item ids as in the data files
     target_selection: str | None = None  # unpopular | random: a keyed draw, as every attack's under one seed
     n_targets: int = 1
+    # A grid sets one budget for every attack it sweeps (experiment=defense_grid: attack.fraction=0.05), the
+    # clean point included; attack=none has no attacker, so these are accepted and ignored, with a note.
+    fraction: float | None = None
+    count: int | None = None
 
     def __post_init__(self):
         if self.target_selection is not None and self.target_selection not in TARGET_SELECTIONS:
@@ -43,6 +47,12 @@ class CleanTargets(TargetTracking, Mechanism):
 
     kind, name = "attack", "none"
     Config = CleanTargetsConfig
+
+    def adjust_config(self, cfg, data) -> list[str]:
+        if self.config.fraction or self.config.count:
+            return [f"attack=none: attack.fraction={self.config.fraction} / attack.count={self.config.count} "
+                    "ignored (no attacker: the clean run)"]
+        return []
 
     def target_ids(self, data, seed: int) -> np.ndarray:
         return select_targets(self.config, data, int(seed))

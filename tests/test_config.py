@@ -27,6 +27,9 @@ COMPANIONS = {("privacy", "dpsgd"): ["federation=none"],
               **{("attack", a): ["federation=device", "model=bpr"]
                  for a in ("fedrecattack", "fedrecattack_unpopular", "pipattack", "ara", "ahum", "untargeted", "random_update")},
               ("strategy", "row_clip_sum"): ["federation=device", "model=bpr"],
+              **{("defense", d): ["federation=device", "model=bpr"]
+                 for d in ("row_median", "row_trimmedmean", "row_krum", "row_norm_bound", "hierarchical_clip",
+                           "update_detect")},
               ("attack", "ipdgi"): ["federation=none", "model=vbpr"],
               ("attack", "image_poison"): ["federation=none", "model=vbpr"],
               ("defense", "image_purify"): ["federation=none", "model=vbpr"],
@@ -64,6 +67,8 @@ def test_option_composes_and_validates(group, name):
         if isinstance(d, dict):
             (sub, choice), = d.items()
             assert composed.pop(sub) == OmegaConf.to_container(OmegaConf.load(CONF_DIR / group / sub / f"{choice}.yaml"))
+        elif d != "_self_":  # a sibling file of the same group as the base (e.g. attack/fedrecattack_unpopular)
+            own = OmegaConf.to_container(OmegaConf.merge(OmegaConf.load(CONF_DIR / group / f"{d}.yaml"), own))
     assert composed == own
     if group == "generator":
         from fedrec.privacy.generators import build_generator
