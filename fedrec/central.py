@@ -17,6 +17,7 @@ from fedrec.devices import cfg_device
 from fedrec.errors import ConfigError
 from fedrec.eval import evaluate_model
 from fedrec.models import build_model, data_shape
+from fedrec.precision import set_precision
 from fedrec.recorder import Recorder
 from fedrec.train import make_optimizer, model_rows, train_epoch
 
@@ -24,6 +25,7 @@ from fedrec.train import make_optimizer, model_rows, train_epoch
 def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> None:
     device = cfg_device(cfg)
     model = build_model(cfg.model, data_shape(data, seed=cfg.seed)).to(device)  # built on the CPU: same init
+    set_precision(model, cfg, device)  # precision=bf16|auto: bf16 matrix products in train_epoch and evaluate_model
     optimizer = make_optimizer(model, cfg.model.optim)
     rows = model_rows(model, data, np.arange(data.n_users))
     rng = np.random.default_rng(cfg.seed)

@@ -125,6 +125,8 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
 
     from fedrec.devices import model_device
 
+    from fedrec.precision import autocast
+
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -136,9 +138,11 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
                 seq = data.input_sequences(split).padded(rows, length, pad=data.n_items).to(device)
                 return model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x, seq=seq))
 
-            return evaluate_scores(next_item, data, ks, batch_size, users, splits, per_split=True, device=device)
-        return evaluate_scores(lambda rows, x: model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x)),
-                               data, ks, batch_size, users, splits, device=device)
+            with autocast(model, device):  # scores are cast to fp32 before masking and top-K
+                return evaluate_scores(next_item, data, ks, batch_size, users, splits, per_split=True, device=device)
+        with autocast(model, device):
+            return evaluate_scores(lambda rows, x: model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x)),
+                                   data, ks, batch_size, users, splits, device=device)
     finally:
         model.train(was_training)
 

@@ -57,12 +57,19 @@ class DenoiserMLP(nn.Module):
         emb = self.emb_layer(timestep_embedding(t, self.emb_size))
         if self.norm:
             x = F.normalize(x)
-        h = torch.cat([x * keep if keep is not None else self.drop(x), emb], dim=-1)
-        for layer in self.in_layers:
+        x = x * keep if keep is not None else self.drop(x)
+        # The first layer reads [x, emb] as the official torch.cat does, split into its two column blocks
+        # (x W_x^T + (emb W_e^T + b)): the same sum without copying the (B, n_items) input into a wider one.
+        first = self.in_layers[0]
+        n = x.shape[-1]
+        h = torch.tanh(F.linear(x, first.weight[:, :n]) + F.linear(emb, first.weight[:, n:], first.bias))
+        for layer in self.in_layers[1:]:
             h = torch.tanh(layer(h))
         last = len(self.out_layers) - 1
         for i, layer in enumerate(self.out_layers):
             h = layer(h)
             if i != last:
                 h = torch.tanh(h)
-        return h
+        # fp32 out whatever autocast multiplied in (fedrec/precision.py): the diffusion arithmetic
+        # around the denoiser (x_t, posterior means, loss weights) stays fp32
+        return h.float()
