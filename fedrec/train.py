@@ -9,7 +9,9 @@ dense cache lives there, so only a batch's indices cross over; uncached rows are
 CPU and moved per batch. A sequence model (``input_kind == "sequence"``) gets the same user
 examples with ``Batch.seq`` filled too: each user's last ``model.max_len`` training items,
 left-padded with ``n_items`` (:meth:`fedrec.data.sequences.Sequences.padded`); build its rows with
-:func:`model_rows`.
+:func:`model_rows`. The forward pass runs in the model's compute precision (``fedrec/precision.py``:
+bf16 autocast under ``precision=bf16``); the loss is fp32, backward and the (fused) AdamW step update
+the fp32 weights.
 """
 
 from __future__ import annotations

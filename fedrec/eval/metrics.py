@@ -24,6 +24,9 @@ Injected users (``data.injected``: fake profiles a data transform added) never c
 every node's metric sums and the next-item protocol all follow one rule, even for a transform that
 gave its fake users valid/test items.
 
+Precision: ``evaluate_model`` scores in the model's compute precision (``fedrec/precision.py``); the
+scores are fp32 before masking, so top-K and the metric sums are fp32 whatever it is.
+
 Device: scoring, masking, top-K and the metric sums run on the model's device (``evaluate_scores``:
 ``device``); only the sums come back, one transfer per batch and split.
 """

@@ -20,6 +20,10 @@ loss sum — the same numbers (to float tolerance) at the cost of a centralised 
 It is used only when the node uploads the sum (no per-user updates requested).
 
 Device: everything runs where ``rows`` are (the model's device); the users' draws are hashed there.
+``rows`` is a (U, n_items) tensor or anything sliced the same way (a node's ``ChunkedRows`` densifies
+each chunk on demand). Precision: under ``precision=bf16`` the users' forward passes run in
+``torch.autocast`` (``fedrec/precision.py``); per-user parameters, gradients, optimiser moments and the
+folds stay fp32.
 """
 
 from __future__ import annotations
