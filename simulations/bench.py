@@ -76,6 +76,15 @@ def _timed(fn, device=None) -> float:
     return _timed_value(fn, device)[0]
 
 
+def _timed_cpu(fn, device=None) -> tuple[float, float, object]:
+    """(wall seconds, CPU seconds of this process and its finished children, ``fn()``)."""
+    from simulations.official_diffrec import cpu_seconds
+
+    c0 = cpu_seconds()
+    seconds, value = _timed_value(fn, device)
+    return seconds, cpu_seconds() - c0, value
+
+
 def matmul_gflops(threads: int, dtype: torch.dtype, device=None, m: int = 1024, k: int = 2816, n: int = 640,
                   reps: int = 20) -> float:
     """Measured GFLOP/s of one (m, k) x (k, n) matrix product in ``dtype`` on ``threads`` threads (median of
@@ -204,19 +213,29 @@ def bench_diffrec_speed(overrides: list[str], opts: dict) -> None:
             dense = torch.from_numpy(data.train.toarray().astype(np.float32))  # the official loader's CPU tensor
             lt_hist = torch.zeros(cfg.model.steps, 10, device=device)
             lt_count = torch.zeros(cfg.model.steps, dtype=torch.long, device=device)
-            ref_epoch = lambda: _timed(lambda: official_style_epoch(ref_model, ref_opt, dense, bs, lt_hist, lt_count),  # noqa: E731
-                                       device)
+            ref_epoch = lambda: official_style_epoch(ref_model, ref_opt, dense, bs, lt_hist, lt_count)  # noqa: E731
         else:
-            ref_epoch = lambda: ref.ask(f"epoch {train_threads}")["epoch_s"]  # noqa: E731
-        t_ours, t_ref = [], []
+            ref_epoch = lambda: ref.ask(f"epoch {train_threads}")  # noqa: E731
+        t_ours, t_ref, c_ours, c_ref = [], [], [], []
         for _ in range(repeats):
-            t_ours.append(_timed(lambda: train_epoch(ours, ours_opt, rows, bs, rng), device))
-            t_ref.append(ref_epoch())
+            seconds, cpu, _ = _timed_cpu(lambda: train_epoch(ours, ours_opt, rows, bs, rng), device)
+            t_ours.append(seconds)
+            c_ours.append(cpu)
+            if ref is None:
+                seconds, cpu, _ = _timed_cpu(ref_epoch, device)
+                t_ref.append(seconds)
+                c_ref.append(cpu)
+            else:
+                answer = ref_epoch()
+                t_ref.append(answer["epoch_s"])
+                c_ref.append(answer["epoch_cpu_s"])
         o, r = statistics.median(t_ours), statistics.median(t_ref)
+        oc, rc = statistics.median(c_ours), statistics.median(c_ref)
         emit(bench="diffrec-speed", what="train_epoch", device=str(device), threads=train_threads, fedrec_dtype=dtype,
              baseline="official" if ref is not None else "reference_diffrec.py (official loop structure, fedrec's arithmetic)",
              fedrec_s=round(o, 3), reference_s=round(r, 3), fedrec_over_reference=round(o / r, 3), ratio=round(r / o, 2),
              fedrec_all_s=[round(x, 3) for x in t_ours], reference_all_s=[round(x, 3) for x in t_ref],
+             fedrec_cpu_s=round(oc, 3), reference_cpu_s=round(rc, 3), cpu_fedrec_over_reference=round(oc / rc, 3),
              epoch_gflop=round(fwd_bwd * data.n_users / 1e9, 1), fedrec=roofline(fwd_bwd * data.n_users, o, train_threads),
              reference=roofline(fwd_bwd * data.n_users, r, train_threads), uptime=_uptime())
 
@@ -226,28 +245,33 @@ def bench_diffrec_speed(overrides: list[str], opts: dict) -> None:
         steps = int(cfg.model.steps)
         flop_ours = fwd * data.n_users * steps  # one reverse pass scores both splits
         flop_ref = 2 * flop_ours  # the official evaluate reverses every user once per split
-        t_ours, t_ref = [], []
+        t_ours, t_ref, c_ours, c_ref = [], [], [], []
         ref_line: dict = {}
         for _ in range(repeats):
-            seconds, res = _timed_value(lambda: evaluate_model(ours, data, ks, int(cfg.eval.batch_size)), device)
+            seconds, cpu, res = _timed_cpu(lambda: evaluate_model(ours, data, ks, int(cfg.eval.batch_size)), device)
             t_ours.append(seconds)
+            c_ours.append(cpu)
             if ref is not None:
                 ref_line = ref.ask(f"eval {eval_threads}")
                 t_ref.append(ref_line["eval_s"])
+                c_ref.append(ref_line["eval_cpu_s"])
             elif str(opts.get("reference_eval", "true")).lower() == "true":
                 # the same model: the same metrics expected
-                seconds, ref_res = _timed_value(lambda: official_style_evaluate(ours, data, ks), device)
+                seconds, cpu, ref_res = _timed_cpu(lambda: official_style_evaluate(ours, data, ks), device)
                 t_ref.append(seconds)
+                c_ref.append(cpu)
                 ref_line = {"test_recall20": ref_res["test"][20]["recall"], "test_ndcg20": ref_res["test"][20]["ndcg"]}
-        o = statistics.median(t_ours)
+        o, oc = statistics.median(t_ours), statistics.median(c_ours)
         line = dict(bench="diffrec-speed", what="full_eval", device=str(device), threads=eval_threads, fedrec_dtype=dtype,
                     steps=steps, fedrec_s=round(o, 3), fedrec_all_s=[round(x, 3) for x in t_ours],
+                    fedrec_cpu_s=round(oc, 3),
                     fedrec_test_recall20=round(res["test"]["recall@20"], 5),
                     fedrec_test_ndcg20=round(res["test"]["ndcg@20"], 5),
                     fedrec_gflop=round(flop_ours / 1e9, 1), fedrec=roofline(flop_ours, o, eval_threads))
         if t_ref:
-            r = statistics.median(t_ref)
+            r, rc = statistics.median(t_ref), statistics.median(c_ref)
             line.update(reference_s=round(r, 3), reference_all_s=[round(x, 3) for x in t_ref],
+                        reference_cpu_s=round(rc, 3), cpu_fedrec_over_reference=round(oc / rc, 3),
                         fedrec_over_reference=round(o / r, 3), ratio=round(r / o, 2),
                         reference_test_recall20=round(ref_line["test_recall20"], 5),
                         reference_test_ndcg20=round(ref_line["test_ndcg20"], 5),

@@ -115,7 +115,7 @@ def write_report(lines: list[dict], out) -> None:
     users = [x["users"] for x in lines]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
     a.loglog(users, [x["round_s"] for x in lines], "o-", label="round")
-    lin = [lines[0]["round_s"] * u / users[0] for u in users]
+    lin = [lines[-1]["round_s"] * u / users[-1] for u in users]  # through the largest: fixed costs fade there
     a.loglog(users, lin, "k:", label="linear in users")
     a.set(xlabel="users", ylabel="seconds", title="one cross-device round")
     a.legend()
@@ -129,4 +129,9 @@ def write_report(lines: list[dict], out) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "report":  # python -m simulations.scale report FOLDER: redraw from FOLDER/scale.jsonl
+        from pathlib import Path
+
+        write_report([json.loads(x) for x in (Path(sys.argv[2]) / "scale.jsonl").read_text().splitlines()], sys.argv[2])
+        sys.exit(0)
     print(json.dumps(run_one(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:])), flush=True)

@@ -57,13 +57,10 @@ class DenoiserMLP(nn.Module):
         emb = self.emb_layer(timestep_embedding(t, self.emb_size))
         if self.norm:
             x = F.normalize(x)
-        x = x * keep if keep is not None else self.drop(x)
-        # The first layer reads [x, emb] as the official torch.cat does, split into its two column blocks
-        # (x W_x^T + (emb W_e^T + b)): the same sum without copying the (B, n_items) input into a wider one.
-        first = self.in_layers[0]
-        n = x.shape[-1]
-        h = torch.tanh(F.linear(x, first.weight[:, :n]) + F.linear(emb, first.weight[:, n:], first.bias))
-        for layer in self.in_layers[1:]:
+        # Every layer is called as its module (not split into functional pieces): Opacus' per-sample
+        # gradients (DP-SGD) hook the nn.Linear modules.
+        h = torch.cat([x * keep if keep is not None else self.drop(x), emb.to(x.dtype)], dim=-1)
+        for layer in self.in_layers:
             h = torch.tanh(layer(h))
         last = len(self.out_layers) - 1
         for i, layer in enumerate(self.out_layers):
