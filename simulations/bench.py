@@ -209,7 +209,7 @@ def bench_diffrec_speed(overrides: list[str], opts: dict) -> None:
         rng = np.random.default_rng(0)
         if ref is None:
             ref_model, ref_opt = fresh()
-            ref_model.compute_dtype = torch.float32  # the loop-structure baseline stays fp32
+            ref_model.compute_dtype = ref_model.eval_dtype = torch.float32  # the loop-structure baseline stays fp32
             dense = torch.from_numpy(data.train.toarray().astype(np.float32))  # the official loader's CPU tensor
             lt_hist = torch.zeros(cfg.model.steps, 10, device=device)
             lt_count = torch.zeros(cfg.model.steps, dtype=torch.long, device=device)
@@ -262,7 +262,8 @@ def bench_diffrec_speed(overrides: list[str], opts: dict) -> None:
                 c_ref.append(cpu)
                 ref_line = {"test_recall20": ref_res["test"][20]["recall"], "test_ndcg20": ref_res["test"][20]["ndcg"]}
         o, oc = statistics.median(t_ours), statistics.median(c_ours)
-        line = dict(bench="diffrec-speed", what="full_eval", device=str(device), threads=eval_threads, fedrec_dtype=dtype,
+        line = dict(bench="diffrec-speed", what="full_eval", device=str(device), threads=eval_threads,
+                    fedrec_dtype=str(ours.eval_dtype).replace("torch.", ""),
                     steps=steps, fedrec_s=round(o, 3), fedrec_all_s=[round(x, 3) for x in t_ours],
                     fedrec_cpu_s=round(oc, 3),
                     fedrec_test_recall20=round(res["test"]["recall@20"], 5),

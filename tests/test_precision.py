@@ -41,10 +41,26 @@ def test_resolve_explicit_and_bad_values():
 
 def test_auto_needs_fast_hardware_and_an_allow_listed_model(monkeypatch):
     monkeypatch.setattr(P, "fast_bf16", lambda device: True)
-    assert P.resolve_precision("auto", "cpu", "diffrec") == torch.bfloat16
-    assert P.resolve_precision("auto", "cpu", "multvae") == torch.float32  # not measured: fp32
+    assert P.resolve_precision("auto", "cpu", "diffrec", "eval") == torch.bfloat16
+    assert P.resolve_precision("auto", "cpu", "diffrec", "train") == torch.float32  # measured: not kept
+    assert P.resolve_precision("auto", "cpu", "multvae", "eval") == torch.float32  # not measured: fp32
     monkeypatch.setattr(P, "fast_bf16", lambda device: False)
-    assert P.resolve_precision("auto", "cpu", "diffrec") == torch.float32
+    assert P.resolve_precision("auto", "cpu", "diffrec", "eval") == torch.float32
+
+
+def test_set_precision_sets_training_and_evaluation_dtypes(monkeypatch):
+    from fedrec.config import compose
+
+    monkeypatch.setattr(P, "fast_bf16", lambda device: True)
+    model = _diffrec(torch.float32)
+    P.set_precision(model, compose(["model=diffrec", "precision=auto"]))
+    assert model.compute_dtype == torch.float32 and model.eval_dtype == torch.bfloat16
+    with P.autocast(model, use="eval"):
+        assert torch.is_autocast_enabled("cpu")
+    with P.autocast(model):
+        assert not torch.is_autocast_enabled("cpu")
+    P.set_precision(model, compose(["model=diffrec", "precision=bf16"]))
+    assert model.compute_dtype == model.eval_dtype == torch.bfloat16
 
 
 def test_fast_bf16_reads_the_cpu_flags(monkeypatch):

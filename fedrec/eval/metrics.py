@@ -141,9 +141,9 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
                 seq = data.input_sequences(split).padded(rows, length, pad=data.n_items).to(device)
                 return model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x, seq=seq))
 
-            with autocast(model, device):  # scores are cast to fp32 before masking and top-K
+            with autocast(model, device, "eval"):  # scores are cast to fp32 before masking and top-K
                 return evaluate_scores(next_item, data, ks, batch_size, users, splits, per_split=True, device=device)
-        with autocast(model, device):
+        with autocast(model, device, "eval"):
             return evaluate_scores(lambda rows, x: model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x)),
                                    data, ks, batch_size, users, splits, device=device)
     finally:
