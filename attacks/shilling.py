@@ -192,6 +192,12 @@ class ShillingAttack:
         """Sampling weight of every item as filler (uniform unless overridden)."""
         return np.ones(len(pop))
 
+    def filler_items(self, data: Interactions, pop: np.ndarray, targets: np.ndarray, allowed: np.ndarray,
+                     k: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """(n_fake, <= max k) filler items of every profile among ``allowed`` (n_fake, n_items), -1 = none:
+        by default ``k`` draws without replacement weighted by :meth:`filler_weights`."""
+        return _draw_without_replacement(rng, self.filler_weights(pop), allowed, k)
+
     # ---- the shared machinery
     def apply(self, data: Interactions, seed: int) -> Interactions:
         c = self.config
@@ -220,7 +226,7 @@ class ShillingAttack:
         fixed[r, selected[r, col]] = True
         # A segment smaller than selected_size leaves a shortfall: it becomes filler (sizes stay equal).
         short = n_selected - (selected >= 0).sum(axis=1)
-        filler = _draw_without_replacement(rng, self.filler_weights(pop), ~fixed, n_filler + short)
+        filler = self.filler_items(data, pop, targets, ~fixed, n_filler + short, rng)
         profile = fixed
         r, col = np.nonzero(filler >= 0)
         profile[r, filler[r, col]] = True
@@ -235,7 +241,8 @@ class ShillingAttack:
             user = np.repeat(np.arange(n_fake), np.diff(train.indptr))
             perm = np.lexsort((order_rng.random(train.nnz), user))
             seq = Sequences(train.indptr.astype(np.int64), train.indices[perm].astype(np.int64))
-        return data.append_users(train, ids, injected=True, train_seq=seq)
+        out = data.append_users(train, ids, injected=True, train_seq=seq)
+        return dataclasses.replace(out, attack_targets=targets)  # what the target metrics follow from now on
 
     def target_items(self, data: Interactions, seed: int) -> np.ndarray:
         """The internal item ids this attack promotes on ``data`` (the data before the attack) under
@@ -246,7 +253,11 @@ class ShillingAttack:
 def select_targets(c, data: Interactions, seed: int) -> np.ndarray:
     """Target items from a config with ``targets`` / ``target_selection`` / ``n_targets`` (a
     :class:`ShillingConfig` or any attack reusing its style, e.g. FedRecAttack's): the given ids, or a keyed
-    draw (the same for every attack under one seed) among the less popular half or all items."""
+    draw (the same for every attack under one seed) among the less popular half or all items. On data an
+    injecting attack already transformed, the targets it recorded (``Interactions.attack_targets``): a later
+    transform (a profile defense dropping users) changes the popularity the draw depends on."""
+    if c.targets is None and data.attack_targets is not None:
+        return np.asarray(data.attack_targets, dtype=np.int64)
     pop = np.asarray(data.train[data.genuine()].sum(axis=0)).ravel().astype(np.float64)
     if c.targets is not None:
         index = {str(t): i for i, t in enumerate(data.item_ids)}

@@ -85,3 +85,4 @@ class TargetTracking:
 
     def load_state(self, state: dict) -> None:
         self._target_history = {int(k): dict(v) for k, v in state.get("target_history", {}).items()}
+

@@ -1,9 +1,15 @@
 """Centralised training (``federation=none``): the reference every federated run is compared to.
 
 Same model, same local-training code and same evaluation as the Flower clients; epochs replace
-rounds. Follows the official DiffRec loop: evaluate every ``train.eval_every`` epochs, keep the
+rounds. A training-free model (``model.trains_by_sgd`` False: EASE, GF-CF, ...) is fitted once on
+the training matrix and evaluated once, recorded as epoch 1. Follows the official DiffRec loop: evaluate every ``train.eval_every`` epochs, keep the
 epoch with the best validation ``train.select_metric``, stop after ``train.patience`` epochs
 without improvement. The model, its batches and the evaluation run on the config's ``device``.
+
+Deviation from the official DiffRec / L-DiffRec selection: the official loop compares the validation
+Recall@20 *rounded to 4 decimals* (``evaluate_utils.computeTopNAccuracy`` rounds) and keeps the earlier
+epoch on a tie at that precision; fedrec compares the unrounded metric, so on such a tie it can keep a
+later epoch whose unrounded value is higher.
 """
 
 from __future__ import annotations
@@ -26,6 +32,10 @@ def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> No
     device = cfg_device(cfg)
     model = build_model(cfg.model, data_shape(data, seed=cfg.seed)).to(device)  # built on the CPU: same init
     set_precision(model, cfg, device)  # precision=bf16|auto: bf16 matrix products in train_epoch and evaluate_model
+    if not model.trains_by_sgd:
+        _fit_closed_form(cfg, data, model, recorder)
+        return
+    model.fit(data.train)  # the graph a model reads as a whole (LightGCN); a no-op for most
     optimizer = make_optimizer(model, cfg.model.optim)
     rows = model_rows(model, data, np.arange(data.n_users))
     rng = np.random.default_rng(cfg.seed)
@@ -43,7 +53,9 @@ def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> No
     from fedrec.mechanisms import ServerContext, build_mechanisms
 
     mechanisms = build_mechanisms(cfg)
-    ctx = ServerContext(cfg=cfg, data=data, model=model, strategy=None)  # no strategy: centralised
+    ctx = ServerContext(cfg=cfg, data=data, model=model, strategy=None, mechanisms=mechanisms)  # no strategy: centralised
+    for m in mechanisms:
+        m.prepare_model(ctx)
     private = None  # a mechanism's trainer replacing the epoch (DP-SGD)
     for m in mechanisms:
         trainer = m.central_trainer(model, optimizer, rows, cfg, resume)
@@ -74,3 +86,22 @@ def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> No
             | ({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}))
         if cfg.train.patience and epoch - recorder.best_round >= cfg.train.patience:
             break
+
+
+def _fit_closed_form(cfg, data, model, recorder: Recorder) -> None:
+    """One fit on every training row, one evaluation: the whole run of a training-free model."""
+    t0 = time.perf_counter()
+    model.fit(data.train)
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    evaluation = evaluate_model(model, data, list(cfg.eval.ks), int(cfg.eval.batch_size))
+    eval_s = time.perf_counter() - t0
+    from fedrec.mechanisms import ServerContext, build_mechanisms
+
+    ctx = ServerContext(cfg=cfg, data=data, model=model, strategy=None)
+    ctx.evaluated_round = 1
+    for m in build_mechanisms(cfg):  # e.g. a shilling attack's target metrics on the fitted model
+        section = m.report(ctx)
+        if section is not None:
+            recorder.extra[m.kind] = section
+    recorder.record(1, {"fit": 1}, train_s, evaluation, eval_s, lambda: {"model": model.state_dict()})

@@ -44,3 +44,6 @@ def validate(cfg: DictConfig) -> None:
     from fedrec.mechanisms import build_mechanisms
 
     build_mechanisms(cfg)  # privacy/attack/defense: typed blocks and what each needs, before any file is read
+    from fedrec.models import check_dataset_needs
+
+    check_dataset_needs(cfg)  # e.g. GiffCF's item graph (dataset.item_graph=co_interaction)

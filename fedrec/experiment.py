@@ -60,12 +60,13 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
             log.warning("note: %s", note)
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model, data_shape(data, seed=int(cfg.seed)))  # rejects bad model configs now
-    make_optimizer(model, cfg.model.optim)  # ... and bad rates
-    if int(cfg.model.optim.batch_size) < 1:
-        raise ConfigError(f"model.optim.batch_size: must be >= 1, got {cfg.model.optim.batch_size}")
+    if model.trains_by_sgd:  # training-free models (EASE, GF-CF, ...) have no optimiser block
+        make_optimizer(model, cfg.model.optim)  # ... and bad rates
+        if int(cfg.model.optim.batch_size) < 1:
+            raise ConfigError(f"model.optim.batch_size: must be >= 1, got {cfg.model.optim.batch_size}")
     from fedrec.federated.validation import check_run
 
-    check_run(cfg, data, model, simulated=grid is None)  # strategy, sampling, local training, partition: before any file
+    check_run(cfg, data, model, simulated=grid is None and cfg.federation.get("backend", "ray") == "ray")  # strategy, sampling, local training, partition: before any file
     check_logger(cfg)
 
     resume = None
@@ -84,7 +85,7 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
     run.write_config(cfg)
 
     mode = cfg.federation.mode
-    total = int(cfg.train.epochs) if mode == "none" else int(cfg.federation.rounds)
+    total = (int(cfg.train.epochs) if model.trains_by_sgd else 1) if mode == "none" else int(cfg.federation.rounds)
     bar = _progress(total, "epochs" if mode == "none" else "rounds") if progress else None
     if bar is not None and resume is not None:
         bar.update(int(resume["round"]))
@@ -99,6 +100,10 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
             from fedrec.federated.server_app import serve
 
             serve(grid, cfg, data, recorder, resume)
+        elif cfg.federation.get("backend", "ray") == "inprocess":
+            from fedrec.federated.inprocess import run_inprocess
+
+            run_inprocess(cfg, data, recorder, resume)
         else:
             from fedrec.federated.simulation import simulate
 

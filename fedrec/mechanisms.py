@@ -17,6 +17,10 @@ hook                       runs on                     does
 ``adjust_config``          server, before the model    change ``cfg`` (nodes get the changed config)
 ``data_transforms``        every process, in loading   transform the interactions (e.g. inject users)
 ``central_trainer``        federation=none             replace the epoch of the centralised trainer
+``prepare_model``          federation=none, server     after the model is built, before the first epoch
+                                                       (image purification of the catalogue)
+``filter_item_images``     wherever images enter       transform item images before a model computes
+                                                       features from them (``install_item_images``)
 ``local_training``         silo node                   wrap a silo's local training (DP-SGD)
 ``node_reply``             silo node                   transform the reply a node sends (poisoning)
 ``user_transform``         device node, per chunk      transform users' updates (poisoning, bounds)
@@ -83,6 +87,7 @@ class ServerContext:
     strategy: Any  # the fedrec strategy (FedrecMixin) under any wrappers; None in a centralised run
     evaluated_round: int | None = None  # the last round/epoch whose model ``model`` holds, evaluated on the server
     client_evaluated_round: int | None = None  # the last round the nodes evaluated (``strategy.last_eval``)
+    mechanisms: list = field(default_factory=list)  # the run's mechanisms in hook order (install_item_images)
 
 
 class Mechanism:
@@ -116,6 +121,14 @@ class Mechanism:
     def central_trainer(self, model, optimizer, rows, cfg, resume: dict | None):
         """An object with ``epoch() -> stats`` replacing the centralised epoch, or None."""
         return None
+
+    def prepare_model(self, ctx: "ServerContext") -> None:
+        """Change the built model's public inputs before training (federation=none)."""
+
+    def filter_item_images(self, ctx: "ServerContext", items, images, source: str):
+        """Transform item ``images`` (B, C, H, W) of internal ids ``items`` before the model computes
+        their features; ``source`` is "catalogue" (the dataset's images) or "upload" (a replaced image)."""
+        return images
 
     # ------------------------------------------------------------------ node
     def local_training(self, ctx: NodeContext, train: Callable) -> Callable:
@@ -215,6 +228,15 @@ def build_mechanisms(cfg, *, check: bool = True) -> list[Mechanism]:
             m.check(cfg)
         out.append(m)
     return out
+
+
+def install_item_images(ctx: ServerContext, items, images, source: str = "upload") -> None:
+    """Give ``ctx.model`` (a visual recommender, ``set_item_images``) new images for ``items``: every
+    mechanism's ``filter_item_images`` runs first, in hook order (a defense purifies what an attack
+    uploaded), then the model recomputes those items' features."""
+    for m in ctx.mechanisms:
+        images = m.filter_item_images(ctx, items, images, source)
+    ctx.model.set_item_images(items, images)
 
 
 def node_mechanisms(cfg) -> list[Mechanism]:

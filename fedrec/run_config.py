@@ -15,7 +15,7 @@ from fedrec.errors import ConfigError
 from fedrec.typed_config import typed_block
 
 FEDERATION_MODES = ("none", "silo", "device")
-_METRICS = ("recall", "ndcg", "hr", "precision", "mrr")
+_METRICS = ("recall", "ndcg", "hr", "precision", "mrr", "capped_recall")  # fedrec.eval.metrics.METRICS
 
 
 def _positive(value, key: str) -> None:
@@ -40,6 +40,7 @@ class FederationConfig:
     client_threads: int = 1
     ray_cpus: int | None = None
     round_timeout: float = 3600.0
+    backend: str = "ray"  # ray (Flower's simulation engine) | inprocess (fedrec.federated.inprocess)
     # cross-device (federation=device)
     user_fraction: float = 0.1
     users_per_round: int | None = None
@@ -69,6 +70,8 @@ class FederationConfig:
             raise ConfigError(f"federation.fraction: must be in (0, 1], got {self.fraction}")
         if self.evaluation not in ("auto", "server", "clients"):
             raise ConfigError(f"federation.evaluation: expected auto, server or clients, got {self.evaluation!r}")
+        if self.backend not in ("ray", "inprocess"):
+            raise ConfigError(f"federation.backend: expected ray or inprocess, got {self.backend!r}")
         _positive(self.client_cpus, "client_cpus")
         _positive(self.round_timeout, "round_timeout")
         if self.client_gpus < 0:

@@ -70,6 +70,10 @@ def fit_and_evaluate(cfg, train_rows: sp.csr_matrix, data, eval_users: np.ndarra
     if model.private_parameter_names():
         raise ConfigError(f"model: {cfg.model.name!r} has per-user parameters and cannot score held-out users; "
                           "use a fold-in model (multvae, diffrec, ldiffrec)")
+    if not model.trains_by_sgd:  # EASE, GF-CF, ...: one closed-form fit on these rows, one evaluation
+        model.fit(train_rows)
+        res = evaluate_model(model, data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=eval_users)
+        return {"valid": res["valid"], "test": res["test"], "epoch": 1}
     opt = make_optimizer(model, cfg.model.optim)
     rows = TrainRows(train_rows, np.arange(train_rows.shape[0]))
     rng = np.random.default_rng(seed)

@@ -21,6 +21,10 @@ TINY_MODEL = {
     "bpr": ["model.embedding_size=8"],
     "multvae": ["model.hidden_dims=[16]", "model.latent_dim=8"],
     "sasrec_lite": ["model.hidden_dim=16", "model.max_len=10"],
+    "lightgcn": ["model.embedding_size=8"],
+    "pop": [], "itemknn": ["model.k=10"], "ease": ["model.l2=10.0"], "gfcf": ["model.factor_dim=8"],
+    "turbocf": [], "bspm": ["model.factor_dim=8"],
+    "giffcf": ["model.embed_dim=8", "dataset.item_graph=co_interaction"],  # GiffCF needs the co-interaction graph
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from omegaconf import OmegaConf
 
@@ -13,7 +14,8 @@ from fedrec.errors import ConfigError
 from fedrec.models import REGISTRY, build_model
 from fedrec.models.base import DataShape
 
-OPTIONS = sorted((p.parent.name, p.stem) for p in Path(CONF_DIR).glob("*/*.yaml"))
+# conf/leaderboard/ holds simulations.leaderboard's own options and search spaces, not a run-config group
+OPTIONS = sorted((p.parent.name, p.stem) for p in Path(CONF_DIR).glob("*/*.yaml") if p.parent.name != "leaderboard")
 # groups named in config.yaml's defaults list (override as group=name; others need +group=name)
 DEFAULT_GROUPS = {k for d in OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml").defaults)
                   if isinstance(d, dict) for k in d}
@@ -22,8 +24,13 @@ NOT_IMPLEMENTED: set = set()
 COMPANIONS = {("privacy", "dpsgd"): ["federation=none"],
               ("privacy", "user_dp"): ["federation=device", "federation.sampling=poisson"],
               ("privacy", "node_dp"): ["federation=silo"],
-              ("attack", "fedrecattack"): ["federation=device", "model=bpr"],
-              ("strategy", "row_clip_sum"): ["federation=device", "model=bpr"]}
+              **{("attack", a): ["federation=device", "model=bpr"]
+                 for a in ("fedrecattack", "fedrecattack_unpopular", "pipattack", "ara", "ahum", "untargeted", "random_update")},
+              ("strategy", "row_clip_sum"): ["federation=device", "model=bpr"],
+              ("attack", "ipdgi"): ["federation=none", "model=vbpr"],
+              ("attack", "image_poison"): ["federation=none", "model=vbpr"],
+              ("defense", "image_purify"): ["federation=none", "model=vbpr"],
+              ("model", "giffcf"): ["dataset.item_graph=co_interaction"]}  # GiffCF smooths over that graph
 
 
 def test_groups_found():
@@ -77,9 +84,20 @@ def test_option_composes_and_validates(group, name):
 def test_model_option_builds(name):
     cfg = compose([f"model={name}"])
     rng = np.random.default_rng(0)
-    shape = DataShape(n_users=20, n_items=40, item_emb=rng.standard_normal((40, 8)).astype(np.float32))
+    import scipy.sparse as sp
+
+    from fedrec.data.side import ItemSideData, co_interaction_graph
+
+    images = torch.from_numpy(rng.random((40, 3, 8, 8)).astype(np.float32))  # item images for VBPR
+    train = sp.csr_matrix((rng.random((20, 40)) < 0.2).astype(np.float32))  # for models smoothing over it (giffcf)
+    shape = DataShape(n_users=20, n_items=40, item_emb=rng.standard_normal((40, 8)).astype(np.float32),
+                      item_side=ItemSideData(images=images),
+                      item_graph_fn=lambda **weighting: co_interaction_graph(train, **weighting))
     model = build_model(cfg.model, shape)
     assert model.name == name
+    if not model.trains_by_sgd:  # training-free (EASE, GF-CF, ...): fitted in closed form, no optimiser
+        assert "optim" not in cfg.model and not list(model.parameters())
+        return
     assert sum(p.numel() for p in model.parameters()) > 0
     for key in ("lr", "weight_decay", "batch_size"):
         assert key in cfg.model.optim

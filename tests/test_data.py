@@ -465,6 +465,16 @@ def test_diffrec_loader(tmp_path):
     assert dense(d.train)[:, :5].tolist() == [[1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 0, 1, 1]]
     assert pairs(d.valid) == {(0, 2), (1, 0)} and pairs(d.test) == {(2, 1)}
     assert d.item_emb.shape == (7, 64) and d.user_ids.tolist() == ["0", "1", "2"]
+    assert d.train_timestamps.tolist() == [0, 1, 2, 3, 4]  # file rows, in CSR order
+
+
+def test_diffrec_loader_keeps_the_file_order_as_time(tmp_path):
+    """T-DiffRec reads each user's training list in file order as time: CSR sorts items, the ranks stay."""
+    train = np.array([[1, 4], [0, 3], [1, 0], [0, 1], [1, 2], [0, 3]])  # (0, 3) twice: its first row counts
+    d = load_dataset(cfg(kind="diffrec", path=str(diffrec_dir(tmp_path, train=train, valid=np.array([[0, 2]]),
+                                                              test=np.array([[1, 1]])))), seed=0)
+    assert d.train[0].indices.tolist() == [1, 3] and d.train[1].indices.tolist() == [0, 2, 4]
+    assert d.train_timestamps.tolist() == [3, 1, 2, 4, 0]
 
 
 # --------------------------------------------------------------------------- path resolution

@@ -236,6 +236,47 @@ def test_snr_weight(steps, scale, lo, hi):
     np.testing.assert_allclose(out["loss"].double().numpy(), w_ref, rtol=1e-4)
 
 
+# L-DiffRec's ML-1M schedule, DiffRec's, and the smallest noise of the official DiffRec runs
+SMALL_NOISE = [(40, 0.005, 0.005, 0.02), (40, 0.005, 0.005, 0.01), (5, 0.0001, 0.0005, 0.005)]
+
+
+@pytest.mark.parametrize("steps,scale,lo,hi", SMALL_NOISE)
+@pytest.mark.parametrize("mean_type", ["x0", "eps"])
+def test_loss_weights_match_official_float64(steps, scale, lo, hi, mean_type):
+    """The per-t reweighting as the official code forms it (float64 SNR / alpha_bar differences), to float32
+    rounding. Formed from float32 buffers (before session 5) x0 was off by 2.7e-6 on L-DiffRec's schedule and
+    eps by 0.3% to 23% (the cancellation in 1 - alpha_bar_{t-1})."""
+    d = GaussianDiffusion(steps, "linear-var", scale, lo, hi, mean_type=mean_type, importance_sampling=False)
+    betas = ref_betas("linear-var", steps, scale, lo, hi)
+    ac = ref_alphas_cumprod(betas)
+    ac_prev = np.append(1.0, ac[:-1])
+    t = np.arange(1, steps)  # t = 0 has weight 1 (and, for eps, the likelihood term)
+    if mean_type == "x0":
+        w_ref = ac[t - 1] / (1 - ac[t - 1]) - ac[t] / (1 - ac[t])
+    else:
+        w_ref = (1 - ac[t]) / ((1 - ac_prev[t]) ** 2 * (1 - betas[t]))
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(len(t), 6, generator=g)
+    noise = torch.randn(len(t), 6, generator=g)
+    target = x0 if mean_type == "x0" else noise
+    out = d.training_loss(lambda x, tt: target - 1.0, x0, t=torch.as_tensor(t), noise=noise)  # mse == 1
+    np.testing.assert_allclose(out["loss"].double().numpy(), w_ref, rtol=2e-7)
+
+
+@pytest.mark.parametrize("steps,scale,lo,hi", SMALL_NOISE)
+def test_predict_x0_from_eps_matches_official_float64(steps, scale, lo, hi):
+    """sqrt(1/alpha_bar) x_t - sqrt(1/alpha_bar - 1) eps with float64 coefficients (official
+    ``_predict_xstart_from_eps``); from float32 alpha_bar (before session 5) it was off by 3e-6 to 2e-5."""
+    d = GaussianDiffusion(steps, "linear-var", scale, lo, hi, mean_type="eps")
+    ac = ref_alphas_cumprod(ref_betas("linear-var", steps, scale, lo, hi))
+    g = torch.Generator().manual_seed(0)
+    x, eps = torch.randn(steps, 8, generator=g), torch.randn(steps, 8, generator=g)
+    t = torch.arange(steps)
+    ref = np.sqrt(1 / ac)[:, None] * x.double().numpy() - np.sqrt(1 / ac - 1)[:, None] * eps.double().numpy()
+    got = d.predict_x0_from_eps(x, t, eps).double().numpy()
+    assert np.abs(got - ref).max() <= 3e-7 * np.abs(ref).max()
+
+
 def test_no_reweight_is_plain_mse():
     d = GaussianDiffusion(5, "linear-var", 0.1, 1e-3, 0.05, reweight=False, importance_sampling=False)
     out = d.training_loss(lambda x, t: torch.zeros_like(x), torch.full((20, 3), 2.0))
@@ -336,8 +377,8 @@ def test_perfect_denoiser_recovers_x0(mean_type, k, sampling_steps):
     def perfect(x_t, t):
         if mean_type == "x0":
             return x0
-        ac = d.alphas_cumprod[t].unsqueeze(-1)
-        return (x_t - torch.sqrt(ac) * x0) / torch.sqrt(1 - ac)
+        # the float64-derived coefficients (float32 1 - alpha_bar cancels; 1e-4 here)
+        return (x_t - d.sqrt_ac[t].unsqueeze(-1) * x0) / d.sqrt_one_minus_ac[t].unsqueeze(-1)
 
     got = d.reverse(perfect, x_start, sampling_steps=sampling_steps, inference_steps=k)
     assert torch.allclose(got, x0, atol=1e-5), float((got - x0).abs().max())
@@ -406,7 +447,9 @@ def test_bad_inference_config_at_build(name, kwargs, key):
 
 # ------------------------------------------------------------------ (h) DiffRec unchanged: a frozen copy of c1bf102
 def frozen_training_loss(d, denoise, x0, record=True, t=None, noise=None):
-    """``GaussianDiffusion.training_loss`` (with ``sample_timesteps``) as it was at c1bf102, verbatim logic."""
+    """``GaussianDiffusion.training_loss`` (with ``sample_timesteps``) as it was at c1bf102, verbatim logic,
+    except the per-t loss weights and the eps -> x0 coefficients, which are formed in float64 since session 5
+    (as official; ``test_loss_weights_match_official_float64``)."""
     n = x0.shape[0]
     if t is None:
         p = d.timestep_probs()
@@ -423,18 +466,15 @@ def frozen_training_loss(d, denoise, x0, record=True, t=None, noise=None):
     out = denoise(x_t, t)
 
     def x0_from_eps(eps):
-        ac = d.alphas_cumprod[t].unsqueeze(-1)
-        return (x_t - torch.sqrt(1 - ac) * eps) / torch.sqrt(ac)
+        return d.sqrt_recip_ac[t].unsqueeze(-1) * x_t - d.sqrt_recipm1_ac[t].unsqueeze(-1) * eps
 
     target = x0 if d.mean_type == "x0" else noise
     mse = ((target - out) ** 2).mean(dim=-1)
     if d.reweight:
         if d.mean_type == "x0":
-            weight = d.snr[(t - 1).clamp(min=0)] - d.snr[t]
-            loss = torch.where(t == 0, torch.ones_like(weight), weight) * mse
+            loss = d.loss_weight_x0[t] * mse
         else:
-            weight = (1 - d.alphas_cumprod[t]) / ((1 - d.alphas_cumprod_prev[t]) ** 2 * (1 - d.betas[t]))
-            weight = torch.where(t == 0, torch.ones_like(weight), weight)
+            weight = d.loss_weight_eps[t]
             likelihood = ((x0 - x0_from_eps(out)) ** 2).mean(dim=-1) / 2.0
             loss = weight * torch.where(t == 0, likelihood, mse)
     else:
@@ -446,7 +486,8 @@ def frozen_training_loss(d, denoise, x0, record=True, t=None, noise=None):
 
 @torch.no_grad()
 def frozen_reverse(d, denoise, x_start, sampling_steps=0, inference_steps=None, sampling_noise=False):
-    """``GaussianDiffusion.reverse`` as it was at c1bf102 (draws from torch's global generator)."""
+    """``GaussianDiffusion.reverse`` as it was at c1bf102 (draws from torch's global generator), except the
+    eps -> x0 coefficients (float64 since session 5, as official)."""
     T, n = d.steps, x_start.shape[0]
     x = x_start
     if sampling_steps:
@@ -457,8 +498,7 @@ def frozen_reverse(d, denoise, x_start, sampling_steps=0, inference_steps=None, 
         out = denoise(x, t)
         if d.mean_type == "x0":
             return out
-        ac = d.alphas_cumprod[t].unsqueeze(-1)
-        return (x - torch.sqrt(1 - ac) * out) / torch.sqrt(ac)
+        return d.sqrt_recip_ac[t].unsqueeze(-1) * x - d.sqrt_recipm1_ac[t].unsqueeze(-1) * out
 
     k = T if inference_steps in (None, 0) else int(inference_steps)
     if k == T:
@@ -854,8 +894,7 @@ def test_every_sampler_recovers_x0_from_a_perfect_denoiser(sampler, mean_type, s
     def perfect(x_t, t, cond=None):
         if mean_type == "x0":
             return x0
-        ac = expand(d.alphas_cumprod[t], x_t)
-        return (x_t - torch.sqrt(ac) * x0) / torch.sqrt(1 - ac)
+        return (x_t - expand(d.sqrt_ac[t], x_t) * x0) / expand(d.sqrt_one_minus_ac[t], x_t)
 
     net = Counting(perfect)
     got = sampler.sample(d, net, torch.randn(5, 2, 3), torch.Generator().manual_seed(0), start=start)

@@ -101,3 +101,17 @@ def test_silo_resume_continues_after_last_checkpoint(tiny_cfg, tmp_path):
     assert summary["run_dir"] == str(run)
     assert [x["round"] for x in _lines(run)] == [1, 2]
     assert summary["rounds"] == 2 and len(summary["timing"]["train_s"]) == 2
+
+
+@pytest.mark.parametrize("mode,model,extra", [
+    ("silo", "bpr", ["federation.num_nodes=3", "federation.fraction=0.67"]),
+    ("device", "diffrec", ["federation.num_nodes=2", "federation.user_fraction=0.5"]),
+])
+def test_inprocess_backend_matches_ray(tiny_cfg, tmp_path, mode, model, extra):
+    """federation.backend=inprocess runs the same apps without Ray: every round's metrics equal the Ray run's."""
+    args = [f"federation={mode}", "federation.rounds=2", *extra]
+    on_ray = execute(tiny_cfg(*args, model=model), tmp_path / "ray", progress=False)
+    inproc = execute(tiny_cfg(*args, "federation.backend=inprocess", model=model), tmp_path / "inproc", progress=False)
+    assert _strip_timings(_lines(tmp_path / "inproc")) == _strip_timings(_lines(tmp_path / "ray"))
+    assert inproc["test"] == on_ray["test"] and inproc["best_round"] == on_ray["best_round"]
+    assert (tmp_path / "inproc" / "node-state").is_dir() == (tmp_path / "ray" / "node-state").is_dir()

@@ -204,7 +204,7 @@ def test_diffrec_uploads_touch_at_most_kappa_items_and_only_item_indexed_tensors
     bad = malicious_users(data)
     users = np.array([0, 1, *bad[:3]])
     deltas = {n: torch.randn(len(users), *p.shape) * 1e-3 for n, p in start.items()}
-    out, counts = craft(users, deltas)
+    out, counts = craft(users, {n: d.clone() for n, d in deltas.items()})
     assert counts["malicious-users"] == 3
     w_in, w_out, b_out = denoiser_layout(start)
     n = data.n_items

@@ -135,7 +135,7 @@ def test_item_graph_reaches_models_lazily_and_from_train_only():
     d = load_dataset(synth_cfg(item_graph="co_interaction", n_users=80, n_items=40), 0)
     assert d.item_side.graph is None and d.item_side.private_graph == "co_interaction"
     shape = data_shape(d)
-    assert getattr(d, "_co_graph", None) is None  # nothing built until a model asks
+    assert not getattr(d, "_co_graphs", {})  # nothing built until a model asks
     g = shape.item_graph()
     assert np.array_equal(g.toarray(), co_interaction_graph(d.train).toarray())
     d.valid = d.valid[:, ::-1]  # valid/test never enter it (the cached graph is unchanged anyway)
@@ -218,7 +218,6 @@ def test_missing_image_names_item_and_folder(tmp_path):
 
 
 @pytest.mark.parametrize("kw,key", [
-    ({"images": "synthetic"}, "dataset.images=synthetic"),
     ({"images": "folder"}, "dataset.image_folder"),
     ({"images": "pictures"}, "dataset.images"),
     ({"image_size": 0}, "dataset.image_size"),

@@ -45,7 +45,8 @@ def test_mechanisms_are_built_in_hook_order(tiny_cfg):
 
     cfg = tiny_cfg(*DEVICE, "privacy=user_dp", "federation.sampling=poisson", "attack=signflip", "defense=norm_bound")
     assert [m.kind for m in build_mechanisms(cfg)] == ["attack", "defense", "privacy"]
-    assert build_mechanisms(tiny_cfg()) == []
+    (none,) = build_mechanisms(tiny_cfg())  # attack=none: inactive (no targets given), no hook does anything
+    assert none.name == "none" and not none.config.active
 
 
 def test_malicious_clients_are_keyed_by_the_seed_only():

@@ -49,6 +49,7 @@ def reference_metrics(scores: np.ndarray, mask: np.ndarray, targets: list[list[i
                     idcg_count -= 1
             sums["precision"] += hits / k
             sums["recall"] += hits / len(truth)
+            sums["capped_recall"] += hits / min(k, len(truth))
             sums["ndcg"] += dcg / idcg if idcg else 0.0
             sums["mrr"] += mrr
             sums["hr"] += 1.0 if hits else 0.0
@@ -301,3 +302,54 @@ def test_evaluate_model_split_order_does_not_matter():
     b = evaluate_model(model, data, [5], splits=("test", "valid"))
     assert_close(b["valid"], a["valid"])
     assert_close(b["test"], a["test"])
+
+
+# ----------------------------------------------------------------------------- capped recall (GiffCF)
+def giffcf_reference(scores: np.ndarray, mask: np.ndarray, target: np.ndarray, ks: list[int]) -> dict:
+    """numpy transcription of the official GiffCF ``Recommender.evaluate`` (models/recommender.py):
+    ``recall = hits / minimum(target_sum, k)``, ``ndcg = dcg / idcg[minimum(target_sum, k) - 1]``,
+    averaged over the users given (here: the users with held-out items)."""
+    has = target.sum(1) > 0
+    scores, mask, target = scores[has], mask[has], target[has].astype(np.float64)
+    top = np.argsort(-np.where(mask, -np.inf, scores), axis=1, kind="stable")[:, :max(ks)]
+    hit = np.take_along_axis(target, top, axis=1)
+    disc = 1.0 / np.log2(np.arange(2, max(ks) + 2))
+    out = {}
+    for k in ks:
+        ideal = np.minimum(target.sum(1), k)
+        out[f"capped_recall@{k}"] = float(np.mean(hit[:, :k].sum(1) / ideal))
+        out[f"ndcg@{k}"] = float(np.mean((hit[:, :k] * disc[:k]).sum(1) / np.cumsum(disc)[ideal.astype(int) - 1]))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_capped_recall_matches_giffcf_evaluation(seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.random((50, 40))
+    mask = rng.random((50, 40)) < 0.2
+    target = (rng.random((50, 40)) < rng.uniform(0.05, 0.8, size=(50, 1))) & ~mask  # few and many targets
+    target[0] = False
+    ks = [3, 10, 20]
+    sums, users = run_metrics(scores, mask, target, ks)
+    want = giffcf_reference(scores, mask, target, ks)
+    for key, value in want.items():
+        assert sums[key] / users == pytest.approx(value, abs=1e-6), key
+    many = target.sum(1) > 3  # more held-out items than K = 3: capped recall exceeds plain recall there
+    assert many.any() and sums["capped_recall@3"] > sums["recall@3"]
+
+
+def test_capped_recall_equals_recall_with_few_targets():
+    rng = np.random.default_rng(4)
+    scores = rng.random((30, 25))
+    mask = np.zeros((30, 25), dtype=bool)
+    target = np.zeros((30, 25), dtype=bool)
+    target[np.arange(30), rng.integers(0, 25, 30)] = True  # one held-out item each
+    sums, _ = run_metrics(scores, mask, target, [1, 5])
+    for k in (1, 5):
+        assert sums[f"capped_recall@{k}"] == pytest.approx(sums[f"recall@{k}"])
+
+
+def test_select_metric_names_follow_eval_metrics():
+    from fedrec.run_config import _METRICS
+
+    assert tuple(_METRICS) == tuple(METRICS)

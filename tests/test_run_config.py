@@ -26,6 +26,7 @@ def test_blocks_from_the_composed_config_match_the_yaml(tiny_cfg):
     (["federation.rounds=0"], "federation.rounds: must be >= 1"),
     (["federation.client_cpus=0"], "federation.client_cpus: must be a positive number"),
     (["federation.client_gpus=-1"], "federation.client_gpus: must be >= 0"),
+    (["federation.backend=grpc"], "federation.backend: expected ray or inprocess"),
     (["federation=device", "federation.sampling=random"], "federation.sampling: expected fixed or poisson"),
     (["federation=device", "federation.local_lr=0"], "federation.local_lr: must be a positive number"),
     (["federation=device", "federation.dropout_rate=1.0"], "federation.dropout_rate: must be in"),

@@ -218,7 +218,7 @@ def cli_failures(tmp_path_factory):
                                              text=True, env=os.environ | {"HYDRA_FULL_ERROR": "0"}))
     results = {}
     for case, (out, p) in procs.items():
-        stdout, stderr = p.communicate(timeout=120)
+        stdout, stderr = p.communicate(timeout=300)  # all at once: slow on a loaded 2-core machine
         results[case] = (p.returncode, stdout, stderr, out)
     return results
 
@@ -241,3 +241,14 @@ def test_cli_bad_input_fails_cleanly(cli_failures, case):
         assert [p for p in out.rglob("*") if p.is_file()] == []
         for sub in ("runs", "multirun"):
             assert not (out / sub).exists() or list((out / sub).iterdir()) == []
+
+
+def test_cli_inprocess_backend_runs_a_federation(tmp_path):
+    """From the command line (a fresh process: no test fixture sets Flower's task identity), the in-process
+    backend runs a cross-device federation to its summary."""
+    cmd = [sys.executable, "-m", "simulations.run", "federation=device", "federation.backend=inprocess",
+           "federation.rounds=2", "model=bpr", "threads=1", f"paths.output_root={tmp_path}"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    (summary,) = tmp_path.glob("runs/*/summary.json")
+    assert json.loads(summary.read_text())["rounds"] == 2

@@ -50,6 +50,13 @@ class Interactions:
     valid_seq: Sequences | None = None
     # True for users a data transform injected (fake profiles); None = no injected user.
     injected: np.ndarray | None = None
+    # Internal ids of the items an injecting attack promotes, recorded by it (attacks/shilling.py), so
+    # that a later transform changing the genuine rows (a profile defense) cannot change which items
+    # the target metrics follow; None = no such attack.
+    attack_targets: np.ndarray | None = None
+    # What data transforms measured while applying themselves (transform key -> a JSON-able report, e.g. a
+    # profile defense's detection figures), so that any process holding the data can report them.
+    transform_reports: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.injected is not None:
@@ -95,6 +102,8 @@ class Interactions:
             train_seq=None if self.train_seq is None else self.train_seq.subset(users),
             valid_seq=None if self.valid_seq is None else self.valid_seq.subset(users),
             injected=None if self.injected is None else self.injected[users],
+            attack_targets=self.attack_targets,
+            transform_reports=dict(self.transform_reports),
         )
 
     def append_users(self, train: sp.csr_matrix, user_ids: np.ndarray, *, injected: bool,
@@ -161,6 +170,8 @@ class Interactions:
             train_seq=None if self.train_seq is None else self.train_seq.append(train_seq),
             valid_seq=seq_new,
             injected=flags,
+            attack_targets=self.attack_targets,
+            transform_reports=dict(self.transform_reports),
         )
 
     def input_sequences(self, split: str) -> Sequences:

@@ -464,7 +464,12 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 def load_diffrec(cfg, seed: int) -> Interactions:
-    """DiffRec's splits, used exactly as given (threshold, filter and split settings do not apply)."""
+    """DiffRec's splits, used exactly as given (threshold, filter and split settings do not apply).
+
+    The official T-DiffRec / LT-DiffRec read each user's training list in file order as its time order
+    (interaction weights ``np.linspace(w_min, w_max, n)`` along it), so ``train_timestamps`` is each
+    training pair's row position in ``train_list.npy`` (its first row if repeated): a time rank, not a time.
+    """
     opts = _common_options(cfg)
     folder = _require(resolve_data_path(cfg))
     names = ("train_list.npy", "valid_list.npy", "test_list.npy")
@@ -509,10 +514,16 @@ def load_diffrec(cfg, seed: int) -> Interactions:
             raise DataError(f"{emb_path}: has {emb.shape[0]} rows but the splits use item ids up to {n_items - 1}") from None
         n_items = emb.shape[0]
         emb = emb.astype(np.float32)
-    mats = [to_csr(*dedupe(a[:, 0], a[:, 1], None, n_items)[:2], n_users, n_items)[0] for a in arrays]
+    mats, orders = [], []
+    for a in arrays:  # the row position in the file as the time order (first row of a repeated pair)
+        u, i, pos = dedupe(a[:, 0], a[:, 1], np.arange(len(a), dtype=np.int64), n_items)
+        mat, pos = to_csr(u, i, n_users, n_items, pos)
+        mats.append(mat)
+        orders.append(pos)
     return Interactions(
         name=opts["name"], train=mats[0], valid=mats[1], test=mats[2],
         user_ids=np.arange(n_users).astype(str), item_ids=np.arange(n_items).astype(str), item_emb=emb,
+        train_timestamps=orders[0],
     )
 
 

@@ -74,6 +74,13 @@ class ItemSideData:
     # (dataset.item_graph). It is private, so it is not stored here: DataShape.item_graph() builds it.
     private_graph: str | None = None
 
+    def all_images(self) -> "torch.Tensor":
+        """Every item's image, (n_items, C, H, W) float32 in [0, 1] (an ImageFolder is read whole)."""
+        if self.images is None:
+            raise ConfigError("dataset.images: the dataset has no item images (set dataset.images=synthetic or a folder)")
+        images = self.images if not isinstance(self.images, ImageFolder) else self.images.load_all()
+        return images.float()
+
 
 # --------------------------------------------------------------------------- categories
 
@@ -101,15 +108,53 @@ def category_graph(categories: ItemCategories) -> sp.csr_matrix:
     return _without_diagonal(c @ c.T)
 
 
-def co_interaction_graph(train: sp.csr_matrix) -> sp.csr_matrix:
-    """Item-item co-occurrence from the **training** matrix only: weight = number of users whose
-    training row holds both items. PRIVATE: derived from the users' interactions (refused under DP)."""
-    x = sp.csr_matrix(train, dtype=np.float32)
+def co_interaction_graph(train: sp.csr_matrix, user_power: float = 0.0, item_power: float = 0.0,
+                         diagonal: bool = False) -> sp.csr_matrix:
+    """Item-item co-occurrence from the **training** matrix only. PRIVATE: derived from the users'
+    interactions (refused under DP).
+
+    With the defaults, weight = number of users whose training row holds both items, no self-loops.
+    A weighting gives D_I^p R^T D_U^q R D_I^p for the binarised training matrix R (users x items),
+    D_U / D_I its user / item degrees, q = ``user_power``, p = ``item_power`` (a degree 0 gets weight
+    0), keeping the diagonal with ``diagonal``: GiffCF's graph is q = p = -1/2 with the diagonal
+    (official ``adj_right = D_U^-1/4 R D_I^-1/2``, A = adj_right^T adj_right), GF-CF's q = -1, p = -1/2.
+    Computed in float64, returned float32.
+    """
+    x = sp.csr_matrix(train, dtype=np.float64)
     x.data[:] = 1.0
-    return _without_diagonal(x.T @ x)
+    if user_power == 0.0 and item_power == 0.0:
+        g = x.T @ x
+        return sp.csr_matrix(g, dtype=np.float32) if diagonal else _without_diagonal(g)
+
+    def powered(deg: np.ndarray, p: float) -> np.ndarray:
+        out = np.zeros_like(deg)
+        np.power(deg, p, out=out, where=deg > 0)
+        return out
+
+    du = powered(np.asarray(x.sum(axis=1)).ravel(), user_power)
+    di = powered(np.asarray(x.sum(axis=0)).ravel(), item_power)
+    g = sp.diags(di) @ (x.T @ sp.diags(du) @ x) @ sp.diags(di)
+    g = sp.csr_matrix(g, dtype=np.float32)
+    if not diagonal:
+        return _without_diagonal(g)
+    g.sort_indices()
+    return g
 
 
 # --------------------------------------------------------------------------- images
+
+
+def _look_templates(n: int, seed: int, size: int, salt: int) -> np.ndarray:
+    """(n, 3, size, size) templates: each a base colour plus a stripe pattern of its own frequency
+    and orientation (the "look" of a taste cluster or a genre), drawn from (seed, salt)."""
+    rng = np.random.default_rng([int(seed), salt])
+    colour = rng.uniform(0.15, 0.85, size=(n, 3))
+    freq = rng.uniform(1.0, 4.0, size=n)
+    angle = rng.uniform(0.0, np.pi, size=n)
+    yy, xx = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
+    proj = np.cos(angle)[:, None, None] * xx + np.sin(angle)[:, None, None] * yy
+    stripes = np.sin(2 * np.pi * freq[:, None, None] * proj)  # (n, H, W) in [-1, 1]
+    return colour[:, :, None, None] + 0.25 * stripes[:, None], rng
 
 
 def synthetic_images(cluster: np.ndarray, keys: np.ndarray, seed: int, size: int = 32,
@@ -124,20 +169,40 @@ def synthetic_images(cluster: np.ndarray, keys: np.ndarray, seed: int, size: int
     cluster = np.asarray(cluster, dtype=np.int64)
     keys = np.asarray(keys, dtype=np.int64)
     n_c = int(cluster.max()) + 1 if len(cluster) else 0
-    rng = np.random.default_rng([int(seed), 0x1A6E])
-    colour = rng.uniform(0.15, 0.85, size=(n_c, 3))
-    freq = rng.uniform(1.0, 4.0, size=n_c)
-    angle = rng.uniform(0.0, np.pi, size=n_c)
-    yy, xx = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
-    proj = np.cos(angle)[:, None, None] * xx + np.sin(angle)[:, None, None] * yy
-    stripes = np.sin(2 * np.pi * freq[:, None, None] * proj)  # (C, H, W) in [-1, 1]
-    templates = colour[:, :, None, None] + 0.25 * stripes[:, None]  # (C, 3, H, W)
+    templates, rng = _look_templates(n_c, seed, size, 0x1A6E)
     n_keys = int(keys.max()) + 1 if len(keys) else 0
     eps = rng.standard_normal((n_keys, 3, size, size)).astype(np.float32)
     img = templates[cluster] + noise * eps[keys]
     import torch
 
     return torch.from_numpy(np.clip(img, 0.0, 1.0).astype(np.float32))
+
+
+def _stable_keys(item_ids) -> np.ndarray:
+    """An integer per item token: the token itself when it is a non-negative integer, else its CRC32."""
+    import zlib
+
+    tokens = np.asarray(item_ids, dtype=str)
+    return np.array([int(t) if t.isdigit() else zlib.crc32(t.encode()) for t in tokens], dtype=np.int64)
+
+
+def genre_images(categories: ItemCategories, item_ids, seed: int, size: int = 32,
+                 noise: float = 0.25) -> torch.Tensor:
+    """(n_items, 3, size, size) float32 in [0, 1] for a catalogue with categories (ML-100K's genres):
+    every category a look template (:func:`_look_templates`: a colour and a stripe pattern), every
+    item the mean of its categories' templates plus Gaussian noise; an item without a category gets
+    the mean of all templates. So items of the same genres look alike and the look carries the taste
+    signal genres carry. Seeded; an item's noise depends only on (seed, its token), so filtering
+    other items leaves its image unchanged."""
+    m = categories.matrix.toarray().astype(np.float64)
+    m[m.sum(1) == 0] = 1.0
+    templates, _ = _look_templates(m.shape[1], seed, size, 0x6E7E)
+    mix = np.einsum("ig,gchw->ichw", m / m.sum(1, keepdims=True), templates)
+    eps = np.stack([np.random.default_rng([int(seed), 0x6E7F, int(k)]).standard_normal((3, size, size))
+                    for k in _stable_keys(item_ids)]) if len(m) else np.zeros((0, 3, size, size))
+    import torch
+
+    return torch.from_numpy(np.clip(mix + noise * eps, 0.0, 1.0).astype(np.float32))
 
 
 class ImageFolder:
@@ -210,12 +275,12 @@ def check_side_options(cfg) -> dict:
     if graph is not None and graph not in ITEM_GRAPHS:
         raise ConfigError(f"dataset.item_graph={graph!r}: expected null or one of {', '.join(ITEM_GRAPHS)}") from None
     images = get_option(cfg, "images")
-    if images is not None and images not in IMAGE_SOURCES:
-        raise ConfigError(f"dataset.images={images!r}: expected null or one of {', '.join(IMAGE_SOURCES)}") from None
-    if images == "synthetic" and kind != "synthetic":
-        raise ConfigError(f"dataset.images=synthetic: only for kind=synthetic (kind is {kind!r}); "
-                          "use dataset.images=folder with dataset.image_folder") from None
     folder = get_option(cfg, "image_folder")
+    if isinstance(images, str) and images not in IMAGE_SOURCES and ("/" in images or images.startswith(("~", "."))):
+        images, folder = "folder", images  # dataset.images=/path: shorthand for images=folder, image_folder=/path
+    if images is not None and images not in IMAGE_SOURCES:
+        raise ConfigError(f"dataset.images={images!r}: expected null, a folder path or one of "
+                          f"{', '.join(IMAGE_SOURCES)}") from None
     if images == "folder" and not folder:
         raise ConfigError("dataset.image_folder: required with dataset.images=folder "
                           "(a folder of <item_token>.png|jpg, absolute or relative to the data folder)") from None
@@ -245,9 +310,14 @@ def item_side_from_config(opts: dict, data, seed: int, data_folder: Callable[[],
         side.graph = category_graph(side.categories)
     elif opts["graph"] == "co_interaction":
         side.private_graph = "co_interaction"
-    if opts["images"] == "synthetic":
+    if opts["images"] == "synthetic" and "cluster" in data.item_features:  # the synthetic generator's taste clusters
         side.images = synthetic_images(data.item_features["cluster"], data.item_ids.astype(np.int64), seed,
                                        opts["size"], opts["noise"])
+    elif opts["images"] == "synthetic":  # a real catalogue: a look per category (genre)
+        if side.categories is None:
+            raise ConfigError(f"dataset.images=synthetic: dataset {data.name!r} has neither taste clusters nor item "
+                              "categories to key the synthetic look by; use dataset.images=<folder>") from None
+        side.images = genre_images(side.categories, data.item_ids, seed, opts["size"], opts["noise"])
     elif opts["images"] == "folder":
         folder = Path(os.path.expanduser(str(opts["folder"])))
         if not folder.is_absolute():

@@ -4,12 +4,18 @@ Protocol (DiffRec's and RecBole's): score every item, mask the user's training i
 validation items), take the top K. With binary relevance, per user:
 
 * ``recall@K``    = hits in top K / number of the user's held-out items
+* ``capped_recall@K`` = hits in top K / min(K, number of held-out items): GiffCF's "Recall"
+  (github.com/VinciZhu/GiffCF ``models/recommender.py``: ``hits / minimum(target_sum, k)``), 1 when
+  the top K is all hits however many items are held out; equal to recall@K for users with at most K
 * ``precision@K`` = hits / K
 * ``hr@K``        = 1 if any hit
 * ``ndcg@K``      = sum_{hit at rank r} 1/log2(r+2) / sum_{r < min(n_target, K)} 1/log2(r+2)
 * ``mrr@K``       = 1 / (rank of first hit + 1), 0 without a hit
 
-each averaged over the users that have held-out items. Both splits are scored from ONE forward
+each averaged over the users that have held-out items. (The official DiffRec ``computeTopNAccuracy``
+divides by every user, counting one without held-out items as 0, and rounds to 4 decimals; on
+DiffRec's splits every user has valid and test items, so the figures agree, see
+``simulations/compare_ldiffrec.py``.) Both splits are scored from ONE forward
 pass (the model reads the training row for both, as the official DiffRec evaluation does).
 
 Sequence models (``input_kind == "sequence"``) are evaluated next-item, one pass per split: valid
@@ -41,7 +47,7 @@ import torch
 
 from fedrec.errors import ConfigError
 
-METRICS = ("recall", "ndcg", "hr", "precision", "mrr")
+METRICS = ("recall", "ndcg", "hr", "precision", "mrr", "capped_recall")
 
 
 def check_ks(ks: Iterable[int], n_items: int) -> list[int]:
@@ -79,8 +85,10 @@ def topk_metric_sums(scores: torch.Tensor, target: torch.Tensor, ks: list[int]) 
     out: dict[str, torch.Tensor] = {}
     for k in ks:
         h = cum_hits[:, k - 1]
-        ideal = cum_idcg[(torch.clamp(n_target, max=k) - 1).long()]
+        capped = torch.clamp(n_target, max=k)
+        ideal = cum_idcg[(capped - 1).long()]
         out[f"recall@{k}"] = (h / n_target).sum()
+        out[f"capped_recall@{k}"] = (h / capped).sum()
         out[f"precision@{k}"] = (h / k).sum()
         out[f"hr@{k}"] = (h > 0).float().sum()
         out[f"ndcg@{k}"] = (cum_dcg[:, k - 1] / ideal).sum()

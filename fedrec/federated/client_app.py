@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -84,6 +85,7 @@ def _prepare(msg: Message, context: Context, *, evaluating: bool):
     # its state then comes from the message and from the node's own store.
     torch.manual_seed(seed)
     model = build_model(cfg.model, data_shape(view.data, seed=seed))
+    model.fit(_own_rows(view))  # a graph model (LightGCN) reads this node's users' rows only
     store = _store(conf, context, view.partition_id)
     # Training in round r starts from the state after the node's last round before r; evaluation
     # in round r, and a later page of round r's per-user uploads, see the state round r left.
@@ -97,6 +99,13 @@ def _prepare(msg: Message, context: Context, *, evaluating: bool):
     # From here on torch's global generator is this node's stream for this round and purpose.
     torch.manual_seed(stream_seed(seed, view.partition_id, rnd, PURPOSE_EVAL if evaluating else PURPOSE_TRAIN))
     return view, cfg, model, rnd, store, saved or {}
+
+
+def _own_rows(view) -> sp.csr_matrix:
+    """The training matrix with every row but the node's own users' emptied."""
+    keep = np.zeros(view.data.n_users, dtype=np.float32)
+    keep[view.users] = 1.0
+    return sp.csr_matrix(sp.diags(keep) @ view.data.train)
 
 
 def _save(store, rnd: int, model, mechanism_state: dict | None = None) -> None:

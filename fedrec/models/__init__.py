@@ -19,8 +19,18 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "diffrec": ("fedrec.models.diffrec", "DiffRec", "DiffRecConfig"),
     "ldiffrec": ("fedrec.models.ldiffrec", "LDiffRec", "LDiffRecConfig"),
     "bpr": ("fedrec.models.bpr", "BPRMF", "BPRConfig"),
+    "vbpr": ("fedrec.models.vbpr", "VBPR", "VBPRConfig"),
     "multvae": ("fedrec.models.multvae", "MultVAE", "MultVAEConfig"),
     "sasrec_lite": ("fedrec.models.sasrec", "SASRecLite", "SASRecConfig"),
+    # baselines (issue 13): training-free item-item models and LightGCN
+    "pop": ("fedrec.models.pop", "Pop", "PopConfig"),
+    "itemknn": ("fedrec.models.itemknn", "ItemKNN", "ItemKNNConfig"),
+    "ease": ("fedrec.models.ease", "EASE", "EASEConfig"),
+    "gfcf": ("fedrec.models.gfcf", "GFCF", "GFCFConfig"),
+    "turbocf": ("fedrec.models.turbocf", "TurboCF", "TurboCFConfig"),
+    "bspm": ("fedrec.models.bspm", "BSPM", "BSPMConfig"),
+    "lightgcn": ("fedrec.models.lightgcn", "LightGCN", "LightGCNConfig"),
+    "giffcf": ("fedrec.models.giffcf", "GiffCF", "GiffCFConfig"),
 }
 
 NON_MODEL_KEYS = {"name", "optim"}
@@ -51,6 +61,23 @@ def model_config(cfg: Any):
     if unknown:
         raise ConfigError(f"model.{unknown[0]}: unknown key for model {name!r}; known: {sorted(fields)}")
     return cls(**kwargs)
+
+
+def check_dataset_needs(cfg: Any) -> None:
+    """What the run's model needs from the dataset config, checked before any file is read.
+
+    A model config class may name the item graph it smooths over (``ITEM_GRAPH``, GiffCF:
+    "co_interaction"); the run must ask the dataset for it (``dataset.item_graph``).
+    """
+    name = _plain(cfg.model).get("name")
+    if name not in REGISTRY:
+        return  # model_config / build_model name the bad model
+    module, _, cfg_cls = REGISTRY[name]
+    need = getattr(getattr(__import__(module, fromlist=[cfg_cls]), cfg_cls), "ITEM_GRAPH", None)
+    have = cfg.get("dataset", {}).get("item_graph", None)
+    if need is not None and str(have) != need:
+        raise ConfigError(f"dataset.item_graph: model {name!r} smooths over the {need} item graph; set "
+                          f"dataset.item_graph={need} (got {have!r}; it is refused under DP: the graph is private)")
 
 
 def build_model(cfg: Any, shape: DataShape) -> Recommender:
@@ -87,12 +114,15 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
             data._svd_item_emb = svd_item_embeddings(data.train, svd_dim, seed)
         return data._svd_item_emb
 
-    def co_graph():
-        if getattr(data, "_co_graph", None) is None:
+    def co_graph(**weighting):
+        # one cached graph per weighting (GiffCF's normalised one beside the plain counts)
+        cache = data.__dict__.setdefault("_co_graphs", {})
+        key = tuple(sorted(weighting.items()))
+        if key not in cache:
             from fedrec.data.side import co_interaction_graph
 
-            data._co_graph = co_interaction_graph(data.train)
-        return data._co_graph
+            cache[key] = co_interaction_graph(data.train, **weighting)
+        return cache[key]
 
     side = data.item_side
     wants_co_graph = side.graph is None and side.private_graph == "co_interaction"
@@ -101,4 +131,4 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
                      item_side=side, item_graph_fn=co_graph if wants_co_graph else None)
 
 
-__all__ = ["Batch", "DataShape", "Recommender", "build_model", "model_config", "data_shape", "svd_item_embeddings", "REGISTRY"]
+__all__ = ["Batch", "DataShape", "Recommender", "build_model", "check_dataset_needs", "model_config", "data_shape", "svd_item_embeddings", "REGISTRY"]

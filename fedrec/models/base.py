@@ -19,7 +19,15 @@ inside the model: a model is built from its config dataclass plus the dataset's 
   belongs to item i), of which a user's local training changes only the rows it touched: in
   cross-device per-user uploads a user sends only those rows (BPR-MF's item embeddings);
 * :meth:`Recommender.optimizer_groups` lets a model ask for per-module learning rates
-  (L-DiffRec trains its autoencoder and its denoiser at different rates).
+  (L-DiffRec trains its autoencoder and its denoiser at different rates);
+* :meth:`Recommender.fit` shows a model the training interactions it may read as a whole (its
+  graph or its closed form): the centralised trainer passes every training row, a silo node only
+  its own users' rows. Every model but the graph and closed-form ones ignores it. A model whose
+  :attr:`Recommender.trains_by_sgd` is False (EASE, GF-CF, ...) is *fitted* by ``fit`` alone: the
+  centralised trainer calls it once, then evaluates, and runs no epoch (such a model has no optim
+  block). :attr:`Recommender.couples_users` marks a model whose loss for one user reads other
+  users' rows (graph propagation, LightGCN): per-user clipping does not bound a user's influence
+  there, so DP-SGD and per-user clients refuse it.
 
 Trainers, Flower clients, attacks, defenses, DP and evaluation touch models only through this
 interface. Sequence models (``input_kind = "sequence"``, e.g. SASRec-lite) use the same class and
@@ -59,7 +67,7 @@ class DataShape:
     item_emb: np.ndarray | None = None
     item_emb_fn: Callable[[], np.ndarray | None] | None = field(default=None, repr=False)
     item_side: ItemSideData = field(default_factory=ItemSideData, repr=False)
-    item_graph_fn: Callable[[], sp.csr_matrix] | None = field(default=None, repr=False)
+    item_graph_fn: Callable[..., sp.csr_matrix] | None = field(default=None, repr=False)
 
     def item_embeddings(self) -> np.ndarray | None:
         if self.item_emb is None and self.item_emb_fn is not None:
@@ -73,6 +81,12 @@ class DataShape:
         if self.item_graph_fn is not None:
             return self.item_graph_fn()
         return None
+
+    def co_interaction_graph(self, **weighting) -> sp.csr_matrix | None:
+        """The private co-interaction graph with a weighting (the keywords of
+        :func:`fedrec.data.side.co_interaction_graph`: ``user_power``, ``item_power``, ``diagonal``),
+        or None unless the dataset asks for it (``dataset.item_graph=co_interaction``)."""
+        return None if self.item_graph_fn is None else self.item_graph_fn(**weighting)
 
 
 @dataclass
@@ -98,6 +112,14 @@ class Recommender(nn.Module):
     name: ClassVar[str] = "base"
     #: "user_vector" models read ``Batch.x``; "sequence" models read ``Batch.seq``
     input_kind: ClassVar[str] = "user_vector"
+    #: False: training-free (closed form or filter), fitted by :meth:`fit` alone, no optimiser
+    trains_by_sgd: ClassVar[bool] = True
+    #: True: one user's loss reads other users' training rows (a propagation graph)
+    couples_users: ClassVar[bool] = False
+
+    def fit(self, train: sp.csr_matrix) -> None:
+        """Read the (n_users, n_items) training interactions this trainer may show the model: all of
+        them centrally, the node's own users' rows (the rest empty) in a silo. Default: nothing to read."""
 
     @property
     def train_unit(self) -> str:

@@ -172,7 +172,7 @@ class BPRMF(Recommender):
 
     def _pair_loss(self, u: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """BPR loss (plus the optional L2 prior) of triples; ``u`` broadcasts against the item ids' shape."""
-        ep, en = self.item_emb(pos), self.item_emb(neg)
+        ep, en = self._item_vectors(pos), self._item_vectors(neg)
         diff = (u * (ep - en)).sum(-1)  # s(u, i+) - s(u, i-)
         loss = -F.logsigmoid(diff)
         if self.cfg.reg_weight > 0:
@@ -181,7 +181,7 @@ class BPRMF(Recommender):
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """Per interaction when ``batch.items`` is set (one sampled negative each), else per user."""
-        u = self.user_emb(batch.users)  # (B, d)
+        u = self._user_vectors(batch.users)  # (B, d)
         if batch.items is not None:
             with torch.no_grad():
                 n = batch.x.shape[1]
@@ -195,7 +195,7 @@ class BPRMF(Recommender):
                 pos, neg, valid = self._sample_pairs(batch.x)
         vf = valid.to(u.dtype)
         if self.cfg.sampling == "all_pairs":  # FedRecAttack's client loss: a sum, L2 once per user and per row
-            ep, en = self.item_emb(pos), self.item_emb(neg)
+            ep, en = self._item_vectors(pos), self._item_vectors(neg)
             diff = (u[:, None, :] * (ep - en)).sum(-1)
             loss = (-F.logsigmoid(diff) * vf).sum(1)
             if self.cfg.reg_weight > 0:
@@ -206,7 +206,15 @@ class BPRMF(Recommender):
         return (pair * vf).sum(1) / vf.sum(1).clamp(min=1.0)
 
     def scores(self, batch: Batch) -> torch.Tensor:
-        return self.user_emb(batch.users) @ self.item_emb.weight.T
+        return self._user_vectors(batch.users) @ self._item_vectors(None).T
+
+    # The score is <user vector, item vector>; VBPR (fedrec/models/vbpr.py) extends both vectors.
+    def _user_vectors(self, users: torch.Tensor) -> torch.Tensor:
+        return self.user_emb(users)
+
+    def _item_vectors(self, items: torch.Tensor | None) -> torch.Tensor:
+        """The vectors of item ids ``items`` (any shape), or of every item for None."""
+        return self.item_emb.weight if items is None else self.item_emb(items)
 
     def private_parameter_names(self) -> set[str]:
         return {"user_emb.weight"}

@@ -15,11 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = 10000, sin_first: bool = False) -> torch.Tensor:
+    """Sinusoids of t at frequencies max_period^(-j / (dim // 2)): [cos | sin] (DiffRec), or
+    [sin | cos] with ``sin_first`` (GiffCF's ``Timestep``, the order its checkpoints expect)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    parts = [torch.sin(args), torch.cos(args)] if sin_first else [torch.cos(args), torch.sin(args)]
+    emb = torch.cat(parts, dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb

@@ -11,7 +11,9 @@ the samplers live here, and a model hands the core its denoiser as a callable. W
 2. The closed-form forward process q(x_t | x_0) (DDPM, Ho et al. 2020), ``q_sample``.
 3. The training loss of DiffRec (Wang et al., SIGIR 2023, github.com/YiyanXu/DiffRec
    ``models/gaussian_diffusion.py``): x0- or eps-prediction, SNR reweighting (x0: SNR(t-1) - SNR(t),
-   1 at t=0) and importance-sampled timesteps (pt ∝ sqrt(E[L_t^2]) over the last 10 losses of each t,
+   1 at t=0; the per-t weights and eps -> x0 coefficients formed in float64 as official, then stored
+   float32; the loss itself is float32 where the official code multiplies in float64, a difference
+   of < 1e-6 relative, see ``simulations/compare_ldiffrec.py``) and importance-sampled timesteps (pt ∝ sqrt(E[L_t^2]) over the last 10 losses of each t,
    1/1000 uniform mass, uniform until every t has 10 losses; Improved DDPM). Deviation: the history is
    a per-timestep ring buffer updated in one vectorised scatter instead of a Python loop over the batch;
    the kept set (the last 10 losses per t) and so the sampling distribution are identical.
@@ -52,6 +54,16 @@ the samplers live here, and a model hands the core its denoiser as a callable. W
    cross-device training passes every draw explicitly instead. Draws land on the device of the
    tensor they shape (``generate``: the generator's device), so a model on a GPU takes a CUDA
    generator (``fedrec.rng.torch_stream(..., device=...)``; ``global_generator(device)`` for None).
+
+9. Graph-signal diffusion (:class:`GraphSignalDiffusion`, GiffCF: Zhu et al., SIGIR 2024,
+   github.com/VinciZhu/GiffCF ``models/giff_cf.py``): a deterministic forward process that smooths
+   the interaction vector over an item-item graph instead of drowning it in noise,
+   z_t = x + alpha (t / T) (A x - x), t = 0..T (the first-order form of the heat equation
+   dz/dt = -L z, L = I - A, that the official code uses), optionally plus Gaussian noise of std
+   noise_scale * noise_decay^(T - t); its training loss (per-example *sum* of squared errors of the
+   x0 prediction, t uniform in 1..T) and its DDIM-like sampler (predict x0 at z_t, re-smooth it to
+   step s = t - 1 and carry the residual z_t - F_t(x0_hat) over scaled by noise_decay^(t - s)).
+   The caller supplies the smoothing operator ``smooth(x) -> A x`` (row vectors) and the denoiser.
 
 Draw order (what a reference given "the same noise" must replay): training draws t, then the noise,
 then the dropout mask; an ancestral sampler draws one ``randn(x.shape)`` per step from ``start`` down
@@ -269,12 +281,20 @@ class GaussianDiffusion(nn.Module):
             coef2 = (1.0 - ac_prev) * np.sqrt(alphas) / (1.0 - ac)
             snr = ac / (1.0 - ac)
             posterior_variance = betas * (1.0 - ac_prev) / (1.0 - ac)
+            # DiffRec's loss weights per t (1 at t = 0): x0: SNR(t-1) - SNR(t); eps: (1 - alpha_bar_t) /
+            # ((1 - alpha_bar_{t-1})^2 (1 - beta_t)). Both are differences of nearly equal numbers for
+            # DiffRec's small noise (alpha_bar ~ 1 - 1e-5), so they are formed here in float64, where the
+            # official code forms them too; from float32 buffers they were off by up to 3e-6 (x0) and
+            # 0.3% to 23% (eps; the cancellation in 1 - alpha_bar_{t-1}).
+            weight_x0 = np.append(1.0, snr[:-1] - snr[1:])
+            weight_eps = np.append(1.0, ((1.0 - ac) / ((1.0 - ac_prev) ** 2 * (1.0 - betas)))[1:])
         # Coefficients are computed in float64 (as the official code) and stored as float32.
         for name, arr in {
             "betas": betas, "alphas_cumprod": ac, "alphas_cumprod_prev": ac_prev,
             "sqrt_ac": np.sqrt(ac), "sqrt_one_minus_ac": np.sqrt(1.0 - ac),
+            "sqrt_recip_ac": np.sqrt(1.0 / ac), "sqrt_recipm1_ac": np.sqrt(1.0 / ac - 1.0),
             "posterior_coef1": coef1, "posterior_coef2": coef2, "posterior_variance": posterior_variance,
-            "snr": snr,
+            "snr": snr, "loss_weight_x0": weight_x0, "loss_weight_eps": weight_eps,
         }.items():
             self.register_buffer(name, torch.tensor(arr, dtype=torch.float32), persistent=False)
         # Importance-sampling state (persistent: it is part of a checkpoint, never aggregated).
@@ -290,8 +310,8 @@ class GaussianDiffusion(nn.Module):
         return expand_to(self.sqrt_ac[t], x0) * x0 + expand_to(self.sqrt_one_minus_ac[t], x0) * noise
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        ac = expand_to(self.alphas_cumprod[t], x_t)
-        return (x_t - torch.sqrt(1 - ac) * eps) / torch.sqrt(ac)
+        """x0 = sqrt(1/alpha_bar_t) x_t - sqrt(1/alpha_bar_t - 1) eps, coefficients from float64 (official)."""
+        return expand_to(self.sqrt_recip_ac[t], x_t) * x_t - expand_to(self.sqrt_recipm1_ac[t], x_t) * eps
 
     # ----------------------------------------------------------------- timestep sampling
     def history_full(self) -> bool:
@@ -380,11 +400,8 @@ class GaussianDiffusion(nn.Module):
         if not self.reweight:
             return mse
         if self.mean_type == "x0":
-            weight = self.snr[(t - 1).clamp(min=0)] - self.snr[t]
-            weight = torch.where(t == 0, torch.ones_like(weight), weight)
-            return weight * mse
-        weight = (1 - self.alphas_cumprod[t]) / ((1 - self.alphas_cumprod_prev[t]) ** 2 * (1 - self.betas[t]))
-        weight = torch.where(t == 0, torch.ones_like(weight), weight)
+            return self.loss_weight_x0[t] * mse
+        weight = self.loss_weight_eps[t]
         likelihood = per_example_mean((x0 - self.predict_x0_from_eps(x_t, t, out)) ** 2) / 2.0
         return weight * torch.where(t == 0, likelihood, mse)
 
@@ -582,10 +599,16 @@ class DDIMSampler(Sampler):
             if grad is not None:
                 eps = eps - d.sqrt_one_minus_ac[i] * grad
                 x0 = (x - d.sqrt_one_minus_ac[i] * eps) / d.sqrt_ac[i]
+            x0, eps = self.refine(d, x, x0, eps, i)
             if j == len(seq) - 1:
                 return x0
             x = self._step(d, x0, eps, i, int(seq[j + 1]), generator)
         return x
+
+    def refine(self, d: GaussianDiffusion, x: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, i: int):
+        """(x0_hat, eps_hat) at step i after guidance; a subclass may change the clean estimate here
+        (e.g. backward universal guidance, Bansal et al. 2023), re-deriving eps_hat from x_t. Identity."""
+        return x0, eps
 
     def _step(self, d: GaussianDiffusion, x0, eps, i: int, s: int, generator) -> torch.Tensor:
         if self.eta == 0:
@@ -599,3 +622,96 @@ class DDIMSampler(Sampler):
 def few_step(k: int) -> DDIMSampler:
     """The few-step sampler: deterministic DDIM (eta = 0) on k evenly spaced steps (Song et al. 2021, 4.2)."""
     return DDIMSampler(steps=k, eta=0.0)
+
+
+# ---------------------------------------------------------------------------- graph-signal diffusion
+#: ``smooth(x) -> A x`` for row vectors x (B, n_items): the graph filter of a graph-signal diffusion
+Smoother = Callable[[torch.Tensor], torch.Tensor]
+
+
+class GraphSignalDiffusion:
+    """GiffCF's forward process, loss and sampler (item 9 of the module docstring).
+
+    ``filter(x, ax, t) = x + alpha * t / T * (ax - x)`` with ``ax = smooth(x)`` is the official
+    ``GiffCF.filter``; ``sigma(t) = noise_scale * noise_decay ** (T - t)`` its ``sigma``. Timesteps
+    are integers 0..T: 0 is the data, T the most smoothed signal (official ``t = linspace(0, T, T+1)``).
+    """
+
+    def __init__(self, steps: int, alpha: float, noise_scale: float = 0.0, noise_decay: float = 0.5,
+                 what: str = "model"):
+        if int(steps) < 1:
+            raise ConfigError(f"{what}.steps: must be >= 1, got {steps}")
+        if not np.isfinite(alpha) or alpha <= 0:
+            raise ConfigError(f"{what}.alpha: must be a positive number, got {alpha}")
+        if noise_scale < 0:
+            raise ConfigError(f"{what}.noise_scale: must be >= 0, got {noise_scale}")
+        if noise_decay < 0:
+            raise ConfigError(f"{what}.noise_decay: must be >= 0, got {noise_decay}")
+        self.steps, self.alpha = int(steps), float(alpha)
+        self.noise_scale, self.noise_decay = float(noise_scale), float(noise_decay)
+
+    def _t(self, t, x: torch.Tensor) -> torch.Tensor:
+        """t (an int or a (B,) tensor) as float32 broadcasting over x's trailing dimensions."""
+        if not torch.is_tensor(t):
+            return torch.tensor(float(t), dtype=x.dtype, device=x.device)
+        return expand_to(t.to(x.dtype), x)
+
+    def filter(self, x: torch.Tensor, ax: torch.Tensor, t) -> torch.Tensor:
+        """The smoothed signal at step t: x + alpha (t / T) (A x - x)."""
+        return x + self.alpha * self._t(t, x) / self.steps * (ax - x)
+
+    def sigma(self, t, x: torch.Tensor) -> torch.Tensor:
+        return self.noise_scale * self.noise_decay ** (self.steps - self._t(t, x))
+
+    def q_sample(self, x0: torch.Tensor, ax0: torch.Tensor, t: torch.Tensor,
+                 noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z_t = filter(x0, A x0, t) (+ sigma_t * noise when noise_scale > 0)."""
+        z = self.filter(x0, ax0, t)
+        if self.noise_scale > 0:
+            if noise is None:
+                raise ValueError("GraphSignalDiffusion.q_sample: noise_scale > 0 needs the noise")
+            z = z + self.sigma(t, x0) * noise
+        return z
+
+    def sample_timesteps(self, n: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """t uniform in 1..T (official ``tf.random.uniform((B, 1), 1, T + 1, dtype=int32)``)."""
+        return torch.randint(1, self.steps + 1, (n,), device=device, generator=generator)
+
+    def training_loss(self, denoise: Denoiser, x0: torch.Tensor, ax0: torch.Tensor,
+                      t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Per-example sum over items of (x0 - denoise(z_t, t))^2 (official ``train_step``).
+
+        Draws t, then the noise (only when noise_scale > 0), unless given explicitly.
+        """
+        if t is None:
+            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
+        if noise is None and self.noise_scale > 0:
+            noise = gaussian_like(x0, generator)
+        z_t = self.q_sample(x0, ax0, t, noise)
+        pred = denoise(z_t, t)
+        loss = ((x0 - pred) ** 2).sum(dim=tuple(range(1, x0.dim())))
+        return {"loss": loss, "pred_x0": pred, "t": t}
+
+    @torch.no_grad()
+    def sample(self, denoise: Denoiser, x: torch.Tensor, smooth: Smoother,
+               ax: torch.Tensor | None = None) -> torch.Tensor:
+        """The official DDIM-like sampler from the user's history x (deterministic).
+
+        z_T = filter(x, A x, T); for t = T..1, s = t - 1: x0_hat = denoise(z_t, t),
+        z_s = filter(x0_hat, A x0_hat, s) + noise_decay^(t - s) (z_t - filter(x0_hat, A x0_hat, t))
+        (the residual term only when noise_decay > 0, as the official code); returns z_0.
+        """
+        ax = smooth(x) if ax is None else ax
+        z = self.filter(x, ax, self.steps)
+        n = x.shape[0]
+        for t in range(self.steps, 0, -1):
+            s = t - 1
+            x0 = denoise(z, torch.full((n,), t, dtype=torch.long, device=x.device))
+            ax0 = smooth(x0)
+            z_s = self.filter(x0, ax0, s)
+            if self.noise_decay > 0:
+                z = z_s + self.noise_decay ** (t - s) * (z - self.filter(x0, ax0, t))
+            else:
+                z = z_s
+        return z

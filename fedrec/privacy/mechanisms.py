@@ -45,6 +45,12 @@ class DPSGD(DPMechanism):
     def check_model(self, cfg, model, data) -> None:
         if model.input_kind == "sequence":
             raise ConfigError(f"privacy=dpsgd: model {model.name!r} reads sequences, which DP-SGD does not support yet")
+        if not model.trains_by_sgd:
+            raise ConfigError(f"privacy=dpsgd: model {model.name!r} is training-free (a closed form of the whole "
+                              "training matrix), so there are no per-user gradients to clip and noise")
+        if model.couples_users:
+            raise ConfigError(f"privacy=dpsgd: model {model.name!r} propagates over the interaction graph, so one "
+                              "user's row enters other users' losses and per-user clipping bounds nothing")
 
     # ---------------------------------------------------------------- centralised
     def central_trainer(self, model, optimizer, rows, cfg, resume):
