@@ -23,6 +23,7 @@ from fedrec.devices import cfg_device
 from fedrec.errors import ConfigError
 from fedrec.eval import evaluate_model
 from fedrec.models import build_model, data_shape
+from fedrec.precision import set_precision
 from fedrec.recorder import Recorder
 from fedrec.train import make_optimizer, model_rows, train_epoch
 
@@ -30,6 +31,7 @@ from fedrec.train import make_optimizer, model_rows, train_epoch
 def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> None:
     device = cfg_device(cfg)
     model = build_model(cfg.model, data_shape(data, seed=cfg.seed)).to(device)  # built on the CPU: same init
+    set_precision(model, cfg, device)  # precision=bf16|auto: bf16 matrix products in train_epoch and evaluate_model
     if not model.trains_by_sgd:
         _fit_closed_form(cfg, data, model, recorder)
         return

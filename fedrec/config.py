@@ -32,6 +32,9 @@ def validate(cfg: DictConfig) -> None:
     from fedrec.devices import cfg_device
 
     cfg_device(cfg)  # device=cuda without a GPU fails here, before any data is read
+    from fedrec.precision import cfg_precision
+
+    cfg_precision(cfg)  # precision: one of fp32 | bf16 | auto
     from fedrec import run_config
 
     # the typed blocks (fedrec/run_config.py): every key's type, default and range, one line per bad key

@@ -30,6 +30,9 @@ Injected users (``data.injected``: fake profiles a data transform added) never c
 every node's metric sums and the next-item protocol all follow one rule, even for a transform that
 gave its fake users valid/test items.
 
+Precision: ``evaluate_model`` scores in the model's compute precision (``fedrec/precision.py``); the
+scores are fp32 before masking, so top-K and the metric sums are fp32 whatever it is.
+
 Device: scoring, masking, top-K and the metric sums run on the model's device (``evaluate_scores``:
 ``device``); only the sums come back, one transfer per batch and split.
 """
@@ -133,6 +136,8 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
 
     from fedrec.devices import model_device
 
+    from fedrec.precision import autocast
+
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -144,9 +149,11 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
                 seq = data.input_sequences(split).padded(rows, length, pad=data.n_items).to(device)
                 return model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x, seq=seq))
 
-            return evaluate_scores(next_item, data, ks, batch_size, users, splits, per_split=True, device=device)
-        return evaluate_scores(lambda rows, x: model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x)),
-                               data, ks, batch_size, users, splits, device=device)
+            with autocast(model, device, "eval"):  # scores are cast to fp32 before masking and top-K
+                return evaluate_scores(next_item, data, ks, batch_size, users, splits, per_split=True, device=device)
+        with autocast(model, device, "eval"):
+            return evaluate_scores(lambda rows, x: model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x)),
+                                   data, ks, batch_size, users, splits, device=device)
     finally:
         model.train(was_training)
 

@@ -36,6 +36,7 @@ from fedrec.federated.node import node_view
 from fedrec.federated.node_state import NodeStateStore
 from fedrec.mechanisms import NodeContext, node_mechanisms
 from fedrec.models import build_model, data_shape
+from fedrec.precision import set_precision
 from fedrec.run_config import federation
 from fedrec.rng import PURPOSE_EVAL, PURPOSE_SHUFFLE, PURPOSE_TRAIN, numpy_stream, stream_seed
 from fedrec.train import make_optimizer, model_rows, train_epoch
@@ -94,6 +95,7 @@ def _prepare(msg: Message, context: Context, *, evaluating: bool):
         load_arrays(model, saved["local"], "node state")
     load_arrays(model, msg.content["arrays"], "global arrays from the server")
     model.to(cfg_device(cfg))  # after loading: the records hold CPU arrays
+    set_precision(model, cfg)  # local training, cross-device steps and node evaluation in the run's precision
     # From here on torch's global generator is this node's stream for this round and purpose.
     torch.manual_seed(stream_seed(seed, view.partition_id, rnd, PURPOSE_EVAL if evaluating else PURPOSE_TRAIN))
     return view, cfg, model, rnd, store, saved or {}

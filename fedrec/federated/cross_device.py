@@ -20,6 +20,10 @@ loss sum — the same numbers (to float tolerance) at the cost of a centralised 
 It is used only when the node uploads the sum (no per-user updates requested).
 
 Device: everything runs where ``rows`` are (the model's device); the users' draws are hashed there.
+``rows`` is a (U, n_items) tensor or anything sliced the same way (a node's ``ChunkedRows`` densifies
+each chunk on demand). Precision: under ``precision=bf16`` the users' forward passes run in
+``torch.autocast`` (``fedrec/precision.py``); per-user parameters, gradients, optimiser moments and the
+folds stay fp32.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from torch.func import functional_call, grad, vmap
 from fedrec.devices import model_device
 from fedrec.errors import ConfigError
 from fedrec.models.base import Batch, Recommender
+from fedrec.precision import autocast
 from fedrec.rng import UserRandom
 
 ADAM_BETAS = (0.9, 0.999)
@@ -229,10 +234,11 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
             schedule_position(model, schedule_round, step, local.local_epochs)
             rand = model.draw_randomness(Batch(users=torch.as_tensor(u, device=x.device), x=x, seq=s),
                                          UserRandom(seed, round_, u, step, x.device))
-            if step == 0:
-                with torch.no_grad():
-                    loss_acc += float((vloss(gp, pp, inp, rand) * w).sum())
-            gg, pg = vgrad(gp, pp, inp, rand)
+            with autocast(model):  # precision=bf16: bf16 products, fp32 per-user params, grads and steps
+                if step == 0:
+                    with torch.no_grad():
+                        loss_acc += float((vloss(gp, pp, inp, rand).float() * w).sum())
+                gg, pg = vgrad(gp, pp, inp, rand)
             with torch.no_grad():
                 if local.prox_mu > 0:  # FedProx per user: grad of mu/2 ||w - w_global||^2
                     for n in gg:
@@ -298,7 +304,8 @@ def _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, ro
         batch.rand = model.draw_randomness(Batch(users=torch.as_tensor(u, device=x.device), x=x, seq=s),
                                            UserRandom(seed, round_, u, 0, x.device))
         state = {f"m.{k}": v for k, v in {**gleaf, **pleaf}.items()} | buffers
-        per_example = functional_call(wrapper, state, (batch,))
+        with autocast(model):  # precision=bf16: bf16 products; the loss, gradients and the step stay fp32
+            per_example = functional_call(wrapper, state, (batch,)).float()
         leaves = [*gleaf.values(), *pleaf.values()]
         gs = torch.autograd.grad((per_example * w).sum(), leaves, allow_unused=True)
         loss_acc += float((per_example.detach() * w).sum())

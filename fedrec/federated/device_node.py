@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
@@ -94,6 +95,44 @@ def cap_rows(rows: torch.Tensor, users: np.ndarray, cap: int | None, seed: int, 
     keep = torch.zeros_like(rows)
     keep.scatter_(1, torch.topk(-u, int(cap), dim=1).indices, 1.0)
     return rows * keep
+
+
+#: the sampled users' rows are densified all at once only while they take at most this share of
+#: ``federation.memory_budget_gb``; beyond it, chunk by chunk (:class:`ChunkedRows`)
+DENSE_ROWS_SHARE = 0.25
+
+
+class ChunkedRows:
+    """The sampled users' training rows (capped as :func:`cap_rows` does), densified only for the slice asked
+    for: what ``train_users`` reads chunk by chunk (``rows[start:start + chunk]``), so a round over many
+    users never holds the (U, n_items) dense matrix. The values equal the dense path's (the cap is keyed
+    per user, so capping a chunk caps each of its users as the whole would)."""
+
+    def __init__(self, train: sp.csr_matrix, users: np.ndarray, device, cap: int | None, seed: int, round_: int):
+        self.train, self.users, self.device = train, np.asarray(users), torch.device(device)
+        self.cap, self.seed, self.round = cap, seed, round_
+        self.shape = (len(self.users), train.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        if not isinstance(sl, slice):
+            raise TypeError("ChunkedRows: slice by a contiguous range of users")
+        users = self.users[sl]
+        x = torch.from_numpy(self.train[users].toarray().astype(np.float32)).to(self.device)
+        return cap_rows(x, users, self.cap, self.seed, self.round)
+
+    def sums(self) -> torch.Tensor:
+        counts = np.diff(self.train.indptr)[self.users].astype(np.float32)
+        if self.cap and self.cap > 0:
+            counts = np.minimum(counts, float(self.cap))
+        return torch.from_numpy(counts).to(self.device)
+
+
+def row_sums(rows) -> torch.Tensor:
+    """Interactions per user of dense rows or :class:`ChunkedRows`."""
+    return rows.sums() if isinstance(rows, ChunkedRows) else rows.sum(1)
 
 
 def clipped_sum(per_user: dict[str, torch.Tensor], start: dict[str, torch.Tensor], clip: float):
@@ -268,13 +307,16 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
         pos = pos[page * int(page_size):(page + 1) * int(page_size)]
     users = node_users[pos]
     device = model_device(model)
-    rows = torch.from_numpy(data.train[users].toarray().astype(np.float32)).to(device)
     cap = fed.max_user_interactions
-    rows = cap_rows(rows, users, cap, seed, round_)
+    if len(users) * data.n_items * 4 > DENSE_ROWS_SHARE * fed.memory_budget_gb * 2**30:
+        rows = ChunkedRows(data.train, users, device, cap, seed, round_)  # densified per chunk by train_users
+    else:
+        rows = torch.from_numpy(data.train[users].toarray().astype(np.float32)).to(device)
+        rows = cap_rows(rows, users, cap, seed, round_)
     seq = None
     if model.input_kind == "sequence":  # the cap keeps a sequence's most recent items (not a random subset)
         seq = data.input_sequences("train").padded(users, int(model.max_len), pad=data.n_items, keep=cap).to(device)
-    weights = torch.ones(len(users), device=device) if fed.weighting == "uniform" else rows.sum(1)  # interactions
+    weights = torch.ones(len(users), device=device) if fed.weighting == "uniform" else row_sums(rows)  # interactions
     local = local_training(cfg, prox_mu=prox_mu)
     private_rows = {n: t[pos] for n, t in private_state.items()}
     upd = train_users(model, users, rows, weights, private_rows, local, seed, round_, per_user, fold=fold, seq=seq)

@@ -84,6 +84,9 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
 
     # Built on the CPU (the nodes' initial model), then moved for server-side evaluation; arrays leave as CPU copies.
     model = build_model(cfg.model, data_shape(data, seed=int(cfg.seed))).to(cfg_device(cfg))
+    from fedrec.precision import set_precision
+
+    set_precision(model, cfg)  # server-side evaluation in the run's precision
     fed = federation(cfg)
     client_eval = uses_client_evaluation(cfg, model)
     mechanisms = build_mechanisms(cfg)

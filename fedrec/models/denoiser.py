@@ -60,7 +60,9 @@ class DenoiserMLP(nn.Module):
         emb = self.emb_layer(timestep_embedding(t, self.emb_size))
         if self.norm:
             x = F.normalize(x)
-        h = torch.cat([x * keep if keep is not None else self.drop(x), emb], dim=-1)
+        # Every layer is called as its module (not split into functional pieces): Opacus' per-sample
+        # gradients (DP-SGD) hook the nn.Linear modules.
+        h = torch.cat([x * keep if keep is not None else self.drop(x), emb.to(x.dtype)], dim=-1)
         for layer in self.in_layers:
             h = torch.tanh(layer(h))
         last = len(self.out_layers) - 1
@@ -68,4 +70,6 @@ class DenoiserMLP(nn.Module):
             h = layer(h)
             if i != last:
                 h = torch.tanh(h)
-        return h
+        # fp32 out whatever autocast multiplied in (fedrec/precision.py): the diffusion arithmetic
+        # around the denoiser (x_t, posterior means, loss weights) stays fp32
+        return h.float()

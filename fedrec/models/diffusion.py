@@ -516,6 +516,14 @@ class Sampler:
         return s
 
 
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a and b may share storage; True where storage cannot be read (vmap's batched tensors)."""
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):
+        return True
+
+
 class DDPMSampler(Sampler):
     """Ancestral DDPM (Ho et al. 2020): x_{t-1} = mu~(x_t, x0_hat) + Sigma_t g + sqrt(beta~_t) z, z ~ N(0, I).
 
@@ -533,16 +541,21 @@ class DDPMSampler(Sampler):
         if self.noise and s > 0:
             required(generator, "DDPMSampler(noise=True)")
         n = x.shape[0]
+        # The chain is updated in place in one buffer of its own (the caller's x is left alone):
+        # a fresh (B, n_items) tensor per step costs more than the arithmetic on the CPU (page faults).
+        x = x.to(torch.float32, copy=True)
         for i in range(s, -1, -1):
             t = torch.full((n,), i, dtype=torch.long, device=x.device)
             x0 = d.predict_x0(denoise, x, t, cond, free)
-            mean = d.posterior_coef1[i] * x0 + d.posterior_coef2[i] * x
             grad = classifier_gradient(classifiers, x, t)
+            if _shares_memory(x0, x):  # a denoiser may hand back (a view of) its input
+                x0 = x0.clone()
+            # x <- coef1 x0 + coef2 x (+ Sigma g) (+ sqrt(Sigma) z), rounded as the out-of-place sum is
+            x.mul_(d.posterior_coef2[i]).add_(x0.mul_(d.posterior_coef1[i]))
             if grad is not None:
-                mean = mean + d.posterior_variance[i] * grad
+                x.add_(d.posterior_variance[i] * grad)
             if self.noise and i > 0:
-                mean = mean + torch.sqrt(d.posterior_variance[i]) * gaussian_like(x, generator)
-            x = mean
+                x.add_(torch.sqrt(d.posterior_variance[i]) * gaussian_like(x, generator))
         return x
 
 
