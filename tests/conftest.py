@@ -14,6 +14,10 @@ SHARED_DATA = Path(os.environ.get("FEDREC_DATA", REPO.parent / "shared" / "data"
 TINY = [
     "dataset.n_users=60", "dataset.n_items=50", "dataset.n_clusters=3", "dataset.mean_interactions=12",
     "model.optim.batch_size=16", "eval.batch_size=64",
+    # Federated tiny runs use the in-process transport (the same apps, no Ray start-up of 15-20 s each);
+    # the tests of the Ray path itself pass federation.backend=ray, and
+    # tests/test_federation.py::test_inprocess_backend_matches_ray shows both give the same numbers.
+    "++federation.backend=inprocess",
 ]
 TINY_MODEL = {
     "diffrec": ["model.dims=[16,32]", "model.steps=5"],

@@ -1,4 +1,4 @@
-"""Flower end to end on tiny synthetic data: ServerApp + ClientApp on the Ray simulation engine."""
+"""Flower end to end on tiny synthetic data: ServerApp + ClientApp on the Ray simulation engine (federation.backend=ray) and on the in-process transport."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _lines(run_dir):
 def test_silo_fedavg_diffrec_server_evaluation(tiny_cfg, tmp_path):
     # Prepare: 3 silos, 2 rounds, fraction 1 -> every round must train exactly 3 clients,
     # including round 1 (Flower's FedAvg alone may under-sample round 1 in simulation).
-    cfg = tiny_cfg("federation=silo", "federation.num_nodes=3", "federation.rounds=2")
+    cfg = tiny_cfg("federation=silo", "federation.num_nodes=3", "federation.rounds=2", "federation.backend=ray")
     # Execute
     summary = execute(cfg, tmp_path / "run", progress=False)
     # Assert
@@ -62,7 +62,7 @@ def _strip_timings(lines):
 
 @pytest.mark.parametrize("mode,model,extra", [
     # BPR: private user embeddings live on the nodes; fraction 0.5: which silos train is keyed by the round
-    ("silo", "bpr", ["federation.num_nodes=4", "federation.fraction=0.5", "strategy=fedavgm"]),
+    ("silo", "bpr", ["federation.num_nodes=4", "federation.fraction=0.5", "strategy=fedavgm", "federation.backend=ray"]),
     # MultVAE cross-device with two local Adam steps: annealing and per-user randomness keyed by the round
     ("device", "multvae", ["federation.num_nodes=2", "federation.local_optimizer=adam", "train.local_epochs=2",
                            "federation.user_fraction=0.5", "model.total_anneal_steps=4"]),
@@ -110,7 +110,7 @@ def test_silo_resume_continues_after_last_checkpoint(tiny_cfg, tmp_path):
 def test_inprocess_backend_matches_ray(tiny_cfg, tmp_path, mode, model, extra):
     """federation.backend=inprocess runs the same apps without Ray: every round's metrics equal the Ray run's."""
     args = [f"federation={mode}", "federation.rounds=2", *extra]
-    on_ray = execute(tiny_cfg(*args, model=model), tmp_path / "ray", progress=False)
+    on_ray = execute(tiny_cfg(*args, "federation.backend=ray", model=model), tmp_path / "ray", progress=False)
     inproc = execute(tiny_cfg(*args, "federation.backend=inprocess", model=model), tmp_path / "inproc", progress=False)
     assert _strip_timings(_lines(tmp_path / "inproc")) == _strip_timings(_lines(tmp_path / "ray"))
     assert inproc["test"] == on_ray["test"] and inproc["best_round"] == on_ray["best_round"]
