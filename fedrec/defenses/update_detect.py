@@ -3,7 +3,7 @@ of the round, drop the flagged ones, FedAvg's mean of the rest.
 
 A poisoning client must move the global model far more than a genuine one to win against the mean of
 ~m genuine updates (FedRecAttack scales its crafted rows by the m sampled users, attacks/fedrecattack.py),
-so its upload is an outlier of the round in size. Per user u, two features of its upload
+so its upload is an outlier of the round in size. Per user u, three features of its upload
 (delta = trained - global, over every global table; row-sparse tables by their uploaded rows):
 
 * ``log ||delta_u||`` -- the whole upload's L2 norm;
@@ -22,8 +22,8 @@ not harm). A round in which more than ``max_drop`` of the users would be flagged
 Ground truth for the report: the data's injected users (``Interactions.injected``: FedRecAttack's fake
 clients, shilling profiles); :func:`fedrec.eval.detection.detection_report` over every (round, user)
 upload scored in the run: AUC of the scores, precision and recall of the flagged set. Not from a paper:
-the standard robust-z outlier rule (Rousseeuw & Croux 1993 for the MAD) on the two upload statistics
-the attacks here inflate; deviations: none to state.
+the standard robust-z outlier rule (Rousseeuw & Croux 1993 for the MAD) on the three upload statistics
+the attacks here inflate; fedrec's own rule, so there is no reference implementation to compare with.
 """
 
 from __future__ import annotations
