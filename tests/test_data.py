@@ -664,7 +664,6 @@ def test_unknown_split_method(tmp_path):
 
 
 def test_dataset_yamls_share_keys():
-    keys = None
     for path in sorted(CONF.glob("*.yaml")):
         assert path.read_text().startswith("# "), path
         c = OmegaConf.load(path)

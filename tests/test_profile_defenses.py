@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -11,7 +9,7 @@ import scipy.sparse as sp
 from fedrec.data import load_dataset
 from fedrec.data.sequences import Sequences
 from fedrec.defenses.profiles import (DegreeDetectConfig, DegreeDetector, DiffRecFit, DiffusionDetectConfig,
-                                      DiffusionDetector, PCADetectConfig, PCADetector, ProfilePurifier,
+                                      PCADetectConfig, PCADetector, ProfilePurifier,
                                       ProfilePurifyConfig, degree_scores, drop_users_training, flag_top,
                                       keep_top_share, pca_scores, purify_scores)
 from fedrec.errors import ConfigError
