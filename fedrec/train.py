@@ -92,7 +92,7 @@ def model_rows(model: Recommender, data, users: np.ndarray) -> TrainRows:
     device = model_device(model)
     if model.input_kind == "sequence":
         return TrainRows(data.train, users, seq=(data.input_sequences("train"), int(model.max_len)), device=device)
-    return TrainRows(data.train, users, device=device)
+    return TrainRows(data.input_matrix(model.input_values), users, device=device)  # ratings for a rating model
 
 
 class DenseRows:

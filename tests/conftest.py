@@ -29,6 +29,11 @@ TINY_MODEL = {
     "pop": [], "itemknn": ["model.k=10"], "ease": ["model.l2=10.0"], "gfcf": ["model.factor_dim=8"],
     "turbocf": [], "bspm": ["model.factor_dim=8"],
     "giffcf": ["model.embed_dim=8", "dataset.item_graph=co_interaction"],  # GiffCF needs the co-interaction graph
+    # rating models need the synthetic ratings (dataset.ratings=true)
+    "dgrm": ["model.dims=[16]", "model.critic_dims=[16]", "model.steps=5", "dataset.ratings=true"],
+    "edgerec": ["model.n_blocks=1", "model.channels=2", "model.feature_dim=8", "model.heads=2", "model.dim_head=4",
+                "model.patch_users=8", "model.patch_items=8", "model.steps=20", "model.sampling_steps=2",
+                "dataset.ratings=true"],
 }
 
 

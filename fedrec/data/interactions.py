@@ -14,6 +14,13 @@ profiles from :mod:`attacks.shilling`): one bool per user, None when nobody was 
 users train and are partitioned like any other user, but no metric ever counts them
 (:func:`fedrec.eval.metrics.evaluate_scores` drops them), so the mask travels with every row
 selection (:meth:`Interactions.subset_users`, :meth:`Interactions.append_users`).
+
+Explicit ratings (``dataset.ratings=true``, sources with a rating column): ``ratings`` holds, beside
+the binary matrices, float32 CSR matrices ``{"train", "valid", "test"}`` with exactly their sparsity
+and the rating of each pair (1..5 on MovieLens). A model that reads ratings declares
+``input_values = "rating"`` (:class:`fedrec.models.base.Recommender`); every trainer and the
+evaluation then feed it :meth:`Interactions.input_matrix` rows (ratings, 0 = unobserved) instead of
+the binary ones, which every other model keeps reading; masks and ranking targets stay binary.
 """
 
 from __future__ import annotations
@@ -57,6 +64,20 @@ class Interactions:
     # What data transforms measured while applying themselves (transform key -> a JSON-able report, e.g. a
     # profile defense's detection figures), so that any process holding the data can report them.
     transform_reports: dict = field(default_factory=dict)
+    # Explicit ratings aligned with train/valid/test ({"train", "valid", "test"} -> float32 CSR of the same
+    # sparsity); None when the dataset config did not ask for them (dataset.ratings) or the source has none.
+    ratings: dict | None = None
+
+    def input_matrix(self, values: str = "binary", split: str = "train") -> sp.csr_matrix:
+        """The ``split`` rows a model reads: binary, or the ratings for ``values == "rating"``."""
+        if values == "binary":
+            return getattr(self, split)
+        if values != "rating":
+            raise ValueError(f"unknown input values {values!r}; expected 'binary' or 'rating'")
+        if self.ratings is None:
+            raise ConfigError(f"dataset.ratings: the model reads explicit ratings, but dataset {self.name!r} was "
+                              "loaded without them (set dataset.ratings=true on a source with a rating column)")
+        return self.ratings[split]
 
     def __post_init__(self):
         if self.injected is not None:
@@ -104,6 +125,7 @@ class Interactions:
             injected=None if self.injected is None else self.injected[users],
             attack_targets=self.attack_targets,
             transform_reports=dict(self.transform_reports),
+            ratings=None if self.ratings is None else {k: m[users] for k, m in self.ratings.items()},
         )
 
     def append_users(self, train: sp.csr_matrix, user_ids: np.ndarray, *, injected: bool,
@@ -172,6 +194,9 @@ class Interactions:
             injected=flags,
             attack_targets=self.attack_targets,
             transform_reports=dict(self.transform_reports),
+            # the appended rows' own values are their ratings (a binary fake profile rates its items 1)
+            ratings=None if self.ratings is None else {k: stack(self.ratings[k], m) for k, m in
+                                                       (("train", train), ("valid", valid), ("test", test))},
         )
 
     def input_sequences(self, split: str) -> Sequences:

@@ -39,11 +39,13 @@ import numpy as np
 from fedrec.data.interactions import Interactions
 from fedrec.data.options import get_option as _get
 from fedrec.data.side import check_side_options, item_side_from_config
-from fedrec.data.splits import SPLIT_METHODS, check_ratios, dedupe, split_interactions, to_csr
+from fedrec.data.splits import SPLIT_METHODS, check_ratios, dedupe, dedupe_index, split_interactions, to_csr, values_like
 from fedrec.data.synthetic import generate_synthetic
 from fedrec.errors import ConfigError, DataError
 
 KINDS = ("synthetic", "atomic", "movielens", "diffrec", "sequence")
+# Kinds whose files carry rating values (``dataset.ratings=true``); DiffRec's .npy splits and sequence files have none.
+RATING_KINDS = ("synthetic", "atomic", "movielens")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # ML-100K's u.genre order, used when u.genre itself is absent.
@@ -86,7 +88,14 @@ def _common_options(cfg) -> dict:
             f"dataset.split.method={method!r}: unknown split method (expected one of {', '.join(SPLIT_METHODS)})"
         ) from None
     ratios = check_ratios(_get(split, "ratios", [0.8, 0.1, 0.1], where="dataset.split"))
-    return {"kind": kind, "name": name, "threshold": thr, "min_user": int(min_u), "method": method, "ratios": ratios}
+    keep_ratings = _get(cfg, "ratings", False)
+    if not isinstance(keep_ratings, bool):
+        raise ConfigError(f"dataset.ratings={keep_ratings!r}: expected true or false") from None
+    if keep_ratings and kind not in RATING_KINDS:
+        raise ConfigError(f"dataset.ratings=true: dataset kind {kind!r} has no rating values (kinds with ratings: "
+                          f"{', '.join(RATING_KINDS)})") from None
+    return {"kind": kind, "name": name, "threshold": thr, "min_user": int(min_u), "method": method, "ratios": ratios,
+            "ratings": keep_ratings}
 
 
 def resolve_data_path(cfg) -> Path:
@@ -215,6 +224,21 @@ def _read_atomic(path: Path, required: tuple[str, ...] = ()) -> _Table:
 # --------------------------------------------------------------------------- shared pipeline
 
 
+def check_rating_values(path, ratings: np.ndarray | None, linenos: np.ndarray) -> np.ndarray:
+    """The rating column kept as explicit feedback (``dataset.ratings=true``): present and > 0 on every row.
+
+    Zero or negative ratings are refused because 0 marks an unobserved entry of a user's rating row.
+    (Non-numeric and non-finite values were already refused by the column parser, naming the line.)
+    """
+    if ratings is None:
+        raise DataError(f"{path}: has no rating column, but dataset.ratings=true asks for rating values") from None
+    bad = np.flatnonzero(ratings <= 0)
+    if len(bad):
+        raise DataError(f"{path}: line {linenos[bad[0]]}: rating {ratings[bad[0]]:g} is not positive "
+                        "(dataset.ratings=true: 0 marks an unobserved entry)") from None
+    return ratings
+
+
 def _threshold_mask(ratings, threshold, source) -> np.ndarray | None:
     if threshold is None:
         return None
@@ -231,15 +255,21 @@ def _from_raw(opts: dict, seed: int, user_tok, item_tok, ratings, timestamps, so
     """
     user_vocab, u = _vocab(np.asarray(user_tok))
     item_vocab, i = _vocab(np.asarray(item_tok))
+    # explicit feedback (dataset.ratings=true): the rating of each kept pair travels with it
+    values = np.asarray(ratings, dtype=np.float32) if opts.get("ratings") else None
+
+    def pick(sel):
+        nonlocal u, i, timestamps, values
+        u, i = u[sel], i[sel]
+        timestamps = None if timestamps is None else timestamps[sel]
+        values = None if values is None else values[sel]
+
     mask = _threshold_mask(ratings, opts["threshold"], source)
     if mask is not None:
-        u, i = u[mask], i[mask]
-        timestamps = None if timestamps is None else timestamps[mask]
-    u, i, timestamps = dedupe(u, i, timestamps, len(item_vocab))
+        pick(mask)
+    pick(dedupe_index(u, i, timestamps, len(item_vocab)))  # a repeated pair keeps its earliest row's rating
     if opts["min_user"] > 1:
-        keep = (np.bincount(u, minlength=len(user_vocab)) >= opts["min_user"])[u]
-        u, i = u[keep], i[keep]
-        timestamps = None if timestamps is None else timestamps[keep]
+        pick((np.bincount(u, minlength=len(user_vocab)) >= opts["min_user"])[u])
     if len(u) == 0:
         raise DataError(
             f"{source}: no users left after rating_threshold={opts['threshold']} and "
@@ -256,6 +286,9 @@ def _from_raw(opts: dict, seed: int, user_tok, item_tok, ratings, timestamps, so
         user_ids=user_vocab[user_index].astype(str), item_ids=item_vocab[kept_i].astype(str),
         train_timestamps=split.train_timestamps, train_seq=split.train_seq, valid_seq=split.valid_seq,
     )
+    if values is not None:
+        data.ratings = {name: values_like(getattr(split, name), u, i, values, split.kept_users)
+                        for name in ("train", "valid", "test")}
     return data, user_index, kept_i
 
 
@@ -382,11 +415,16 @@ def load_atomic(cfg, seed: int) -> Interactions:
     name = opts["name"]
     presplit = [folder / f"{name}.{s}.inter" for s in ("train", "valid", "test")]
     if all(p.exists() for p in presplit):
+        if opts["ratings"]:
+            raise DataError(f"{presplit[0]}: pre-split atomic files are used as given and keep no rating values; "
+                            "dataset.ratings=true needs the unsplit <name>.inter") from None
         data = _load_atomic_presplit(opts, presplit)
     else:
         path = folder / f"{name}.inter"
         table = _read_atomic(path, required=("user_id", "item_id"))
         users, items, ratings, ts = _atomic_interactions(table)
+        if opts["ratings"]:
+            check_rating_values(path, ratings, table.linenos)
         data, _, _ = _from_raw(opts, seed, users, items, ratings, ts, path)
     _atomic_side_info(data, folder, name, _get(cfg, "item_category_field"))
     return data
@@ -446,6 +484,8 @@ def load_movielens(cfg, seed: int) -> Interactions:
     _check_width(path, rows, linenos, 4, f"{shown}-separated columns (user, item, rating, timestamp)")
     users, items, ratings, ts = zip(*rows)
     ratings = _numeric(path, list(ratings), linenos, "rating")
+    if opts["ratings"]:
+        check_rating_values(path, ratings, linenos)
     ts = _numeric(path, list(ts), linenos, "timestamp")
     data, _, _ = _from_raw(opts, seed, np.array(users, dtype=str), np.array(items, dtype=str), ratings, ts, path)
     _movielens_side_info(data, folder)
@@ -530,13 +570,22 @@ def load_diffrec(cfg, seed: int) -> Interactions:
 # --------------------------------------------------------------------------- synthetic
 
 
+def synthetic_ratings(raw, seed: int) -> np.ndarray:
+    """Seeded 1..5 ratings for the synthetic interactions (``dataset.ratings=true``): 4 where the user's and
+    the item's clusters agree, 2 otherwise, plus a uniform -1/0/+1 jitter, so ratings carry signal."""
+    rng = np.random.default_rng([int(seed), 0x5241])  # a stream of its own: the interactions do not change
+    agree = raw.user_cluster[raw.users] == raw.item_cluster[raw.items]
+    return np.clip(np.where(agree, 4, 2) + rng.integers(-1, 2, len(raw.users)), 1, 5).astype(np.float64)
+
+
 def load_synthetic(cfg, seed: int) -> Interactions:
     """Generate with :func:`generate_synthetic` and split like real data (no ratings: no threshold)."""
     opts = _common_options(cfg)
     opts["threshold"] = None
     raw = generate_synthetic(cfg, seed)
+    ratings = synthetic_ratings(raw, seed) if opts["ratings"] else None
     data, user_index, item_index = _from_raw(
-        opts, seed, raw.users.astype(str), raw.items.astype(str), None, raw.timestamps, "synthetic dataset"
+        opts, seed, raw.users.astype(str), raw.items.astype(str), ratings, raw.timestamps, "synthetic dataset"
     )
     # Tokens are the generator's integer ids, so they index its feature arrays directly.
     uid = data.user_ids.astype(np.int64)

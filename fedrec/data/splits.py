@@ -80,18 +80,43 @@ def check_ratios(ratios: Sequence[float], key: str = "dataset.split.ratios") -> 
     return r  # type: ignore[return-value]
 
 
-def dedupe(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None, n_items: int):
-    """Unique (user, item) pairs, keeping each pair's earliest timestamp (first row on ties)."""
+def dedupe_index(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None, n_items: int) -> np.ndarray:
+    """Sorted row indices of the unique (user, item) pairs: each pair's earliest row (first row on ties)."""
     key = users.astype(np.int64) * np.int64(n_items) + items.astype(np.int64)
     if timestamps is not None:
         # Sort by time first so np.unique's "first occurrence" is the earliest interaction.
         order = np.argsort(timestamps, kind="stable")
         _, first = np.unique(key[order], return_index=True)
-        keep = np.sort(order[first])
-    else:
-        _, keep = np.unique(key, return_index=True)
-        keep = np.sort(keep)
+        return np.sort(order[first])
+    _, keep = np.unique(key, return_index=True)
+    return np.sort(keep)
+
+
+def dedupe(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None, n_items: int):
+    """Unique (user, item) pairs, keeping each pair's earliest timestamp (first row on ties)."""
+    keep = dedupe_index(users, items, timestamps, n_items)
     return users[keep], items[keep], None if timestamps is None else timestamps[keep]
+
+
+def values_like(mat: sp.csr_matrix, users: np.ndarray, items: np.ndarray, values: np.ndarray,
+                row_users: np.ndarray | None = None) -> sp.csr_matrix:
+    """A float32 CSR with ``mat``'s sparsity holding ``values`` of the unique pairs (``users``, ``items``).
+
+    Row r of ``mat`` is user ``row_users[r]`` (default: r) of the pair list; every stored entry of
+    ``mat`` must be one of the pairs (a split of them). Vectorised: one sorted-key lookup.
+    """
+    n_items = mat.shape[1]
+    key = users.astype(np.int64) * np.int64(n_items) + items.astype(np.int64)
+    order = np.argsort(key, kind="stable")
+    rows = np.repeat(np.arange(mat.shape[0]), np.diff(mat.indptr))
+    if row_users is not None:
+        rows = np.asarray(row_users, dtype=np.int64)[rows]
+    want = rows.astype(np.int64) * np.int64(n_items) + mat.indices.astype(np.int64)
+    pos = order[np.searchsorted(key[order], want)]
+    out = sp.csr_matrix((np.asarray(values, dtype=np.float32)[pos], mat.indices.copy(), mat.indptr.copy()),
+                        shape=mat.shape)
+    out.has_sorted_indices = mat.has_sorted_indices
+    return out
 
 
 def to_csr(users: np.ndarray, items: np.ndarray, n_users: int, n_items: int,

@@ -30,6 +30,13 @@ Injected users (``data.injected``: fake profiles a data transform added) never c
 every node's metric sums and the next-item protocol all follow one rule, even for a transform that
 gave its fake users valid/test items.
 
+Explicit ratings: a model that reads ratings (``model.input_values == "rating"``, DGRM, EDGE-Rec) is
+fed the user's rating row as ``x`` and its scores are predicted ratings. It is ranked exactly as
+above (training items masked, binary held-out targets), and ``evaluate_model`` adds ``rmse``, the
+root mean squared error of the scores on every held-out (user, item) rating of the split
+(:func:`rating_error_sums`, pooled over users as squared-error sum / count), to that split's
+metrics. Every other model's metrics are unchanged.
+
 Precision: ``evaluate_model`` scores in the model's compute precision (``fedrec/precision.py``); the
 scores are fp32 before masking, so top-K and the metric sums are fp32 whatever it is.
 
@@ -97,6 +104,18 @@ def topk_metric_sums(scores: torch.Tensor, target: torch.Tensor, ks: list[int]) 
     return dict(zip(out, torch.stack(list(out.values())).tolist())), int(has.sum())
 
 
+def rating_error_sums(scores: torch.Tensor, ratings: torch.Tensor) -> tuple[float, int]:
+    """(Sum of squared errors, count) of ``scores`` on the observed entries (> 0) of ``ratings``, both (B, n)."""
+    seen = ratings > 0
+    err = torch.where(seen, scores.float() - ratings, torch.zeros_like(ratings))
+    return float((err * err).sum()), int(seen.sum())
+
+
+def rmse(sse: float, count: int) -> float:
+    """sqrt(sse / count); NaN without a held-out rating."""
+    return float("nan") if count == 0 else float(np.sqrt(sse / count))
+
+
 class RankingAccumulator:
     """Adds metric sums over batches (or over federated nodes) and reports the user mean."""
 
@@ -151,9 +170,11 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
 
             with autocast(model, device, "eval"):  # scores are cast to fp32 before masking and top-K
                 return evaluate_scores(next_item, data, ks, batch_size, users, splits, per_split=True, device=device)
+        values = getattr(model, "input_values", "binary")
         with autocast(model, device, "eval"):
             return evaluate_scores(lambda rows, x: model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x)),
-                                   data, ks, batch_size, users, splits, device=device)
+                                   data, ks, batch_size, users, splits, device=device,
+                                   inputs=data.input_matrix(values), with_rmse=values == "rating")
     finally:
         model.train(was_training)
 
@@ -161,16 +182,20 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
 @torch.no_grad()
 def evaluate_scores(score_fn, data, ks: list[int], batch_size: int = 1024,
                     users: np.ndarray | None = None, splits=("valid", "test"), per_split: bool = False,
-                    device=None) -> dict[str, dict]:
+                    device=None, inputs: sp.csr_matrix | None = None, with_rmse: bool = False) -> dict[str, dict]:
     """Like ``evaluate_model`` for any ``score_fn(user_ids, train_rows) -> (B, n_items)`` scores;
     with ``per_split``, ``score_fn(user_ids, train_rows, split)`` is called once per split.
-    ``train_rows``, the masks and the targets are built on ``device`` (None: the CPU)."""
+    ``train_rows``, the masks and the targets are built on ``device`` (None: the CPU). ``inputs`` are the
+    rows the model reads (default ``data.train``; a rating model's ratings); ``with_rmse`` adds ``rmse``
+    of the scores on ``data.ratings[split]`` to each split's metrics."""
     ks = check_ks(ks, data.n_items)
     users = evaluated_users(data, users)  # the one place injected users leave every metric
     acc = {s: RankingAccumulator(ks) for s in splits}
+    errors = {s: [0.0, 0] for s in splits}
+    inputs = data.train if inputs is None else inputs
     for start in range(0, len(users), batch_size):
         rows = users[start:start + batch_size]
-        x = dense_rows(data.train, rows, device)
+        x = dense_rows(inputs, rows, device)
         shared = None if per_split else score_fn(rows, x).float()
         seen = x > 0  # validation masks training items; test also masks validation items
         for split in splits:
@@ -179,6 +204,13 @@ def evaluate_scores(score_fn, data, ks: list[int], batch_size: int = 1024,
             target = dense_rows(getattr(data, split), rows, device)
             sums, n = topk_metric_sums(scores.masked_fill(mask, float("-inf")), target, ks)
             acc[split].add(sums, n)
+            if with_rmse:
+                sse, count = rating_error_sums(scores, dense_rows(data.input_matrix("rating", split), rows, device))
+                errors[split][0] += sse
+                errors[split][1] += count
     out: dict[str, dict] = {s: acc[s].result() for s in splits}
+    if with_rmse:
+        for s in splits:
+            out[s]["rmse"] = rmse(*errors[s])
     out["_sums"] = {s: {"sums": acc[s].sums, "users": acc[s].users} for s in splits}
     return out

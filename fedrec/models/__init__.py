@@ -31,6 +31,9 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "bspm": ("fedrec.models.bspm", "BSPM", "BSPMConfig"),
     "lightgcn": ("fedrec.models.lightgcn", "LightGCN", "LightGCNConfig"),
     "giffcf": ("fedrec.models.giffcf", "GiffCF", "GiffCFConfig"),
+    # explicit ratings (issue 13): models whose Batch.x is the user's rating row (dataset.ratings=true)
+    "dgrm": ("fedrec.models.dgrm", "DGRM", "DGRMConfig"),
+    "edgerec": ("fedrec.models.edgerec", "EDGERec", "EDGERecConfig"),
 }
 
 NON_MODEL_KEYS = {"name", "optim"}
@@ -67,14 +70,29 @@ def check_dataset_needs(cfg: Any) -> None:
     """What the run's model needs from the dataset config, checked before any file is read.
 
     A model config class may name the item graph it smooths over (``ITEM_GRAPH``, GiffCF:
-    "co_interaction"); the run must ask the dataset for it (``dataset.item_graph``).
+    "co_interaction"); the run must ask the dataset for it (``dataset.item_graph``). A model that learns
+    from explicit ratings (``RATINGS = True``: DGRM, EDGE-Rec) needs ``dataset.ratings=true`` on a source
+    kind with a rating column (DiffRec's .npy splits and sequence files have none).
     """
     name = _plain(cfg.model).get("name")
     if name not in REGISTRY:
         return  # model_config / build_model name the bad model
     module, _, cfg_cls = REGISTRY[name]
-    need = getattr(getattr(__import__(module, fromlist=[cfg_cls]), cfg_cls), "ITEM_GRAPH", None)
-    have = cfg.get("dataset", {}).get("item_graph", None)
+    config_class = getattr(__import__(module, fromlist=[cfg_cls]), cfg_cls)
+    dataset = cfg.get("dataset", {})
+    if getattr(config_class, "RATINGS", False):
+        from fedrec.data.loaders import RATING_KINDS
+
+        kind = dataset.get("kind", None)
+        if kind not in RATING_KINDS:
+            raise ConfigError(f"dataset.ratings: model {name!r} learns from explicit ratings, but dataset "
+                              f"{dataset.get('name', None)!r} (kind {kind!r}) has no rating values; use a source with a "
+                              f"rating column ({', '.join(RATING_KINDS)}), e.g. dataset=ml-100k-ratings")
+        if dataset.get("ratings", None) is not True:
+            raise ConfigError(f"dataset.ratings: model {name!r} learns from explicit ratings; set dataset.ratings=true "
+                              f"(got {dataset.get('ratings', None)!r}), e.g. dataset=ml-100k-ratings")
+    need = getattr(config_class, "ITEM_GRAPH", None)
+    have = dataset.get("item_graph", None)
     if need is not None and str(have) != need:
         raise ConfigError(f"dataset.item_graph: model {name!r} smooths over the {need} item graph; set "
                           f"dataset.item_graph={need} (got {have!r}; it is refused under DP: the graph is private)")

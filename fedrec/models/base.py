@@ -116,6 +116,10 @@ class Recommender(nn.Module):
     trains_by_sgd: ClassVar[bool] = True
     #: True: one user's loss reads other users' training rows (a propagation graph)
     couples_users: ClassVar[bool] = False
+    #: "binary": ``Batch.x`` holds 0/1 rows; "rating": it holds the user's explicit ratings (0 = unobserved,
+    #: ``Interactions.input_matrix``), in training and evaluation alike, and ``scores`` returns predicted
+    #: ratings (ranked as scores; RMSE on the held-out ratings is reported beside the ranking metrics)
+    input_values: ClassVar[str] = "binary"
 
     def fit(self, train: sp.csr_matrix) -> None:
         """Read the (n_users, n_items) training interactions this trainer may show the model: all of
