@@ -31,9 +31,9 @@ TINY_MODEL = {
     "giffcf": ["model.embed_dim=8", "dataset.item_graph=co_interaction"],  # GiffCF needs the co-interaction graph
     # rating models need the synthetic ratings (dataset.ratings=true)
     "dgrm": ["model.dims=[16]", "model.critic_dims=[16]", "model.steps=5", "dataset.ratings=true"],
-    "edgerec": ["model.n_blocks=1", "model.channels=2", "model.feature_dim=8", "model.heads=2", "model.dim_head=4",
-                "model.patch_users=8", "model.patch_items=8", "model.steps=20", "model.sampling_steps=2",
-                "dataset.ratings=true"],
+    "edgerec": ["model.n_blocks=1", "model.channels=2", "model.heads=2", "model.dim_head=4", "model.patch_users=8",
+                "model.patch_items=8", "model.steps=20", "model.sampling_steps=2", "model.user_features=[cluster]",
+                "model.user_id_dim=8", "model.item_id_dim=8", "dataset.ratings=true"],
 }
 
 

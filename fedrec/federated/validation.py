@@ -42,7 +42,7 @@ def check_run(cfg, data, model, *, simulated: bool = True) -> None:
         raise ConfigError(f"federation={fed.mode}: model {model.name!r} is training-free (one closed form of the "
                           "whole training matrix, no update to aggregate); use federation=none")
     if fed.mode == "device" and model.couples_users:
-        raise ConfigError(f"federation=device: model {model.name!r} propagates over the interaction graph, so a "
+        raise ConfigError(f"federation=device: model {model.name!r} {model.coupling}, so a "
                           "user's loss reads other users' rows and users cannot train as independent clients")
     from strategies import build_strategy
 

@@ -144,9 +144,11 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
 
     side = data.item_side
     wants_co_graph = side.graph is None and side.private_graph == "co_interaction"
+    user_codes = {k: np.asarray(v, dtype=np.int64) for k, v in data.user_features.items()
+                  if not k.endswith("_vocab") and np.ndim(v) == 1 and np.issubdtype(np.asarray(v).dtype, np.integer)}
     return DataShape(n_users=data.n_users, n_items=data.n_items, item_emb=data.item_emb,
                      item_emb_fn=None if data.item_emb is not None else svd_embeddings,
-                     item_side=side, item_graph_fn=co_graph if wants_co_graph else None)
+                     item_side=side, item_graph_fn=co_graph if wants_co_graph else None, user_features=user_codes)
 
 
 __all__ = ["Batch", "DataShape", "Recommender", "build_model", "check_dataset_needs", "model_config", "data_shape", "svd_item_embeddings", "REGISTRY"]

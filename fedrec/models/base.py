@@ -68,6 +68,9 @@ class DataShape:
     item_emb_fn: Callable[[], np.ndarray | None] | None = field(default=None, repr=False)
     item_side: ItemSideData = field(default_factory=ItemSideData, repr=False)
     item_graph_fn: Callable[..., sp.csr_matrix] | None = field(default=None, repr=False)
+    # Per-user integer side codes (e.g. ML-100K's age, gender, occupation: ``Interactions.user_features``
+    # without the ``*_vocab`` tables; -1 = missing), for models conditioned on user features (EDGE-Rec).
+    user_features: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def item_embeddings(self) -> np.ndarray | None:
         if self.item_emb is None and self.item_emb_fn is not None:
@@ -116,6 +119,8 @@ class Recommender(nn.Module):
     trains_by_sgd: ClassVar[bool] = True
     #: True: one user's loss reads other users' training rows (a propagation graph)
     couples_users: ClassVar[bool] = False
+    #: how a coupling model couples users, for the refusals (DP-SGD, cross-device) that name the reason
+    coupling: ClassVar[str] = "propagates over the interaction graph"
     #: "binary": ``Batch.x`` holds 0/1 rows; "rating": it holds the user's explicit ratings (0 = unobserved,
     #: ``Interactions.input_matrix``), in training and evaluation alike, and ``scores`` returns predicted
     #: ratings (ranked as scores; RMSE on the held-out ratings is reported beside the ranking metrics)

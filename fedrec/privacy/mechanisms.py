@@ -49,7 +49,7 @@ class DPSGD(DPMechanism):
             raise ConfigError(f"privacy=dpsgd: model {model.name!r} is training-free (a closed form of the whole "
                               "training matrix), so there are no per-user gradients to clip and noise")
         if model.couples_users:
-            raise ConfigError(f"privacy=dpsgd: model {model.name!r} propagates over the interaction graph, so one "
+            raise ConfigError(f"privacy=dpsgd: model {model.name!r} {model.coupling}, so one "
                               "user's row enters other users' losses and per-user clipping bounds nothing")
 
     # ---------------------------------------------------------------- centralised
