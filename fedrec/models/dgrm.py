@@ -103,14 +103,20 @@ class Critic(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
 
     def forward(self, x_prev: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, frozen: bool = False) -> torch.Tensor:
-        """``frozen``: the weights enter detached and outside the modules (no gradient, no Opacus hook)."""
-        h = torch.cat([x_prev, x_t, timestep_embedding(t, self.emb_size).to(x_t.dtype)], dim=-1)
+        """Scores of x_prev (B, n) or (B, k, n) (k candidates per example, e.g. real and fake: one call per layer,
+        as Opacus' per-sample clipping needs) -> (B,) or (B, k). ``frozen``: the weights enter detached and
+        outside the modules (no gradient to the critic, no Opacus hook)."""
+        emb = timestep_embedding(t, self.emb_size).to(x_t.dtype)
+        if x_prev.dim() == 3:
+            k = x_prev.shape[1]
+            x_t, emb = x_t.unsqueeze(1).expand(-1, k, -1), emb.unsqueeze(1).expand(-1, k, -1)
+        h = torch.cat([x_prev, x_t, emb], dim=-1)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             h = F.linear(h, layer.weight.detach(), layer.bias.detach()) if frozen else layer(h)
             if i != last:
                 h = F.leaky_relu(h, 0.2)
-        return h[:, 0].float()
+        return h[..., 0].float()
 
 
 class DGRM(Recommender):
@@ -148,8 +154,9 @@ class DGRM(Recommender):
         masked_mse = (rated * (x0_hat - x0) ** 2).sum(1) / rated.sum(1).clamp(min=1.0)
         fake_prev = self.posterior_sample(rated * x0_hat, x_t, t, z_fake)
         real_prev = self.posterior_sample(x0, x_t, t, z_real)
-        d_real = self.critic(real_prev, x_t, t)
-        d_fake = self.critic(fake_prev.detach(), x_t, t)
+        # real and (detached) fake in one critic call per example: a module called twice per forward is
+        # "parameter tying" to Opacus' per-sample clipping
+        d_real, d_fake = self.critic(torch.stack([real_prev, fake_prev.detach()], dim=1), x_t, t).unbind(1)
         d_fake_for_g = self.critic(fake_prev, x_t, t, frozen=True)
         critic_loss = d_fake - d_real + c.drift * (d_real ** 2 + d_fake ** 2)
         generator_loss = c.rec_weight * masked_mse - c.adv_weight * d_fake_for_g

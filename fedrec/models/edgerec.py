@@ -160,24 +160,39 @@ class Attention(nn.Module):
     def split(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(*x.shape[:-1], self.heads, self.dim_head)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (..., Lq, H, D), k (..., Lk, H, D), v (..., Lq or 1, Lk, H, D) -> (..., Lq, d_v).
-
-        ``v`` may differ per query (RCSA: each row's own entries are its values), hence its extra axis."""
+    def self_attend(self, x: torch.Tensor) -> torch.Tensor:
+        """Self-attention over the sequence axis of x (P, L, d) (the feature encoders)."""
         scale = self.dim_head ** -0.5
-        sim = torch.einsum("...qhd,...khd->...hqk", q, k) * scale
+        q, k, v = (self.split(f(x)) for f in (self.to_q, self.to_k, self.to_v))  # (P, L, H, D)
         mem_k, mem_v = self.mem_kv[0], self.mem_kv[1]
-        sim_mem = torch.einsum("...qhd,hmd->...hqm", q, mem_k) * scale
-        attn = self.drop(torch.cat([sim_mem, sim], dim=-1).softmax(dim=-1))
-        m = mem_k.shape[1]
-        out = torch.einsum("...hqk,...qkhd->...qhd", attn[..., m:], v)
-        out = out + torch.einsum("...hqm,hmd->...qhd", attn[..., :m], mem_v)
+        sim = torch.cat([torch.einsum("pqhd,hmd->phqm", q, mem_k), torch.einsum("pqhd,pkhd->phqk", q, k)], -1)
+        attn = self.drop((sim * scale).softmax(dim=-1))
+        M = mem_k.shape[1]
+        out = torch.einsum("phqk,pkhd->pqhd", attn[..., M:], v) + torch.einsum("phqm,hmd->pqhd", attn[..., :M], mem_v)
         return self.to_out(out.reshape(*out.shape[:-2], -1))
 
-    def self_attend(self, x: torch.Tensor) -> torch.Tensor:
-        """Self-attention over the sequence axis of x (P, L, d)."""
-        v = self.split(self.to_v(x)).unsqueeze(-4)  # shared by every query
-        return self.attend(self.split(self.to_q(x)), self.split(self.to_k(x)), v)
+
+def _separable(att: Attention, q_ft: torch.Tensor, k_ft: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One side of RCSA: every row r of x (P, R, C, c) attends, with its feature q_ft[r] (P, R, f_q) as the
+    single query, over the columns' features k_ft (P, C, f_k) as keys and its own entries x[r, :] as
+    values (plus the memory key/values). Returns (P, R, c).
+
+    The value projection has no bias, so sum_j a_j W_v x_j = W_v (sum_j a_j x_j): the attention weights
+    average the raw c-channel entries first and the projection follows, the same numbers as projecting
+    every entry to heads x dim_head first, with c instead of heads x dim_head values per entry."""
+    H, D = att.heads, att.dim_head
+    scale = D ** -0.5
+    q = att.split(att.to_q(q_ft))  # (P, R, H, D)
+    k = att.split(att.to_k(k_ft))  # (P, C, H, D)
+    mem_k, mem_v = att.mem_kv[0], att.mem_kv[1]  # (H, M, D)
+    sim = torch.einsum("prhd,pchd->phrc", q, k) * scale
+    sim_mem = torch.einsum("prhd,hmd->phrm", q, mem_k) * scale
+    attn = att.drop(torch.cat([sim_mem, sim], dim=-1).softmax(dim=-1))
+    M = mem_k.shape[1]
+    pooled = torch.einsum("phrc,prcx->prhx", attn[..., M:], x)  # (P, R, H, c): weights on the raw entries
+    w_v = att.to_v.weight.reshape(H, D, -1)  # (H, D, c)
+    out = torch.einsum("prhx,hdx->prhd", pooled, w_v) + torch.einsum("phrm,hmd->prhd", attn[..., :M], mem_v)
+    return att.to_out(out.reshape(*out.shape[:-2], H * D))
 
 
 def rcsa(row_attn: Attention, col_attn: Attention, reduce: nn.Linear, x: torch.Tensor,
@@ -186,15 +201,8 @@ def rcsa(row_attn: Attention, col_attn: Attention, reduce: nn.Linear, x: torch.T
 
     Row i attends with its feature as the single query over the columns' features (keys) and its own
     entries x[i, :] (values); column j likewise over the rows. Both are broadcast back and reduced."""
-    q = row_attn.split(row_attn.to_q(row_ft)).unsqueeze(-3)  # (P, n, 1, H, D)
-    k = row_attn.split(row_attn.to_k(col_ft)).unsqueeze(-4)  # (P, 1, m, H, D)
-    v = row_attn.split(row_attn.to_v(x)).unsqueeze(-4)  # (P, n, 1, m, H, D)
-    rows = row_attn.attend(q, k, v)[..., 0, :]  # (P, n, c)
-    xt = x.transpose(1, 2)  # (P, m, n, c)
-    q = col_attn.split(col_attn.to_q(col_ft)).unsqueeze(-3)
-    k = col_attn.split(col_attn.to_k(row_ft)).unsqueeze(-4)
-    v = col_attn.split(col_attn.to_v(xt)).unsqueeze(-4)
-    cols = col_attn.attend(q, k, v)[..., 0, :]  # (P, m, c)
+    rows = _separable(row_attn, row_ft, col_ft, x)  # (P, n, c)
+    cols = _separable(col_attn, col_ft, row_ft, x.transpose(1, 2))  # (P, m, c)
     n, m = x.shape[1], x.shape[2]
     merged = torch.cat([rows.unsqueeze(2).expand(-1, -1, m, -1), cols.unsqueeze(1).expand(-1, n, -1, -1)], dim=-1)
     return reduce(merged)
