@@ -22,6 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from fedrec.data.interactions import input_rows
 from fedrec.data.sequences import Sequences
 from fedrec.devices import model_device
 from fedrec.errors import ConfigError
@@ -92,7 +93,7 @@ def model_rows(model: Recommender, data, users: np.ndarray) -> TrainRows:
     device = model_device(model)
     if model.input_kind == "sequence":
         return TrainRows(data.train, users, seq=(data.input_sequences("train"), int(model.max_len)), device=device)
-    return TrainRows(data.input_matrix(model.input_values), users, device=device)  # ratings for a rating model
+    return TrainRows(input_rows(data, model.input_values), users, device=device)  # ratings for a rating model
 
 
 class DenseRows:

@@ -109,7 +109,7 @@ def _dgrm(n_items=7):
 
     torch.manual_seed(0)
     cfg = DGRMConfig(dims=[5], critic_dims=[6], steps=4, noise_scale=0.5, noise_min=0.01, noise_max=0.1,
-                     beta_fixed=False, dropout=0.0, adv_weight=0.3, drift=0.01)
+                     beta_fixed=False, dropout=0.0, adv_weight=0.3, drift=0.01, zero_reconstruction=0.2)
     return DGRM(cfg, DataShape(n_users=3, n_items=n_items))
 
 
@@ -159,7 +159,7 @@ def test_dgrm_loss_terms_match_a_numpy_rederivation():
     temb = timestep_embedding(r["t"], c.emb_size).double().numpy()
     d_real, d_fake = _np_critic(model.critic, real, x_t, temb), _np_critic(model.critic, fake, x_t, temb)
     critic = d_fake - d_real + c.drift * (d_real ** 2 + d_fake ** 2)
-    gen = c.rec_weight * mse - c.adv_weight * d_fake
+    gen = c.rec_weight * mse - c.adv_weight * d_fake + c.zero_reconstruction * ((1 - m) * x0_hat ** 2).sum(1) / (1 - m).sum(1)
     np.testing.assert_allclose(terms["masked_mse"].detach().numpy(), mse, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(terms["critic_loss"].detach().numpy(), critic, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(terms["loss"].detach().numpy(), gen + critic, rtol=1e-4, atol=1e-5)

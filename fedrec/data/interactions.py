@@ -69,7 +69,8 @@ class Interactions:
     ratings: dict | None = None
 
     def input_matrix(self, values: str = "binary", split: str = "train") -> sp.csr_matrix:
-        """The ``split`` rows a model reads: binary, or the ratings for ``values == "rating"``."""
+        """The ``split`` rows a model reads: binary, or the ratings for ``values == "rating"``
+        (:func:`input_rows` does the same for any object with the splits as attributes)."""
         if values == "binary":
             return getattr(self, split)
         if values != "rating":
@@ -230,3 +231,9 @@ class Interactions:
             "items_without_train": int(self.n_items - len(np.unique(self.train.indices))),
             "injected_users": self.n_injected,
         }
+
+
+def input_rows(data, values: str = "binary", split: str = "train") -> sp.csr_matrix:
+    """``data.input_matrix(values, split)``, or the binary ``split`` matrix of a plain data object (a test's
+    stand-in) when ``values`` is "binary"."""
+    return getattr(data, split) if values == "binary" else data.input_matrix(values, split)

@@ -52,6 +52,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from fedrec.data.interactions import input_rows
 from fedrec.errors import ConfigError
 
 METRICS = ("recall", "ndcg", "hr", "precision", "mrr", "capped_recall")
@@ -174,7 +175,8 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
         with autocast(model, device, "eval"):
             return evaluate_scores(lambda rows, x: model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x)),
                                    data, ks, batch_size, users, splits, device=device,
-                                   inputs=data.input_matrix(values), with_rmse=values == "rating")
+                                   inputs=input_rows(data, values),
+                                   with_rmse=values == "rating")
     finally:
         model.train(was_training)
 

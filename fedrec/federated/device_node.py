@@ -18,6 +18,7 @@ import scipy.sparse as sp
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
+from fedrec.data.interactions import input_rows
 from fedrec.errors import ConfigError
 from fedrec.run_config import FederationConfig, federation
 from fedrec.federated import protocol as P
@@ -308,7 +309,7 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
     users = node_users[pos]
     device = model_device(model)
     cap = fed.max_user_interactions
-    inputs = data.input_matrix(model.input_values)  # binary rows, or ratings for a rating model
+    inputs = input_rows(data, model.input_values)  # binary rows, or ratings for a rating model
     if len(users) * data.n_items * 4 > DENSE_ROWS_SHARE * fed.memory_budget_gb * 2**30:
         rows = ChunkedRows(inputs, users, device, cap, seed, round_)  # densified per chunk by train_users
     else:

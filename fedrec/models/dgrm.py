@@ -29,7 +29,11 @@ What the sources state, and how it is implemented:
    reconstruction loss is the mean squared error over the rated items only,
    sum(m (x0_hat - x0)^2) / sum(m), and the critic sees the generated vector masked to the rated
    items (m * x0_hat, the masking of CFGAN, Chae et al. 2018), so unrated entries never enter a loss.
-   Generator loss: ``rec_weight * masked MSE - adv_weight * D(fake)``.
+   Generator loss: ``rec_weight * masked MSE - adv_weight * D(fake)``. Trained on rated items only, the
+   generator predicts "the rating if rated", so ranking every item by it favours rarely rated,
+   well-rated items (docs/RESULTS.md measures it). ``zero_reconstruction`` > 0 adds, as an option that
+   is *not* part of DGRM, CFGAN's zero-reconstruction term (Chae et al. 2018): the mean of x0_hat^2
+   over the unrated items, weighted, which turns the output into "rated, and how well" for ranking.
 4. "At inference, the noisy matrix is denoised for a fewer number of time steps to preserve
    personalised information and retain some noise": the rating row is noised to step
    ``inference_start`` (< T) and reversed from there to 0 with the posterior mean (the core's
@@ -75,6 +79,7 @@ class DGRMConfig(DiffusionConfig):
     rec_weight: float = 1.0  # weight of the masked reconstruction loss in the generator's loss
     adv_weight: float = 0.1  # weight of the Wasserstein adversarial term in the generator's loss
     drift: float = 1e-3  # drift penalty on the critic's outputs
+    zero_reconstruction: float = 0.0  # weight of CFGAN's zero-reconstruction term on unrated items (0: as published)
     critic_lr_scale: float = 1.0  # the critic's learning rate relative to optim.lr
     inference_start: int = 2  # noise the rating row to this step, then denoise back to 0
     importance_sampling: bool = False  # uniform t (the adversarial terms have no per-t loss history)
@@ -88,7 +93,7 @@ class DGRMConfig(DiffusionConfig):
             raise ConfigError(f"model.inference_start: must be in 0..{self.steps - 1}, got {self.inference_start}")
         if self.rating_max <= 0:
             raise ConfigError(f"model.rating_max: must be positive, got {self.rating_max}")
-        for key in ("rec_weight", "adv_weight", "drift", "critic_lr_scale"):
+        for key in ("rec_weight", "adv_weight", "drift", "critic_lr_scale", "zero_reconstruction"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"model.{key}: must be non-negative, got {getattr(self, key)}")
 
@@ -160,6 +165,10 @@ class DGRM(Recommender):
         d_fake_for_g = self.critic(fake_prev, x_t, t, frozen=True)
         critic_loss = d_fake - d_real + c.drift * (d_real ** 2 + d_fake ** 2)
         generator_loss = c.rec_weight * masked_mse - c.adv_weight * d_fake_for_g
+        if c.zero_reconstruction > 0:  # optional, not in DGRM: unrated items pulled toward 0 (CFGAN's ZR)
+            unrated = 1.0 - rated
+            generator_loss = generator_loss + c.zero_reconstruction * (unrated * x0_hat ** 2).sum(1) / unrated.sum(
+                1).clamp(min=1.0)
         return {"loss": generator_loss + critic_loss, "masked_mse": masked_mse, "critic_loss": critic_loss,
                 "generator_loss": generator_loss, "x0_hat": x0_hat, "t": t}
 
