@@ -97,7 +97,7 @@ class Batch:
     """A batch of users. ``x`` is the dense binary history row each user trains/infers from."""
 
     users: torch.Tensor  # (B,) int64 internal user ids
-    x: torch.Tensor  # (B, n_items) float32 0/1
+    x: torch.Tensor  # (B, n_items) float32 0/1 (a rating model's: the ratings, 0 = unrated; Recommender.input_values)
     # (B, L) int64 for sequence models: the last L items, oldest first, left-padded with n_items; else None
     seq: torch.Tensor | None = None
     # (B,) int64: example b is the interaction (users[b], items[b]) rather than the user users[b];
