@@ -213,11 +213,33 @@ class TransformFold:
                 self.counts[key] = self.counts.get(key, 0.0) + float(value)
         self.inner.add({n: self.start[n].unsqueeze(0) + d for n, d in deltas.items()}, w, users)
 
+    def changed(self, users: np.ndarray) -> np.ndarray | None:
+        """Which of ``users`` the transforms may change: the union of each transform's ``changes(users)``
+        (an attack touches only its malicious clients). None when some transform may change any user
+        (a bound on every update) or the inner fold is not a plain mean: then every user passes here."""
+        marks = [getattr(t, "changes", None) for t in self.transforms]
+        if any(m is None for m in marks) or not hasattr(self.inner, "add_mean"):
+            return None
+        out = np.zeros(len(users), bool)
+        for mark in marks:
+            out |= np.asarray(mark(np.asarray(users)), bool)
+        return out
+
+    def add_mean(self, mean: dict[str, torch.Tensor], weight: float) -> None:
+        """Users no transform changes, already averaged: into the inner mean. Each transform still sees an
+        empty chunk, so its count keys exist on every node."""
+        for transform in self.transforms:
+            _, counts = transform(np.empty(0, np.int64), {})
+            for key, value in counts.items():
+                self.counts[key] = self.counts.get(key, 0.0) + float(value)
+        self.inner.add_mean(mean, weight)
+
     def result(self):
         return self.inner.result()
 
     def metrics(self) -> dict[str, float]:
         return dict(self.counts)
+
 
 
 def row_sparse_names(model: Recommender, fed: FederationConfig) -> set[str]:
