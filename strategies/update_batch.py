@@ -84,6 +84,8 @@ class UpdateBatch:
 
     @staticmethod
     def concat(parts: list["UpdateBatch"]) -> "UpdateBatch":
+        if len(parts) == 1:  # one node's batch (cross-device with one node): no copy of its stack
+            return parts[0]
         # A table sparse in one node's reply and dense in another's (a node with federation.sparse_rows=off)
         # is made sparse in all: the same updates, and never a dense stack of every user.
         sparse = sorted({k for p in parts for k in p.rows})

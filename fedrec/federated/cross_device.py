@@ -228,6 +228,10 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
     f = _single_user_loss(wrapper, buffers)
     vgrad = vmap(grad(f, argnums=(0, 1), has_aux=False), in_dims=(0, 0, 0, 0), randomness="error")
     vloss = vmap(f, in_dims=(0, 0, 0, 0), randomness="error")
+    # One plain SGD step (FedProx's term is zero there): gradients at the shared global point
+    one_sgd_step = local.optimizer == "sgd" and local.local_epochs == 1
+    vgrad_shared = vmap(grad(f, argnums=(0, 1), has_aux=False), in_dims=(None, 0, 0, 0), randomness="error")
+    vloss_shared = vmap(f, in_dims=(None, 0, 0, 0), randomness="error")
     custom = fold is not None
     fold = fold if custom else (StackFold(g0) if per_user else MeanFold(g0))
     new_private: dict[str, list[torch.Tensor]] = {n: [] for n in private_names}
@@ -238,8 +242,26 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
         s = None if seq is None else seq[sl]
         inp = _inputs(x, s)
         c = len(u)
-        gp = {n: v.unsqueeze(0).expand(c, *v.shape).clone() for n, v in g0.items()}
         pp = {n: private_rows[n][sl].clone() for n in private_names}
+        if one_sgd_step:  # every user starts from g0: per-example gradients at the shared point, no copies
+            schedule_position(model, schedule_round, 0, 1)  # before the draws: they carry annealed weights
+            rand = model.draw_randomness(Batch(users=torch.as_tensor(u, device=x.device), x=x, seq=s),
+                                         UserRandom(seed, round_, u, 0, x.device))
+            with autocast(model):
+                with torch.no_grad():
+                    loss_acc += float((vloss_shared(g0, pp, inp, rand).float() * w).sum())
+                gg, pg = vgrad_shared(g0, pp, inp, rand)
+            with torch.no_grad():
+                gp = {n: g0[n].unsqueeze(0) - local.lr * gg[n] for n in g0}
+                for n in pp:
+                    pp[n] -= local.lr * pg[n]
+                del gg, pg
+                fold.add(gp, w, u)
+                for n in private_names:
+                    new_private[n].append(pp[n])
+            del gp
+            continue
+        gp = {n: v.unsqueeze(0).expand(c, *v.shape).clone() for n, v in g0.items()}
         state = _AdamState(gp, pp) if local.optimizer == "adam" else None
         for step in range(local.local_epochs):
             schedule_position(model, schedule_round, step, local.local_epochs)
