@@ -121,18 +121,12 @@ def flag(scores: np.ndarray, threshold: float, max_drop: float) -> np.ndarray:
     return flagged
 
 
-def subset(batch: UpdateBatch, keep: np.ndarray) -> UpdateBatch:
-    """The users where ``keep`` is true."""
-    return UpdateBatch({k: v[keep] for k, v in batch.arrays.items()}, batch.users[keep], batch.nodes[keep],
-                       batch.weights[keep], rows={k: ru.select(keep) for k, ru in batch.rows.items()})
-
-
 def detect_and_average(batch: UpdateBatch, base: dict[str, np.ndarray], threshold: float,
                        max_drop: float) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """(FedAvg's mean over the unflagged users, scores, flagged)."""
     scores = upload_scores(batch, base)
     flagged = flag(scores, threshold, max_drop)
-    return weighted_mean(subset(batch, ~flagged)), scores, flagged
+    return weighted_mean(batch, keep=~flagged), scores, flagged
 
 
 @register
