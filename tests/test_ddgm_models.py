@@ -371,3 +371,11 @@ def test_prelu_grad_sampler_is_the_per_example_autograd_gradient():
         want = torch.stack([torch.autograd.grad((layer(x[b:b + 1]) * back[b:b + 1]).sum(), layer.weight)[0]
                             for b in range(5)])
         assert torch.allclose(prelu_grad_sample(layer, [x], back)[layer.weight], want, atol=1e-5)
+
+
+def test_cfdiff_runs_under_node_level_dp_in_silos(tiny_cfg, tmp_path):
+    """Node-level DP bounds a whole silo's update, and a silo's conditions read only its own users."""
+    from fedrec.experiment import execute
+
+    summary = execute(tiny_cfg(*SILO, "privacy=node_dp", model="cfdiff"), tmp_path / "run", progress=False)
+    assert summary["privacy"]["epsilon"] > 0 and np.isfinite(summary["test"]["recall@20"])
