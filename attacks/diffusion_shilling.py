@@ -29,6 +29,14 @@ what is implemented, on fedrec's shared diffusion core (:mod:`fedrec.models.diff
    the same budget (``fraction``/``count``, ``filler_size``, ``targets``/``target_selection``) and
    profile size as the heuristic attacks of :mod:`attacks.shilling`, whose machinery injects them.
 
+5. Target orientation (off by default: ``promotion=0``, ``candidates=1``). The attacker fits a surrogate
+   recommender on the known profiles (:class:`PromotionSurrogate`, PureSVD) and credits a profile with
+   the smooth share of genuine users for whom the mean item factor of the profile -- where injected users
+   holding the target pull the target's factor -- beats their K-th unseen item. Generation follows the
+   gradient of its log (classifier guidance through the denoiser's x0 prediction, scale ``promotion``),
+   and/or ``candidates`` profiles are drawn per fake user and the best-credited are kept (each still a
+   sample of the model, so the profiles stay realistic).
+
 Deviations from ToDA, and why: the diffusion runs in item space, not in an autoencoder's latent space
 (ML-100K-sized catalogues fit; a latent stage would add a second model to train with no measured
 benefit here); guidance is classifier-free on a binary audience label instead of cross-attention over
