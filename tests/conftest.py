@@ -29,6 +29,8 @@ TINY_MODEL = {
     "pop": [], "itemknn": ["model.k=10"], "ease": ["model.l2=10.0"], "gfcf": ["model.factor_dim=8"],
     "turbocf": [], "bspm": ["model.factor_dim=8"],
     "giffcf": ["model.embed_dim=8", "dataset.item_graph=co_interaction"],  # GiffCF needs the co-interaction graph
+    "gdiff": ["model.hidden_dims=[16]", "dataset.item_graph=co_interaction"],  # the private transition graph
+    "diffkg": ["model.embedding_size=8", "model.denoiser_dims=[16]"],  # the synthetic genres are the KG
 }
 
 

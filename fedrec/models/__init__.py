@@ -31,6 +31,9 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "bspm": ("fedrec.models.bspm", "BSPM", "BSPMConfig"),
     "lightgcn": ("fedrec.models.lightgcn", "LightGCN", "LightGCNConfig"),
     "giffcf": ("fedrec.models.giffcf", "GiffCF", "GiffCFConfig"),
+    # item-graph diffusion recommenders (issue 13)
+    "gdiff": ("fedrec.models.gdiff", "GDiff", "GDiffConfig"),
+    "diffkg": ("fedrec.models.diffkg", "DiffKG", "DiffKGConfig"),
 }
 
 NON_MODEL_KEYS = {"name", "optim"}
@@ -124,11 +127,23 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
             cache[key] = co_interaction_graph(data.train, **weighting)
         return cache[key]
 
+    def transitions():
+        # G-Diff's directed graph of consecutive training items; needs each user's time order
+        if data.train_seq is None:
+            raise ConfigError(f"dataset: {data.name!r} has no time order of the training items, which the "
+                              "transition graph (model gdiff) needs; use a dataset with timestamps")
+        if getattr(data, "_transition_graph", None) is None:
+            from fedrec.data.side import transition_graph
+
+            data._transition_graph = transition_graph(data.train_seq.items, data.train_seq.indptr, data.n_items)
+        return data._transition_graph
+
     side = data.item_side
     wants_co_graph = side.graph is None and side.private_graph == "co_interaction"
     return DataShape(n_users=data.n_users, n_items=data.n_items, item_emb=data.item_emb,
                      item_emb_fn=None if data.item_emb is not None else svd_embeddings,
-                     item_side=side, item_graph_fn=co_graph if wants_co_graph else None)
+                     item_side=side, item_graph_fn=co_graph if wants_co_graph else None,
+                     item_transitions_fn=transitions if side.private_graph == "co_interaction" else None)
 
 
 __all__ = ["Batch", "DataShape", "Recommender", "build_model", "check_dataset_needs", "model_config", "data_shape", "svd_item_embeddings", "REGISTRY"]
