@@ -34,7 +34,9 @@ Deviations, each with its reason:
   interactions only and needs each user's time order (``Interactions.train_seq``; a dataset
   without one is refused with one line). The official code builds it from the training list order,
   which is the same thing on DiffRec's time-ordered ``train_list.npy``.
-* Cross-device users draw t and the dropout masks explicitly (``draw_randomness``), as DiffRec's.
+* Cross-device users draw t and the dropout masks explicitly (``draw_randomness``), as DiffRec's;
+  that needs the dense transition matrix (kept dense up to 2^24 entries: ML-1M's 3706 items), since
+  ``torch.func.vmap`` cannot batch sparse products; larger catalogues are refused cross-device.
 
 Federation and privacy: the graph is each process's own buffer (never aggregated; a silo node's
 graph is built from the data its DataShape sees, as GiffCF's). A user's loss reads only the fixed
@@ -95,10 +97,15 @@ def random_walk_matrix(g: sp.csr_matrix) -> sp.csr_matrix:
     return sp.csr_matrix(sp.diags(inv) @ g.astype(np.float64), dtype=np.float32)
 
 
+#: a transition matrix with at most this many entries (64 MB in float32; ML-1M's 3706 items) is kept dense
+DENSE_ENTRIES = 2 ** 24
+
+
 def graph_buffer(m: sp.spmatrix) -> torch.Tensor:
-    """The matrix as a torch tensor: dense when denser than GiffCF's ``DENSE_SHARE`` (cheaper, and
-    vmap-able for cross-device training), else sparse COO."""
-    if m.nnz > DENSE_SHARE * m.shape[0] * m.shape[1]:
+    """The matrix as a torch tensor: dense when small (``DENSE_ENTRIES``) or denser than GiffCF's
+    ``DENSE_SHARE`` (cheaper, and vmap-able for cross-device training), else sparse COO."""
+    n = m.shape[0] * m.shape[1]
+    if n <= DENSE_ENTRIES or m.nnz > DENSE_SHARE * n:
         return torch.from_numpy(m.toarray().astype(np.float32))
     coo = m.tocoo()
     idx = torch.from_numpy(np.vstack([coo.row, coo.col]).astype(np.int64))
@@ -179,6 +186,9 @@ class GDiff(Recommender):
         return self.diffusion.training_loss(self._denoise(keeps), batch.x, t=r["t"], noise=r["noise"])["loss"]
 
     def draw_randomness(self, batch: Batch, rnd) -> dict[str, torch.Tensor]:
+        if self.walk_t.is_sparse:
+            raise ConfigError(f"federation=device: gdiff's transition graph over {self.walk_t.shape[0]} items is "
+                              "sparse, which torch.func.vmap cannot batch; use federation=silo")
         widths = [batch.x.shape[1]] + [layer.out_features for layer in self.denoiser.mlp]
         draws = {"t": rnd.randint(0, 1, self.diffusion.steps)[:, 0], "noise": rnd.normal(1, batch.x.shape[1])}
         for i, w in enumerate(widths):
