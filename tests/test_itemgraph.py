@@ -59,8 +59,16 @@ def test_transition_graph_is_the_official_get_graph():
 
 def _gdiff(train, **over):
     items, indptr = _sequences(train)
-    g = transition_graph(items, indptr, N_ITEMS)
-    shape = DataShape(N_USERS, N_ITEMS, item_transitions_fn=lambda: g)
+
+    def graph(users=None):
+        if users is None:
+            return transition_graph(items, indptr, N_ITEMS)
+        from fedrec.data.sequences import Sequences
+
+        seq = Sequences(indptr, items).subset(users)
+        return transition_graph(seq.items, seq.indptr, N_ITEMS)
+
+    shape = DataShape(N_USERS, N_ITEMS, item_transitions_fn=graph)
     torch.manual_seed(0)
     return build_model({"name": "gdiff", "hidden_dims": [7], **over}, shape), items, indptr
 
@@ -120,6 +128,19 @@ def test_gdiff_scores_are_the_posterior_mean_chain_and_draws_make_the_loss_deter
     b.rand = model.draw_randomness(b, UserRandom(seed=0, round_=1, users=np.arange(N_USERS), step=0))
     np.testing.assert_array_equal(model.loss(b).detach().numpy(), model.loss(b).detach().numpy())
     assert set(b.rand) == {"t", "noise", "keep0", "keep1", "keep2"}
+
+
+def test_gdiff_fit_keeps_only_the_shown_users_transitions():
+    train = _train()
+    model, items, indptr = _gdiff(train)
+    full = model.walk_t.clone()
+    model.fit(train)
+    np.testing.assert_array_equal(model.walk_t.numpy(), full.numpy())  # centrally: the same graph
+    own = sp.lil_matrix(train.shape, dtype=np.float32)
+    own[:3] = train[:3]
+    model.fit(sp.csr_matrix(own))  # a silo node holding users 0-2
+    _, m = official_graph(items[:indptr[3]], indptr[:4], N_ITEMS)
+    np.testing.assert_allclose(model.walk_t.numpy(), m, atol=1e-7)
 
 
 def test_gdiff_needs_the_private_graph():

@@ -127,14 +127,18 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
             cache[key] = co_interaction_graph(data.train, **weighting)
         return cache[key]
 
-    def transitions():
-        # G-Diff's directed graph of consecutive training items; needs each user's time order
+    def transitions(users=None):
+        # G-Diff's directed graph of consecutive training items (of ``users`` only, e.g. a silo
+        # node's own users; None: all); needs each user's time order
         if data.train_seq is None:
             raise ConfigError(f"dataset: {data.name!r} has no time order of the training items, which the "
                               "transition graph (model gdiff) needs; use a dataset with timestamps")
-        if getattr(data, "_transition_graph", None) is None:
-            from fedrec.data.side import transition_graph
+        from fedrec.data.side import transition_graph
 
+        if users is not None:
+            seq = data.train_seq.subset(users)
+            return transition_graph(seq.items, seq.indptr, data.n_items)
+        if getattr(data, "_transition_graph", None) is None:
             data._transition_graph = transition_graph(data.train_seq.items, data.train_seq.indptr, data.n_items)
         return data._transition_graph
 

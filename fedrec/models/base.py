@@ -70,7 +70,7 @@ class DataShape:
     item_graph_fn: Callable[..., sp.csr_matrix] | None = field(default=None, repr=False)
     # Private like item_graph_fn and asked for by the same dataset.item_graph=co_interaction: the
     # directed item-to-item transition counts of the users' time-ordered training items (G-Diff).
-    item_transitions_fn: Callable[[], sp.csr_matrix] | None = field(default=None, repr=False)
+    item_transitions_fn: Callable[..., sp.csr_matrix] | None = field(default=None, repr=False)
 
     def item_embeddings(self) -> np.ndarray | None:
         if self.item_emb is None and self.item_emb_fn is not None:
@@ -91,10 +91,11 @@ class DataShape:
         or None unless the dataset asks for it (``dataset.item_graph=co_interaction``)."""
         return None if self.item_graph_fn is None else self.item_graph_fn(**weighting)
 
-    def transition_graph(self) -> sp.csr_matrix | None:
-        """The private transition graph (:func:`fedrec.data.side.transition_graph`), or None unless the
-        dataset asks for its private graphs (``dataset.item_graph=co_interaction``)."""
-        return None if self.item_transitions_fn is None else self.item_transitions_fn()
+    def transition_graph(self, users=None) -> sp.csr_matrix | None:
+        """The private transition graph (:func:`fedrec.data.side.transition_graph`) of ``users``'
+        training sequences (None: every user's), or None unless the dataset asks for its private
+        graphs (``dataset.item_graph=co_interaction``)."""
+        return None if self.item_transitions_fn is None else self.item_transitions_fn(users)
 
 
 @dataclass

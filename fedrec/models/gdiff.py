@@ -38,8 +38,9 @@ Deviations, each with its reason:
   that needs the dense transition matrix (kept dense up to 2^24 entries: ML-1M's 3706 items), since
   ``torch.func.vmap`` cannot batch sparse products; larger catalogues are refused cross-device.
 
-Federation and privacy: the graph is each process's own buffer (never aggregated; a silo node's
-graph is built from the data its DataShape sees, as GiffCF's). A user's loss reads only the fixed
+Federation and privacy: the graph is each process's own buffer, never aggregated: ``fit`` rebuilds
+it from the users whose rows the trainer shows, so a silo node decodes over the transitions of its
+own users only and the server (scoring everyone) over all of them. A user's loss reads only the fixed
 graph and the user's own row, so silo and cross-device training run. Under any DP mechanism G-Diff
 is refused: its graph is private (``dataset.item_graph=co_interaction``, which asks the dataset
 for the private graphs, is refused by :mod:`fedrec.privacy.public_only`).
@@ -168,8 +169,16 @@ class GDiff(Recommender):
                               "interactions; set dataset.item_graph=co_interaction (refused under DP: the graph is private)")
         self.denoiser = GraphDecodingNetwork(shape.n_items, cfg.hidden_dims, cfg.emb_size, cfg.norm, cfg.dropout,
                                              cfg.graph_layers)
+        self._graph_of = shape.transition_graph  # fit() rebuilds it from the rows it is shown
         self.register_buffer("walk_t", graph_buffer(random_walk_matrix(g).T), persistent=False)
         self.diffusion = cfg.build()
+
+    def fit(self, train: sp.csr_matrix) -> None:
+        """The graph of the users whose training rows this trainer shows (a silo node: its own users;
+        centrally every user, the same graph as at construction)."""
+        users = np.flatnonzero(np.diff(train.indptr))
+        g = self._graph_of(users)
+        self.walk_t = graph_buffer(random_walk_matrix(g).T).to(self.walk_t.device)
 
     def _denoise(self, keeps=None):
         self.denoiser.walk = self.walk_t  # the buffer follows .to(device); the module reads it from here
