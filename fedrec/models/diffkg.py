@@ -399,14 +399,19 @@ class DiffKG(Recommender):
         return sum(p.pow(2).sum() for n, p in self.named_parameters() if not n.startswith("denoiser."))
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        if batch.items is None:
-            raise ConfigError("model diffkg trains by interaction (BPR over every training interaction)")
+        """Per interaction (the trainer's examples: ``train_unit`` is "interaction"); a batch of users
+        without ``items`` (a caller feeding users) gets one positive per user drawn from its row."""
         c = self.cfg
         x = batch.x
         with torch.no_grad():
             neg, bad = BPRMF._negatives(x, 1, lambda r: torch.randint(0, x.shape[1], (len(x), 1), device=x.device))
+            pos = batch.items
+            if pos is None:
+                has = x.sum(1) > 0
+                pos = torch.multinomial(torch.where(has[:, None], (x > 0).float(), torch.ones_like(x)), 1)[:, 0]
+                bad = bad | ~has[:, None]
         (u1, i1), (u2, i2) = self._views(dropout=True)
-        users, pos, neg = batch.users, batch.items, neg[:, 0]
+        users, neg = batch.users, neg[:, 0]
         diff = (u1[users] * (i1[pos] - i1[neg])).sum(-1)
         bpr = -F.logsigmoid(diff) * (~bad[:, 0]).to(diff.dtype)
         cl = info_nce(i2, i1, pos, float(c.temp)) + info_nce(u2, u1, users, float(c.temp))
