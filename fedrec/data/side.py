@@ -23,7 +23,9 @@ with (rows follow ``Interactions.item_ids`` after filtering and splitting).
 user's **training** row, so it is derived from the users' private interactions, never stored in
 ``ItemSideData``, and only built when a model asks for it (``DataShape.item_graph()`` with
 ``dataset.item_graph=co_interaction``). Under any DP mechanism it is refused
-(:mod:`fedrec.privacy.public_only`): the accountant does not cover it.
+(:mod:`fedrec.privacy.public_only`): the accountant does not cover it. :func:`transition_graph`
+(consecutive training items in each user's time order, G-Diff's graph) is private in the same way
+and asked for by the same key (``DataShape.transition_graph()``).
 
 Config keys (``conf/dataset/*.yaml``, all optional): ``item_category_field``, ``item_graph``, ``kg_file``,
 ``images``, ``image_folder``, ``image_size``, ``image_noise`` (synthetic images), ``missing_images``; :func:`check_side_options` checks
