@@ -7,7 +7,8 @@ the samplers live here, and a model hands the core its denoiser as a callable. W
    1 - alpha_bar grows linearly from ``noise_scale*noise_min`` to ``noise_scale*noise_max``) and
    ``cosine`` (Nichol & Dhariwal 2021); ``beta_fixed`` sets the first beta to 1e-5 (Sohl-Dickstein et
    al. 2015, 2.4.1) as the official DiffRec ``GaussianDiffusion(beta_fixed=...)`` does whenever
-   ``noise_scale != 0`` (official default on in ``DiffRec/``, off in ``L-DiffRec/``).
+   ``noise_scale != 0`` (official default on in ``DiffRec/``, off in ``L-DiffRec/``); ``first_beta``
+   sets another fixed value (DiffKG's official code: 1e-4).
 2. The closed-form forward process q(x_t | x_0) (DDPM, Ho et al. 2020), ``q_sample``.
 3. The training loss of DiffRec (Wang et al., SIGIR 2023, github.com/YiyanXu/DiffRec
    ``models/gaussian_diffusion.py``): x0- or eps-prediction, SNR reweighting (x0: SNR(t-1) - SNR(t),
@@ -118,8 +119,9 @@ FIXED_FIRST_BETA = 1e-5
 
 
 def make_betas(schedule: str, steps: int, noise_scale: float, noise_min: float, noise_max: float,
-               beta_fixed: bool = False) -> np.ndarray:
-    """The schedule's betas in float64; ``beta_fixed`` sets the first to ``FIXED_FIRST_BETA``.
+               beta_fixed: bool = False, first_beta: float = FIXED_FIRST_BETA) -> np.ndarray:
+    """The schedule's betas in float64; ``beta_fixed`` sets the first to ``first_beta``
+    (``FIXED_FIRST_BETA``, DiffRec's 1e-5; DiffKG's official code fixes it at 1e-4).
 
     As in the official code the override applies only when ``noise_scale != 0`` (with no noise the
     betas are never used) and after the schedule is computed: with ``linear-var`` it changes every
@@ -127,7 +129,7 @@ def make_betas(schedule: str, steps: int, noise_scale: float, noise_min: float, 
     """
     betas = _schedule_betas(schedule, steps, noise_scale, noise_min, noise_max)
     if beta_fixed and noise_scale != 0:
-        betas[0] = FIXED_FIRST_BETA
+        betas[0] = first_beta
     return betas
 
 
@@ -280,7 +282,9 @@ class GaussianDiffusion(nn.Module):
     noise_scale, noise_min, noise_max : float
         Schedule bounds (DiffRec's names).
     beta_fixed : bool (default: False)
-        Override the first beta with 1e-5 (official DiffRec: on; official L-DiffRec: off).
+        Override the first beta with ``first_beta`` (official DiffRec: on; official L-DiffRec: off).
+    first_beta : float (default: ``FIXED_FIRST_BETA`` = 1e-5)
+        The fixed first beta (DiffRec, G-Diff: 1e-5; DiffKG's official code: 1e-4).
     mean_type : str (default: "x0")
         What the denoiser predicts: "x0" or "eps".
     reweight : bool (default: True)
@@ -293,7 +297,7 @@ class GaussianDiffusion(nn.Module):
     def __init__(self, steps: int, noise_schedule: str = "linear-var", noise_scale: float = 0.1,
                  noise_min: float = 1e-4, noise_max: float = 0.02, mean_type: str = "x0",
                  reweight: bool = True, importance_sampling: bool = True, history_per_step: int = 10,
-                 beta_fixed: bool = False):
+                 beta_fixed: bool = False, first_beta: float = FIXED_FIRST_BETA):
         super().__init__()
         if steps < 1:
             raise ConfigError(f"model.steps: must be >= 1, got {steps}")
@@ -309,7 +313,9 @@ class GaussianDiffusion(nn.Module):
         self.importance_sampling = importance_sampling
         self.history_per_step = history_per_step
         self.noise_scale = noise_scale
-        betas = make_betas(noise_schedule, steps, noise_scale, noise_min, noise_max, beta_fixed)
+        if not 0.0 < first_beta < 1.0:
+            raise ConfigError(f"model.first_beta: must be in (0, 1), got {first_beta}")
+        betas = make_betas(noise_schedule, steps, noise_scale, noise_min, noise_max, beta_fixed, first_beta)
         if noise_scale > 0 and not (np.all(betas > 0) and np.all(betas <= 1)):
             raise ConfigError("model.noise_*: the schedule gives betas outside (0, 1]")
         alphas = 1.0 - betas
