@@ -35,6 +35,8 @@ TINY: dict[str, dict] = {
     "turbocf": {"name": "turbocf"},
     "bspm": {"name": "bspm", "factor_dim": 8},
     "giffcf": {"name": "giffcf", "embed_dim": 8},
+    "ddrm": {"name": "ddrm", "embedding_size": 8, "dims": [16], "steps": 5,
+             "sampling": "user", "n_samples_per_user": 4},
 }
 SEQ_LEN = 6
 

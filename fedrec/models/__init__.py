@@ -31,6 +31,8 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "bspm": ("fedrec.models.bspm", "BSPM", "BSPMConfig"),
     "lightgcn": ("fedrec.models.lightgcn", "LightGCN", "LightGCNConfig"),
     "giffcf": ("fedrec.models.giffcf", "GiffCF", "GiffCFConfig"),
+    # diffusion over a CF backbone's embeddings (issue 13)
+    "ddrm": ("fedrec.models.ddrm", "DDRM", "DDRMConfig"),
 }
 
 NON_MODEL_KEYS = {"name", "optim"}
