@@ -263,3 +263,16 @@ def test_lightgcn_backbone_refuses_dpsgd_and_cross_device(tiny_cfg, tmp_path, ov
 
     with pytest.raises(ConfigError, match=match):
         execute(tiny_cfg(*over, "model.backbone=lightgcn", model="ddrm"), tmp_path / "run", progress=False)
+
+
+def test_pretraining_phase_is_the_backbone_loss_then_freezing_stops_its_gradient():
+    model = _model(5, pretrain_epochs=1, freeze_backbone=True)
+    draws, users = _draws(4, 3, 4, seed=5)
+    batch = Batch(users=torch.tensor(users), x=torch.tensor(_rows(5))[users], rand=draws)
+    assert model.pretraining()
+    assert torch.equal(model.loss(batch), model.backbone.loss(batch))  # BPR-MF's own loss on the same triples
+    model.on_epoch_end()
+    assert not model.pretraining()
+    model.loss(batch).sum().backward()
+    assert model.backbone.item_emb.weight.grad is None and model.backbone.user_emb.weight.grad is None
+    assert model.item_dnn.in_layers[0].weight.grad is not None

@@ -41,9 +41,15 @@ grid's values too.
 Deviations, each for a reason:
 
 * no pretrained checkpoint: the official runs load a backbone trained beforehand on their own split
-  (``pretrain_checkpoint/``) and then freeze it (MF) or fine-tune it at lr 1e-5 (LightGCN); fedrec's
-  splits have no such checkpoint, so the backbone starts from the official ``normal(0, 0.1)`` init
-  (``init_std``) and trains jointly at ``optim.lr`` (1e-3);
+  (``pretrain_checkpoint/``) and then freeze it (MF: ``requires_grad = False``) or fine-tune it at lr
+  1e-5 (LightGCN); fedrec's splits have no such checkpoint. Instead the backbone starts from the
+  official ``normal(0, 0.1)`` init (``init_std``) and either trains jointly from the start at
+  ``optim.lr`` (``pretrain_epochs=0``), or first trains alone on its own BPR loss for
+  ``pretrain_epochs`` epochs (the checkpoint's stand-in; validation during that phase already scores
+  with DDRM's inference), then DDRM's loss takes over, the backbone frozen with ``freeze_backbone``
+  (its embeddings detached: no gradient reaches it, the optimiser leaves it as pretrained) or still
+  trained at ``optim.lr``. The clock is the model's local epochs (``on_epoch_end``; cross-device:
+  the round, ``set_schedule_position``); a silo node counts the local epochs of its round only;
 * the official "MF" variant runs its LightGCN class (``--layer 4`` in its grid) over MF-pretrained
   embeddings; here ``backbone=mf`` is plain BPR-MF (no propagation) and ``backbone=lightgcn`` is
   fedrec's LightGCN (RecBole's normalisation);
@@ -106,6 +112,8 @@ class DDRMConfig:
     alpha: float = 0.4  # weight of the reconstruction loss against BPR (official MF grid 0.4)
     beta: float = 1.0  # exponent of the detached sigmoid(<u^, i^>) example weight (official MF grid 1)
     diff_lr: float = 1.0e-3  # learning rate of both denoisers (official 1e-3)
+    pretrain_epochs: int = 0  # epochs of the backbone's own BPR loss before DDRM's (official: a pretrained checkpoint)
+    freeze_backbone: bool = False  # after pretraining, train the denoisers only (official MF: frozen; LightGCN: tuned)
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -130,6 +138,8 @@ class DDRMConfig:
             raise ConfigError(f"model.alpha: must be in [0, 1], got {self.alpha}")
         if float(self.beta) < 0:
             raise ConfigError(f"model.beta: must be >= 0, got {self.beta}")
+        if int(self.pretrain_epochs) < 0:
+            raise ConfigError(f"model.pretrain_epochs: must be >= 0, got {self.pretrain_epochs}")
         if not float(self.diff_lr) > 0:
             raise ConfigError(f"model.diff_lr: must be > 0, got {self.diff_lr}")
 
@@ -166,6 +176,17 @@ class DDRM(Recommender):
                                            float(cfg.noise_min), float(cfg.noise_max), mean_type="x0",
                                            reweight=False, importance_sampling=False,
                                            beta_fixed=bool(cfg.beta_fixed))
+        self.epochs_done = 0  # local epochs this model has trained: the pretraining phase's clock
+
+    def on_epoch_end(self) -> None:
+        self.epochs_done += 1
+
+    def set_schedule_position(self, epochs: int, updates: int) -> None:
+        self.epochs_done = int(epochs)
+
+    def pretraining(self) -> bool:
+        """Whether the backbone still trains alone on its own BPR loss (``pretrain_epochs``)."""
+        return self.epochs_done < int(self.cfg.pretrain_epochs)
 
     # -------------------------------------------------------------- the backbone's embeddings
     def fit(self, train) -> None:
@@ -209,6 +230,9 @@ class DDRM(Recommender):
         # one lookup per table: Opacus' ghost clipping refuses a module called twice in one step
         e_u = user_of(users)[:, None, :].expand(-1, s, -1)
         e_p, e_n = item_of(torch.cat([pos, neg], 1)).split(s, dim=1)
+        if self.cfg.freeze_backbone and int(self.cfg.pretrain_epochs) > 0:
+            # the backbone gets no gradient (None), so the optimiser leaves it exactly as pretrained
+            e_u, e_p, e_n = e_u.detach(), e_p.detach(), e_n.detach()
         if draws is None:  # the official order: t, the user's noise, the item's noise
             draws = {"t": torch.randint(0, self.diffusion.steps, pos.shape, device=e_u.device),
                      "noise_u": gaussian_like(e_u, None), "noise_i": gaussian_like(e_p, None)}
@@ -231,6 +255,8 @@ class DDRM(Recommender):
 
     def loss(self, batch: Batch) -> torch.Tensor:
         x, b = batch.x, self.backbone
+        if self.pretraining():
+            return b.loss(batch)  # BPR-MF's / LightGCN's own loss (it reads the same draws)
         if batch.items is not None:  # one training interaction per example, one uniform negative
             with torch.no_grad():
                 neg, bad = b._negatives(x, 1, lambda r: torch.randint(0, x.shape[1], (len(x), 1), device=x.device))
