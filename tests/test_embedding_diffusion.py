@@ -276,3 +276,23 @@ def test_pretraining_phase_is_the_backbone_loss_then_freezing_stops_its_gradient
     model.loss(batch).sum().backward()
     assert model.backbone.item_emb.weight.grad is None and model.backbone.user_emb.weight.grad is None
     assert model.item_dnn.in_layers[0].weight.grad is not None
+
+
+# ------------------------------------------------------------------ the core's directional noise (DiffGT's)
+def test_directional_noise_is_sign_times_the_data_scaled_gaussian():
+    from fedrec.models.diffusion import GaussianDiffusion, directional_noise
+
+    rng = np.random.default_rng(0)
+    x0 = rng.standard_normal((200, 5)) * np.array([0.1, 1.0, 3.0, 0.5, 2.0]) + np.array([0, 1, -2, 0, 0.5])
+    z = rng.standard_normal((200, 5))
+    got = directional_noise(torch.tensor(x0, dtype=torch.float32), z=torch.tensor(z, dtype=torch.float32)).double().numpy()
+    want = np.sign(x0) * np.abs(x0.mean(0) + x0.std(0, ddof=1) * z)  # DDM: sgn(x0) |N(mu, sigma^2)|
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert (np.sign(got) == np.sign(x0)).all()  # every coordinate keeps the data's direction
+    # drawn from a generator it is reproducible, and a forward step moves x0 away from 0 along its signs
+    x = torch.tensor(x0, dtype=torch.float32)
+    a = directional_noise(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, directional_noise(x, torch.Generator().manual_seed(1)))
+    d = GaussianDiffusion(10, "linear", 1.0, 1e-4, 0.02)
+    x_t = d.q_sample(x, torch.full((200,), 9), a)
+    assert (x_t.abs() >= d.sqrt_ac[9] * x.abs() - 1e-6).all()
