@@ -230,8 +230,8 @@ class DDRM(Recommender):
         # one lookup per table: Opacus' ghost clipping refuses a module called twice in one step
         e_u = user_of(users)[:, None, :].expand(-1, s, -1)
         e_p, e_n = item_of(torch.cat([pos, neg], 1)).split(s, dim=1)
-        if self.cfg.freeze_backbone and int(self.cfg.pretrain_epochs) > 0:
-            # the backbone gets no gradient (None), so the optimiser leaves it exactly as pretrained
+        frozen = self.cfg.freeze_backbone and int(self.cfg.pretrain_epochs) > 0
+        if frozen:  # the backbone gets no gradient (None), so the optimiser leaves it exactly as pretrained
             e_u, e_p, e_n = e_u.detach(), e_p.detach(), e_n.detach()
         if draws is None:  # the official order: t, the user's noise, the item's noise
             draws = {"t": torch.randint(0, self.diffusion.steps, pos.shape, device=e_u.device),
@@ -244,10 +244,14 @@ class DDRM(Recommender):
         recon = (((e_u - u_hat) ** 2).mean(-1) + ((e_p - i_hat) ** 2).mean(-1)) / 2
         pos_score = (u_hat * i_hat).sum(-1)
         bpr = -F.logsigmoid(pos_score - (u_hat * e_n).sum(-1))
-        if self.cfg.reg_weight > 0:
-            b = self.backbone
-            ego_items = b.item_emb(torch.cat([pos, neg], 1)).pow(2).sum(-1)
-            ego = b.user_emb(users).pow(2).sum(-1)[:, None] + ego_items[:, :s] + ego_items[:, s:]
+        if self.cfg.reg_weight > 0 and not frozen:
+            if self.cfg.backbone == "lightgcn":  # the ego (layer-0) embeddings, as LightGCN's own regulariser
+                b = self.backbone
+                ego_u = b.user_emb(users)[:, None, :]
+                ego_p, ego_n = b.item_emb(torch.cat([pos, neg], 1)).split(s, dim=1)
+            else:  # MF's embeddings are its ego embeddings (no second lookup: ghost clipping refuses one)
+                ego_u, ego_p, ego_n = e_u, e_p, e_n
+            ego = ego_u.pow(2).sum(-1) + ego_p.pow(2).sum(-1) + ego_n.pow(2).sum(-1)
             bpr = bpr + 0.5 * float(self.cfg.reg_weight) * ego
         weight = torch.sigmoid(pos_score).detach() ** float(self.cfg.beta)
         a = float(self.cfg.alpha)
