@@ -18,8 +18,9 @@ training triple (u, i+, i-) with the backbone's final embeddings e_u, e_i+, e_i-
    0.5 on x_t, activation ``act`` after every layer but the last);
 3. the reconstruction loss ``(mean (e_u - u^)^2 + mean (e_i+ - i^)^2) / 2`` per triple (the official
    ``get_reconstruct_loss``: no SNR weight, no importance sampling), and the BPR loss on the *denoised* pair,
-   ``-log sigmoid(<u^, i^> - <u^, e_i->)`` (the negative stays the backbone's embedding), plus for the
-   LightGCN backbone ``reg_weight / 2 (||u||^2 + ||i+||^2 + ||i-||^2)`` on the ego embeddings;
+   ``-log sigmoid(<u^, i^> - <u^, e_i->)`` (the negative stays the backbone's embedding), plus
+   ``reg_weight / 2 (||u||^2 + ||i+||^2 + ||i-||^2)`` on the ego embeddings (the official LightGCN
+   variant's ``decay``, 1e-4; the MF variant has none: ``reg_weight`` 0 by default; none while frozen);
 4. the example's loss ``((1 - alpha) bpr + alpha recon) * sigmoid(<u^, i^>)^beta`` (the weight is
    detached: the official denoising reweighting of ``call_bpr``, which down-weights likely-noisy
    positives); the backbone and both denoisers are updated together (Adam; the denoisers at
