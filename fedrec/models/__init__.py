@@ -31,6 +31,10 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "bspm": ("fedrec.models.bspm", "BSPM", "BSPMConfig"),
     "lightgcn": ("fedrec.models.lightgcn", "LightGCN", "LightGCNConfig"),
     "giffcf": ("fedrec.models.giffcf", "GiffCF", "GiffCFConfig"),
+    # DDGM recommenders and the multi-hop guided DiffRec (issue 13)
+    "codigem": ("fedrec.models.codigem", "CODIGEM", "CODIGEMConfig"),
+    "recfusion": ("fedrec.models.recfusion", "RecFusion", "RecFusionConfig"),
+    "cfdiff": ("fedrec.models.cfdiff", "CFDiff", "CFDiffConfig"),
     # diffusion over a CF backbone's embeddings (issue 13)
     "ddrm": ("fedrec.models.ddrm", "DDRM", "DDRMConfig"),
 }
