@@ -35,6 +35,8 @@ TINY_MODEL = {
 
     "gdiff": ["model.hidden_dims=[16]", "dataset.item_graph=co_interaction"],  # the private transition graph
     "diffkg": ["model.embedding_size=8", "model.denoiser_dims=[16]"],  # the synthetic genres are the KG
+
+    "ddrm": ["model.embedding_size=8", "model.dims=[16]", "model.steps=5", "model.n_samples_per_user=4"],
 }
 
 

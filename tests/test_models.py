@@ -37,6 +37,11 @@ TINY: dict[str, dict] = {
     "giffcf": {"name": "giffcf", "embed_dim": 8},
     "gdiff": {"name": "gdiff", "hidden_dims": [8]},
     "diffkg": {"name": "diffkg", "embedding_size": 8, "denoiser_dims": [8]},
+    "codigem": {"name": "codigem", "hidden": 16, "depth": 1},
+    "recfusion": {"name": "recfusion", "hidden": 16, "depth": 1},
+    "cfdiff": {"name": "cfdiff", "latent": 16, "steps": 5, "d_model": 8, "num_heads": 2},
+    "ddrm": {"name": "ddrm", "embedding_size": 8, "dims": [16], "steps": 5,
+             "sampling": "user", "n_samples_per_user": 4},
 }
 SEQ_LEN = 6
 

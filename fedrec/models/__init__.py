@@ -39,6 +39,9 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     # item-graph diffusion recommenders (issue 13)
     "gdiff": ("fedrec.models.gdiff", "GDiff", "GDiffConfig"),
     "diffkg": ("fedrec.models.diffkg", "DiffKG", "DiffKGConfig"),
+
+    # diffusion over a CF backbone's embeddings (issue 13)
+    "ddrm": ("fedrec.models.ddrm", "DDRM", "DDRMConfig"),
 }
 
 NON_MODEL_KEYS = {"name", "optim"}

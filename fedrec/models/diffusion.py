@@ -86,6 +86,14 @@ the samplers live here, and a model hands the core its denoiser as a callable. W
    -log p(x_0 | x0_hat) at t = 0 (the ELBO's terms, one per example). Draws are uniforms
    u ~ U[0, 1): a bit is 1 where u < its probability (flips: where u < beta_t).
 
+12. Directional (anisotropic) noise, :func:`directional_noise` (Yang et al., "Directional Diffusion
+    Models for Graph Representation Learning", NeurIPS 2023; the noise DiffGT, Yi et al. 2024, puts on
+    its node embeddings): eps = sgn(x0) * |mu + sigma * z|, z ~ N(0, I), where mu and sigma are the
+    per-feature mean and standard deviation of the batch x0 (over every axis but the last). The noise
+    keeps each coordinate's sign and the data's per-feature scale, so x_t = q_sample(x0, t, eps) drifts
+    along the data's directions instead of isotropically. It is a noise *source* for ``q_sample`` /
+    ``training_loss(noise=...)``; samplers still add isotropic noise where they draw.
+
 Draw order (what a reference given "the same noise" must replay): training draws t, then the noise,
 then the dropout mask; an ancestral sampler draws one ``randn(x.shape)`` per step from ``start`` down
 to step 1; DDIM with eta > 0 one per step of its subsequence except the last.
@@ -165,6 +173,22 @@ def per_example_mean(x: torch.Tensor) -> torch.Tensor:
 def gaussian_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """N(0, I) noise shaped as x from ``generator`` (None: torch's global generator, as ``randn_like``)."""
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+
+
+def directional_noise(x0: torch.Tensor, generator: torch.Generator | None = None,
+                      z: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
+    """Directional noise sgn(x0) * |mu + sigma z| (item 12 of the module docstring), shaped as x0 (B, ..., d).
+
+    mu, sigma: the per-feature mean and (unbiased) standard deviation of x0 over all axes but the last,
+    treated as constants (no gradient flows through them); ``z`` an explicit N(0, I) draw, else one
+    from ``generator`` (None: torch's global generator). A batch of one has no spread: sigma = 0 there.
+    """
+    flat = x0.detach().reshape(-1, x0.shape[-1])
+    mu = flat.mean(0)
+    sigma = flat.std(0) if flat.shape[0] > 1 else torch.zeros_like(mu)
+    if z is None:
+        z = gaussian_like(x0, generator)
+    return torch.sign(x0.detach()) * (mu + sigma.clamp(min=eps) * z).abs()
 
 
 def global_generator(device) -> torch.Generator:
