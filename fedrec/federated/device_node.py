@@ -22,7 +22,7 @@ from fedrec.errors import ConfigError
 from fedrec.run_config import FederationConfig, federation
 from fedrec.federated import protocol as P
 from fedrec.federated.cross_device import LocalTraining, train_users
-from fedrec.models.base import Recommender
+from fedrec.models.base import Recommender, input_matrix
 from fedrec.devices import model_device
 from fedrec.rng import key_uniform, uniform_tensor, user_keys
 
@@ -87,7 +87,7 @@ def cap_rows(rows: torch.Tensor, users: np.ndarray, cap: int | None, seed: int, 
     """Keep at most ``cap`` of each user's training items (a random, keyed subset)."""
     if not cap or cap <= 0:
         return rows
-    counts = rows.sum(1)
+    counts = (rows > 0).sum(1)  # interactions (rows may be a model's weighted input, all weights > 0)
     if not bool((counts > cap).any()):
         return rows
     u = uniform_tensor(user_keys(seed, round_, users, STREAM_CAP), rows.shape[1], rows.device)
@@ -131,8 +131,8 @@ class ChunkedRows:
 
 
 def row_sums(rows) -> torch.Tensor:
-    """Interactions per user of dense rows or :class:`ChunkedRows`."""
-    return rows.sums() if isinstance(rows, ChunkedRows) else rows.sum(1)
+    """Interactions per user of dense rows or :class:`ChunkedRows` (stored entries: rows may be weighted)."""
+    return rows.sums() if isinstance(rows, ChunkedRows) else (rows > 0).sum(1).to(rows.dtype)
 
 
 def clipped_sum(per_user: dict[str, torch.Tensor], start: dict[str, torch.Tensor], clip: float):
@@ -308,10 +308,11 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
     users = node_users[pos]
     device = model_device(model)
     cap = fed.max_user_interactions
+    inputs = input_matrix(model, data)  # the binary rows, or the model's weighted ones (input_weighting)
     if len(users) * data.n_items * 4 > DENSE_ROWS_SHARE * fed.memory_budget_gb * 2**30:
-        rows = ChunkedRows(data.train, users, device, cap, seed, round_)  # densified per chunk by train_users
+        rows = ChunkedRows(inputs, users, device, cap, seed, round_)  # densified per chunk by train_users
     else:
-        rows = torch.from_numpy(data.train[users].toarray().astype(np.float32)).to(device)
+        rows = torch.from_numpy(inputs[users].toarray().astype(np.float32)).to(device)
         rows = cap_rows(rows, users, cap, seed, round_)
     seq = None
     if model.input_kind == "sequence":  # the cap keeps a sequence's most recent items (not a random subset)

@@ -28,6 +28,9 @@ inside the model: a model is built from its config dataclass plus the dataset's 
   block). :attr:`Recommender.couples_users` marks a model whose loss for one user reads other
   users' rows (graph propagation, LightGCN): per-user clipping does not bound a user's influence
   there, so DP-SGD and per-user clients refuse it.
+* :attr:`Recommender.input_weighting` lets a model read weighted rows instead of the binary ones as
+  ``Batch.x`` (T-DiffRec's time-aware weights, :mod:`fedrec.data.input_weights`): every trainer and the
+  evaluation build ``x`` from :func:`input_matrix`; the seen-item mask and the targets stay binary.
 
 Trainers, Flower clients, attacks, defenses, DP and evaluation touch models only through this
 interface. Sequence models (``input_kind = "sequence"``, e.g. SASRec-lite) use the same class and
@@ -116,6 +119,10 @@ class Recommender(nn.Module):
     trains_by_sgd: ClassVar[bool] = True
     #: True: one user's loss reads other users' training rows (a propagation graph)
     couples_users: ClassVar[bool] = False
+    #: None: ``Batch.x`` is the binary training row; else a :mod:`fedrec.data.input_weights` spec (frozen,
+    #: hashable) whose float rows (same sparsity) replace it in training and as the history at inference
+    #: (T-DiffRec's time-aware weights). Read it through :func:`input_matrix`.
+    input_weighting: Any = None
 
     def fit(self, train: sp.csr_matrix) -> None:
         """Read the (n_users, n_items) training interactions this trainer may show the model: all of
@@ -187,3 +194,9 @@ class Recommender(nn.Module):
         """Parameters that are aggregated in a federation, by name (private ones excluded)."""
         private = self.private_parameter_names()
         return {n: p.detach() for n, p in self.named_parameters() if n not in private}
+
+
+def input_matrix(model, data) -> sp.csr_matrix:
+    """The (n_users, n_items) rows ``model`` reads as ``Batch.x``: ``data.train``, or its weighted form when
+    the model declares an ``input_weighting`` (built once per run, :meth:`Interactions.input_rows`)."""
+    return data.input_rows(getattr(model, "input_weighting", None))
