@@ -20,24 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedrec.data.input_weights import TemporalLinspace
-from fedrec.models.base import DataShape
 from fedrec.models.ldiffrec import LDiffRec, LDiffRecConfig
+from fedrec.models.tdiffrec import TemporalInput, TemporalWeights
 
 
 @dataclass
-class LTDiffRecConfig(LDiffRecConfig):
-    w_min: float = 0.1  # weight of a user's oldest training interaction (official --w_min default)
-    w_max: float = 1.0  # weight of the most recent one (official --w_max default)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        TemporalLinspace(self.w_min, self.w_max)  # 0 < w_min <= w_max, checked when the config is built
+class LTDiffRecConfig(TemporalWeights, LDiffRecConfig):
+    pass
 
 
-class LTDiffRec(LDiffRec):
+class LTDiffRec(TemporalInput, LDiffRec):
     name = "ltdiffrec"
-
-    def __init__(self, cfg: LTDiffRecConfig, shape: DataShape):
-        super().__init__(cfg, shape)
-        self.input_weighting = TemporalLinspace(cfg.w_min, cfg.w_max)

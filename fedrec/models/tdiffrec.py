@@ -36,18 +36,25 @@ from fedrec.models.diffrec import DiffRec, DiffRecConfig
 
 
 @dataclass
-class TDiffRecConfig(DiffRecConfig):
+class TemporalWeights:
+    """The config keys of T-DiffRec's time-aware rows (mixed into a DiffRec-family config)."""
+
     w_min: float = 0.1  # weight of a user's oldest training interaction (official --w_min default)
     w_max: float = 1.0  # weight of the most recent one (official --w_max default)
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        TemporalLinspace(self.w_min, self.w_max)  # 0 < w_min <= w_max, checked when the config is built
 
+class TemporalInput:
+    """Mixin for a DiffRec-family model: it reads T-DiffRec's time-aware rows of its config's w_min / w_max."""
 
-class TDiffRec(DiffRec):
-    name = "tdiffrec"
-
-    def __init__(self, cfg: TDiffRecConfig, shape: DataShape):
+    def __init__(self, cfg: TemporalWeights, shape: DataShape):
         super().__init__(cfg, shape)
-        self.input_weighting = TemporalLinspace(cfg.w_min, cfg.w_max)
+        self.input_weighting = TemporalLinspace(cfg.w_min, cfg.w_max)  # checks 0 < w_min <= w_max
+
+
+@dataclass
+class TDiffRecConfig(TemporalWeights, DiffRecConfig):
+    pass
+
+
+class TDiffRec(TemporalInput, DiffRec):
+    name = "tdiffrec"
