@@ -59,6 +59,8 @@ def test_weights_equal_the_official_loader_on_diffrec_files(tmp_path):
         want = official_weights(pairs, n_users, n_items, w_min, w_max).astype(np.float32)
         np.testing.assert_array_equal(got, want)
     assert data.input_rows(None) is data.train  # the binary rows are left alone
+    # w_min = w_max = 1: T-DiffRec's rows are DiffRec's binary rows
+    np.testing.assert_array_equal(data.input_rows(TemporalLinspace(1.0, 1.0)).toarray(), data.train.toarray())
 
 
 def test_weight_order_semantics():
