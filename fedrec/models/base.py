@@ -199,4 +199,5 @@ class Recommender(nn.Module):
 def input_matrix(model, data) -> sp.csr_matrix:
     """The (n_users, n_items) rows ``model`` reads as ``Batch.x``: ``data.train``, or its weighted form when
     the model declares an ``input_weighting`` (built once per run, :meth:`Interactions.input_rows`)."""
-    return data.input_rows(getattr(model, "input_weighting", None))
+    weighting = getattr(model, "input_weighting", None)
+    return data.train if weighting is None else data.input_rows(weighting)  # any object with .train for binary rows
