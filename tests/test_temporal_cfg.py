@@ -179,7 +179,8 @@ def test_cfg_loss_matches_a_plain_torch_rederivation():
     h = torch.cat([torch.cat([x_t, cond], 1) * r["keep"], emb], 1)
     for layer in mlp.in_layers:
         h = torch.tanh(layer(h))
-    out = mlp.out_layers[-1](h) if len(mlp.out_layers) == 1 else None
+    assert len(mlp.out_layers) == 1  # dims=[8]: one output layer, no tanh after it
+    out = mlp.out_layers[0](h)
     want = torch.tensor(w[t], dtype=torch.float32) * ((x0 - out) ** 2).mean(1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
