@@ -32,6 +32,12 @@ TINY_MODEL = {
     "tdiffrec": ["model.dims=[16,32]", "model.steps=5"],
     "ltdiffrec": ["model.in_dims=[8]", "model.mlp_dims=[8]", "model.steps=5"],
     "cfgdiffrec": ["model.dims=[16,32]", "model.steps=5"],
+    "codigem": ["model.hidden=16", "model.depth=1"],
+    "recfusion": ["model.hidden=16", "model.depth=1"],
+    "cfdiff": ["model.latent=16", "model.steps=5", "model.d_model=8", "model.num_heads=2"],
+
+    "gdiff": ["model.hidden_dims=[16]", "dataset.item_graph=co_interaction"],  # the private transition graph
+    "diffkg": ["model.embedding_size=8", "model.denoiser_dims=[16]"],  # the synthetic genres are the KG
 }
 
 

@@ -35,6 +35,14 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "tdiffrec": ("fedrec.models.tdiffrec", "TDiffRec", "TDiffRecConfig"),
     "ltdiffrec": ("fedrec.models.ltdiffrec", "LTDiffRec", "LTDiffRecConfig"),
     "cfgdiffrec": ("fedrec.models.cfgdiffrec", "CFGDiffRec", "CFGDiffRecConfig"),
+    # DDGM recommenders and the multi-hop guided DiffRec (issue 13)
+    "codigem": ("fedrec.models.codigem", "CODIGEM", "CODIGEMConfig"),
+    "recfusion": ("fedrec.models.recfusion", "RecFusion", "RecFusionConfig"),
+    "cfdiff": ("fedrec.models.cfdiff", "CFDiff", "CFDiffConfig"),
+
+    # item-graph diffusion recommenders (issue 13)
+    "gdiff": ("fedrec.models.gdiff", "GDiff", "GDiffConfig"),
+    "diffkg": ("fedrec.models.diffkg", "DiffKG", "DiffKGConfig"),
 }
 
 NON_MODEL_KEYS = {"name", "optim"}
@@ -128,11 +136,27 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
             cache[key] = co_interaction_graph(data.train, **weighting)
         return cache[key]
 
+    def transitions(users=None):
+        # G-Diff's directed graph of consecutive training items (of ``users`` only, e.g. a silo
+        # node's own users; None: all); needs each user's time order
+        if data.train_seq is None:
+            raise ConfigError(f"dataset: {data.name!r} has no time order of the training items, which the "
+                              "transition graph (model gdiff) needs; use a dataset with timestamps")
+        from fedrec.data.side import transition_graph
+
+        if users is not None:
+            seq = data.train_seq.subset(users)
+            return transition_graph(seq.items, seq.indptr, data.n_items)
+        if getattr(data, "_transition_graph", None) is None:
+            data._transition_graph = transition_graph(data.train_seq.items, data.train_seq.indptr, data.n_items)
+        return data._transition_graph
+
     side = data.item_side
     wants_co_graph = side.graph is None and side.private_graph == "co_interaction"
     return DataShape(n_users=data.n_users, n_items=data.n_items, item_emb=data.item_emb,
                      item_emb_fn=None if data.item_emb is not None else svd_embeddings,
-                     item_side=side, item_graph_fn=co_graph if wants_co_graph else None)
+                     item_side=side, item_graph_fn=co_graph if wants_co_graph else None,
+                     item_transitions_fn=transitions if side.private_graph == "co_interaction" else None)
 
 
 __all__ = ["Batch", "DataShape", "Recommender", "build_model", "check_dataset_needs", "model_config", "data_shape", "svd_item_embeddings", "REGISTRY"]
