@@ -30,7 +30,7 @@ class TargetTracking:
     def node_eval(self, cfg, model, data, users) -> dict[str, float]:
         from fedrec.devices import model_device
         from fedrec.eval.targets import target_metric_sums
-        from fedrec.models.base import Batch
+        from fedrec.models.base import Batch, input_matrix
 
         device = model_device(model)
 
@@ -39,7 +39,8 @@ class TargetTracking:
 
         model.eval()
         sums = target_metric_sums(score, data, self.target_ids(data, int(cfg.seed)), list(cfg.eval.ks),
-                                  int(cfg.eval.batch_size), users=users, device=device)
+                                  int(cfg.eval.batch_size), users=users, device=device,
+                                  inputs=input_matrix(model, data))
         out = {"target/users": sums["pairs"], "target/rank/sum": sums["rank"], "target_users/users": sums["users"]}
         for key, value in sums.items():
             if key.startswith(("er@", "ndcg@")):

@@ -21,6 +21,7 @@ from fedrec.data import load_run_data
 from fedrec.eval import check_ks
 from fedrec.loggers import check_logger, open_sink
 from fedrec.models import build_model, data_shape
+from fedrec.models.base import input_matrix
 from fedrec.recorder import Recorder
 from fedrec.runs import RunFolder, find_resumable
 from fedrec.logs import quiet_flower  # noqa: F401  (re-exported: fedrec.experiment.quiet_flower)
@@ -60,6 +61,7 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
             log.warning("note: %s", note)
     torch.manual_seed(int(cfg.seed))
     model = build_model(cfg.model, data_shape(data, seed=int(cfg.seed)))  # rejects bad model configs now
+    input_matrix(model, data)  # a model's weighted input rows (T-DiffRec): built once now, or refused (no time order)
     if model.trains_by_sgd:  # training-free models (EASE, GF-CF, ...) have no optimiser block
         make_optimizer(model, cfg.model.optim)  # ... and bad rates
         if int(cfg.model.optim.batch_size) < 1:

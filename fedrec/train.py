@@ -22,11 +22,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from fedrec.data.interactions import input_rows
 from fedrec.data.sequences import Sequences
 from fedrec.devices import model_device
 from fedrec.errors import ConfigError
-from fedrec.models.base import Batch, Recommender
+from fedrec.models.base import Batch, Recommender, input_matrix
 from fedrec.precision import autocast
 
 DENSE_CACHE_LIMIT = 256 * 2**20  # bytes
@@ -89,11 +88,13 @@ class TrainRows:
 
 def model_rows(model: Recommender, data, users: np.ndarray) -> TrainRows:
     """The training rows of ``users`` in the form ``model`` reads (dense rows, plus sequences for sequence
-    models), built on the model's device."""
+    models), built on the model's device. The rows are :func:`~fedrec.models.base.input_matrix`'s: the binary
+    training rows, or the model's weighted ones (``Recommender.input_weighting``)."""
     device = model_device(model)
+    rows = input_matrix(model, data)
     if model.input_kind == "sequence":
-        return TrainRows(data.train, users, seq=(data.input_sequences("train"), int(model.max_len)), device=device)
-    return TrainRows(input_rows(data, model.input_values), users, device=device)  # ratings for a rating model
+        return TrainRows(rows, users, seq=(data.input_sequences("train"), int(model.max_len)), device=device)
+    return TrainRows(rows, users, device=device)
 
 
 class DenseRows:

@@ -29,6 +29,9 @@ TINY_MODEL = {
     "pop": [], "itemknn": ["model.k=10"], "ease": ["model.l2=10.0"], "gfcf": ["model.factor_dim=8"],
     "turbocf": [], "bspm": ["model.factor_dim=8"],
     "giffcf": ["model.embed_dim=8", "dataset.item_graph=co_interaction"],  # GiffCF needs the co-interaction graph
+    "tdiffrec": ["model.dims=[16,32]", "model.steps=5"],
+    "ltdiffrec": ["model.in_dims=[8]", "model.mlp_dims=[8]", "model.steps=5"],
+    "cfgdiffrec": ["model.dims=[16,32]", "model.steps=5"],
     "codigem": ["model.hidden=16", "model.depth=1"],
     "recfusion": ["model.hidden=16", "model.depth=1"],
     "cfdiff": ["model.latent=16", "model.steps=5", "model.d_model=8", "model.num_heads=2"],

@@ -200,6 +200,22 @@ class Interactions:
                                                        (("train", train), ("valid", valid), ("test", test))},
         )
 
+    def input_rows(self, weighting=None) -> sp.csr_matrix:
+        """The training rows a model reads as its input: ``train`` itself for ``weighting=None``, else the
+        float matrix of the same sparsity that ``weighting`` (a :mod:`fedrec.data.input_weights` spec,
+        ``Recommender.input_weighting``) builds, once per data object and spec. ``train`` stays the
+        binary interactions every mask, count and target reads."""
+        if weighting is None:
+            return self.train
+        cache = self.__dict__.setdefault("_input_rows", {})  # not a field: a replaced/subset copy rebuilds it
+        if weighting not in cache:
+            rows = weighting.build(self)
+            if rows.shape != self.train.shape or rows.nnz != self.train.nnz:
+                raise ValueError(f"input weighting {weighting!r}: built {rows.shape} with {rows.nnz} entries for "
+                                 f"a {self.train.shape} training matrix with {self.train.nnz}")
+            cache[weighting] = rows
+        return cache[weighting]
+
     def input_sequences(self, split: str) -> Sequences:
         """What a sequence model reads to predict ``split``'s items: the training sequence for
         "train" and "valid", the training sequence followed by the valid items for "test"."""

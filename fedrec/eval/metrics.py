@@ -52,7 +52,6 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from fedrec.data.interactions import input_rows
 from fedrec.errors import ConfigError
 
 METRICS = ("recall", "ndcg", "hr", "precision", "mrr", "capped_recall")
@@ -152,7 +151,7 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
     Returns ``{"valid": {...}, "test": {...}}`` plus the raw sums and user counts under
     ``"_sums"`` so federated nodes can be combined exactly.
     """
-    from fedrec.models.base import Batch
+    from fedrec.models.base import Batch, input_matrix
 
     from fedrec.devices import model_device
 
@@ -170,13 +169,13 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
                 return model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x, seq=seq))
 
             with autocast(model, device, "eval"):  # scores are cast to fp32 before masking and top-K
-                return evaluate_scores(next_item, data, ks, batch_size, users, splits, per_split=True, device=device)
+                return evaluate_scores(next_item, data, ks, batch_size, users, splits, per_split=True, device=device,
+                                       inputs=input_matrix(model, data))
         values = getattr(model, "input_values", "binary")
         with autocast(model, device, "eval"):
             return evaluate_scores(lambda rows, x: model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x)),
                                    data, ks, batch_size, users, splits, device=device,
-                                   inputs=input_rows(data, values),
-                                   with_rmse=values == "rating")
+                                   inputs=input_matrix(model, data), with_rmse=values == "rating")
     finally:
         model.train(was_training)
 
@@ -187,9 +186,10 @@ def evaluate_scores(score_fn, data, ks: list[int], batch_size: int = 1024,
                     device=None, inputs: sp.csr_matrix | None = None, with_rmse: bool = False) -> dict[str, dict]:
     """Like ``evaluate_model`` for any ``score_fn(user_ids, train_rows) -> (B, n_items)`` scores;
     with ``per_split``, ``score_fn(user_ids, train_rows, split)`` is called once per split.
-    ``train_rows``, the masks and the targets are built on ``device`` (None: the CPU). ``inputs`` are the
-    rows the model reads (default ``data.train``; a rating model's ratings); ``with_rmse`` adds ``rmse``
-    of the scores on ``data.ratings[split]`` to each split's metrics."""
+    ``train_rows``, the masks and the targets are built on ``device`` (None: the CPU). ``train_rows`` are
+    ``inputs``' rows (the rows the model reads, :func:`fedrec.models.base.input_matrix`: a rating model's
+    ratings, a model's weighted input; None: the binary ``data.train``); the seen-item mask is always the
+    binary training interactions. ``with_rmse`` adds ``rmse`` of the scores on ``data.ratings[split]``."""
     ks = check_ks(ks, data.n_items)
     users = evaluated_users(data, users)  # the one place injected users leave every metric
     acc = {s: RankingAccumulator(ks) for s in splits}
@@ -199,7 +199,8 @@ def evaluate_scores(score_fn, data, ks: list[int], batch_size: int = 1024,
         rows = users[start:start + batch_size]
         x = dense_rows(inputs, rows, device)
         shared = None if per_split else score_fn(rows, x).float()
-        seen = x > 0  # validation masks training items; test also masks validation items
+        # validation masks training items; test also masks validation items
+        seen = x > 0 if inputs is None or inputs is data.train else dense_rows(data.train, rows, device) > 0
         for split in splits:
             scores = score_fn(rows, x, split).float() if per_split else shared
             mask = seen | (dense_rows(data.valid, rows, device) > 0) if split == "test" else seen

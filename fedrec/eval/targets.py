@@ -26,8 +26,9 @@ from fedrec.eval.metrics import check_ks, dense_rows, evaluated_users
 
 @torch.no_grad()
 def target_metric_sums(score_fn, data, targets, ks: list[int], batch_size: int = 1024,
-                       users: np.ndarray | None = None, device=None) -> dict[str, float]:
-    """Sums behind :func:`target_metrics` for ``score_fn(user_ids, train_rows) -> (B, n_items)``."""
+                       users: np.ndarray | None = None, device=None, inputs=None) -> dict[str, float]:
+    """Sums behind :func:`target_metrics` for ``score_fn(user_ids, train_rows) -> (B, n_items)``; ``train_rows``
+    are ``inputs``' rows (a model's weighted input; None: ``data.train``), the masks the binary interactions."""
     ks = check_ks(ks, data.n_items)
     targets = torch.as_tensor(np.asarray(targets, dtype=np.int64), device=device)
     users = evaluated_users(data, users)
@@ -35,10 +36,11 @@ def target_metric_sums(score_fn, data, targets, ks: list[int], batch_size: int =
     items = torch.arange(data.n_items, device=device)
     for start in range(0, len(users), batch_size):
         rows = users[start:start + batch_size]
-        x = dense_rows(data.train, rows, device)
-        seen_any = (x + dense_rows(data.valid, rows, device) + dense_rows(data.test, rows, device)) > 0
+        seen = dense_rows(data.train, rows, device)
+        x = seen if inputs is None or inputs is data.train else dense_rows(inputs, rows, device)
+        seen_any = (seen + dense_rows(data.valid, rows, device) + dense_rows(data.test, rows, device)) > 0
         eligible = ~seen_any[:, targets]  # (B, T): pairs where the user never touched the target
-        scores = score_fn(rows, x).float().masked_fill(x > 0, float("-inf"))
+        scores = score_fn(rows, x).float().masked_fill(seen > 0, float("-inf"))
         st = scores[:, targets]  # (B, T)
         higher = (scores.unsqueeze(1) > st.unsqueeze(2)).sum(2)
         tied_before = ((scores.unsqueeze(1) == st.unsqueeze(2)) & (items.view(1, 1, -1) < targets.view(1, -1, 1))).sum(2)
@@ -71,7 +73,7 @@ def target_metrics(model, data, targets, ks: list[int], batch_size: int = 1024,
                    users: np.ndarray | None = None) -> dict[str, float]:
     """Target-item metrics of ``model`` (a user-vector recommender) over genuine users."""
     from fedrec.devices import model_device
-    from fedrec.models.base import Batch
+    from fedrec.models.base import Batch, input_matrix
 
     device = model_device(model)
     was_training = model.training
@@ -86,6 +88,7 @@ def target_metrics(model, data, targets, ks: list[int], batch_size: int = 1024,
         else:
             def score(rows, x):
                 return model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x))
-        return target_metrics_from_sums(target_metric_sums(score, data, targets, ks, batch_size, users, device))
+        return target_metrics_from_sums(target_metric_sums(score, data, targets, ks, batch_size, users, device,
+                                                           inputs=input_matrix(model, data)))
     finally:
         model.train(was_training)

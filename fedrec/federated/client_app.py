@@ -36,6 +36,7 @@ from fedrec.federated.node import node_view
 from fedrec.federated.node_state import NodeStateStore
 from fedrec.mechanisms import NodeContext, node_mechanisms
 from fedrec.models import build_model, data_shape
+from fedrec.models.base import input_matrix
 from fedrec.precision import set_precision
 from fedrec.run_config import federation
 from fedrec.rng import PURPOSE_EVAL, PURPOSE_SHUFFLE, PURPOSE_TRAIN, numpy_stream, stream_seed
@@ -177,7 +178,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         local = local_training(cfg, local_epochs=steps)
         score = personalised_scorer(model, view.data, users, local, int(cfg.seed), 10**6 + rnd)
         res = evaluate_scores(score, view.data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=users,
-                              device=model_device(model))
+                              device=model_device(model), inputs=input_matrix(model, view.data))
     else:
         res = evaluate_model(model, view.data, list(cfg.eval.ks), int(cfg.eval.batch_size), users=users)
     values: dict[str, float | int] = {P.NUM_EXAMPLES: max(1, len(users)), P.PARTITION_ID: view.partition_id}

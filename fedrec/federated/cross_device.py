@@ -34,10 +34,9 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from fedrec.data.interactions import input_rows
 from fedrec.devices import model_device
 from fedrec.errors import ConfigError
-from fedrec.models.base import Batch, Recommender
+from fedrec.models.base import Batch, Recommender, input_matrix
 from fedrec.precision import autocast
 from fedrec.rng import UserRandom
 
@@ -403,7 +402,7 @@ def personalised_scorer(model: Recommender, data, users: np.ndarray, local: Loca
     counts = np.diff(data.train.indptr)[users]
     trainable = users[counts > 0]
     device = model_device(model)
-    rows = torch.from_numpy(input_rows(data, model.input_values)[trainable].toarray().astype(np.float32)).to(device)
+    rows = torch.from_numpy(input_matrix(model, data)[trainable].toarray().astype(np.float32)).to(device)
     private_rows = {n: params[n].detach()[trainable].clone() for n in private_names}
     upd = train_users(model, trainable, rows, torch.ones(len(trainable), device=device), private_rows, local, seed,
                       round_, per_user=True, schedule_round=schedule_round)

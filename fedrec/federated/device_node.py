@@ -18,12 +18,11 @@ import scipy.sparse as sp
 import torch
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
-from fedrec.data.interactions import input_rows
 from fedrec.errors import ConfigError
 from fedrec.run_config import FederationConfig, federation
 from fedrec.federated import protocol as P
 from fedrec.federated.cross_device import LocalTraining, train_users
-from fedrec.models.base import Recommender
+from fedrec.models.base import Recommender, input_matrix
 from fedrec.devices import model_device
 from fedrec.rng import key_uniform, uniform_tensor, user_keys
 
@@ -88,7 +87,7 @@ def cap_rows(rows: torch.Tensor, users: np.ndarray, cap: int | None, seed: int, 
     """Keep at most ``cap`` of each user's training items (a random, keyed subset)."""
     if not cap or cap <= 0:
         return rows
-    counts = (rows > 0).sum(1)  # rating rows (input_values="rating") hold ratings, not 1s
+    counts = (rows > 0).sum(1)  # interactions (rows may be a model's weighted input, all weights > 0)
     if not bool((counts > cap).any()):
         return rows
     u = uniform_tensor(user_keys(seed, round_, users, STREAM_CAP), rows.shape[1], rows.device)
@@ -132,8 +131,8 @@ class ChunkedRows:
 
 
 def row_sums(rows) -> torch.Tensor:
-    """Interactions per user of dense rows or :class:`ChunkedRows`."""
-    return rows.sums() if isinstance(rows, ChunkedRows) else (rows > 0).sum(1, dtype=rows.dtype)
+    """Interactions per user of dense rows or :class:`ChunkedRows` (stored entries: rows may be weighted)."""
+    return rows.sums() if isinstance(rows, ChunkedRows) else (rows > 0).sum(1).to(rows.dtype)
 
 
 def clipped_sum(per_user: dict[str, torch.Tensor], start: dict[str, torch.Tensor], clip: float):
@@ -346,7 +345,7 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
     users = node_users[pos]
     device = model_device(model)
     cap = fed.max_user_interactions
-    inputs = input_rows(data, model.input_values)  # binary rows, or ratings for a rating model
+    inputs = input_matrix(model, data)  # the binary rows, or the model's weighted ones (input_weighting)
     if len(users) * data.n_items * 4 > DENSE_ROWS_SHARE * fed.memory_budget_gb * 2**30:
         rows = ChunkedRows(inputs, users, device, cap, seed, round_)  # densified per chunk by train_users
     else:

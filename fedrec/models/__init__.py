@@ -31,6 +31,10 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "bspm": ("fedrec.models.bspm", "BSPM", "BSPMConfig"),
     "lightgcn": ("fedrec.models.lightgcn", "LightGCN", "LightGCNConfig"),
     "giffcf": ("fedrec.models.giffcf", "GiffCF", "GiffCFConfig"),
+    # DiffRec variants (issue 13): temporal reweighting, classifier-free guidance
+    "tdiffrec": ("fedrec.models.tdiffrec", "TDiffRec", "TDiffRecConfig"),
+    "ltdiffrec": ("fedrec.models.ltdiffrec", "LTDiffRec", "LTDiffRecConfig"),
+    "cfgdiffrec": ("fedrec.models.cfgdiffrec", "CFGDiffRec", "CFGDiffRecConfig"),
     # DDGM recommenders and the multi-hop guided DiffRec (issue 13)
     "codigem": ("fedrec.models.codigem", "CODIGEM", "CODIGEMConfig"),
     "recfusion": ("fedrec.models.recfusion", "RecFusion", "RecFusionConfig"),

@@ -28,6 +28,9 @@ inside the model: a model is built from its config dataclass plus the dataset's 
   block). :attr:`Recommender.couples_users` marks a model whose loss for one user reads other
   users' rows (graph propagation, LightGCN): per-user clipping does not bound a user's influence
   there, so DP-SGD and per-user clients refuse it.
+* :attr:`Recommender.input_weighting` lets a model read weighted rows instead of the binary ones as
+  ``Batch.x`` (T-DiffRec's time-aware weights, :mod:`fedrec.data.input_weights`): every trainer and the
+  evaluation build ``x`` from :func:`input_matrix`; the seen-item mask and the targets stay binary.
 
 Trainers, Flower clients, attacks, defenses, DP and evaluation touch models only through this
 interface. Sequence models (``input_kind = "sequence"``, e.g. SASRec-lite) use the same class and
@@ -134,6 +137,10 @@ class Recommender(nn.Module):
     #: ``Interactions.input_matrix``), in training and evaluation alike, and ``scores`` returns predicted
     #: ratings (ranked as scores; RMSE on the held-out ratings is reported beside the ranking metrics)
     input_values: ClassVar[str] = "binary"
+    #: None: ``Batch.x`` is the binary training row; else a :mod:`fedrec.data.input_weights` spec (frozen,
+    #: hashable) whose float rows (same sparsity) replace it in training and as the history at inference
+    #: (T-DiffRec's time-aware weights). Read it through :func:`input_matrix`.
+    input_weighting: Any = None
 
     def fit(self, train: sp.csr_matrix) -> None:
         """Read the (n_users, n_items) training interactions this trainer may show the model: all of
@@ -209,3 +216,19 @@ class Recommender(nn.Module):
         """Parameters that are aggregated in a federation, by name (private ones excluded)."""
         private = self.private_parameter_names()
         return {n: p.detach() for n, p in self.named_parameters() if n not in private}
+
+
+def input_matrix(model, data) -> sp.csr_matrix:
+    """The (n_users, n_items) rows ``model`` reads as ``Batch.x``, the one place every trainer and evaluation
+    takes them from: ``data.train``; a rating model's training ratings (``input_values="rating"``,
+    :meth:`Interactions.input_matrix`); or the weighted form of the interactions when the model declares
+    an ``input_weighting`` (built once per run, :meth:`Interactions.input_rows`). All have the sparsity of
+    ``data.train``, so the seen-item masks stay the binary interactions."""
+    weighting = getattr(model, "input_weighting", None)
+    values = getattr(model, "input_values", "binary")
+    if values != "binary":
+        if weighting is not None:
+            raise ConfigError(f"model {model.name!r}: reads {values} rows and declares an input weighting; "
+                              "a model reads one kind of input row")
+        return data.input_matrix(values, "train")
+    return data.train if weighting is None else data.input_rows(weighting)  # any object with .train for binary rows
