@@ -29,6 +29,8 @@ TINY_MODEL = {
     "pop": [], "itemknn": ["model.k=10"], "ease": ["model.l2=10.0"], "gfcf": ["model.factor_dim=8"],
     "turbocf": [], "bspm": ["model.factor_dim=8"],
     "giffcf": ["model.embed_dim=8", "dataset.item_graph=co_interaction"],  # GiffCF needs the co-interaction graph
+    "diffairec": ["model.dims=[16,32]", "model.steps=5", "model.group_tokens=2"],
+    "d3rec": ["model.dims=[16,8]", "model.steps=3", "model.optim.lr=0.001"],
 }
 
 

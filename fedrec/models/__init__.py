@@ -31,6 +31,9 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "bspm": ("fedrec.models.bspm", "BSPM", "BSPMConfig"),
     "lightgcn": ("fedrec.models.lightgcn", "LightGCN", "LightGCNConfig"),
     "giffcf": ("fedrec.models.giffcf", "GiffCF", "GiffCFConfig"),
+    # fairness / diversity (issue 13)
+    "diffairec": ("fedrec.models.diffairec", "DifFaiRec", "DifFaiRecConfig"),
+    "d3rec": ("fedrec.models.d3rec", "D3Rec", "D3RecConfig"),
 }
 
 NON_MODEL_KEYS = {"name", "optim"}
@@ -67,13 +70,23 @@ def check_dataset_needs(cfg: Any) -> None:
     """What the run's model needs from the dataset config, checked before any file is read.
 
     A model config class may name the item graph it smooths over (``ITEM_GRAPH``, GiffCF:
-    "co_interaction"); the run must ask the dataset for it (``dataset.item_graph``).
+    "co_interaction"); the run must ask the dataset for it (``dataset.item_graph``). It may also say
+    why it cannot run federated (``FEDERATION_REFUSAL``) or under DP-SGD (``DPSGD_REFUSAL``): a
+    one-line ConfigError names the mode and the reason.
     """
     name = _plain(cfg.model).get("name")
     if name not in REGISTRY:
         return  # model_config / build_model name the bad model
     module, _, cfg_cls = REGISTRY[name]
-    need = getattr(getattr(__import__(module, fromlist=[cfg_cls]), cfg_cls), "ITEM_GRAPH", None)
+    config_class = getattr(__import__(module, fromlist=[cfg_cls]), cfg_cls)
+    mode = str(cfg.get("federation", {}).get("mode", "none"))
+    refusal = getattr(config_class, "FEDERATION_REFUSAL", None)
+    if refusal and mode != "none":
+        raise ConfigError(f"federation={mode}: model {name!r} {refusal}; use federation=none")
+    refusal = getattr(config_class, "DPSGD_REFUSAL", None)
+    if refusal and str(cfg.get("privacy", {}).get("name", "none")) == "dpsgd":
+        raise ConfigError(f"privacy=dpsgd: model {name!r} {refusal}")
+    need = getattr(config_class, "ITEM_GRAPH", None)
     have = cfg.get("dataset", {}).get("item_graph", None)
     if need is not None and str(have) != need:
         raise ConfigError(f"dataset.item_graph: model {name!r} smooths over the {need} item graph; set "
@@ -124,11 +137,16 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
             cache[key] = co_interaction_graph(data.train, **weighting)
         return cache[key]
 
+    def groups(grouping: str, top: float = 0.2):
+        from fedrec.eval.fairness import user_groups
+
+        return user_groups(data, grouping, top)
+
     side = data.item_side
     wants_co_graph = side.graph is None and side.private_graph == "co_interaction"
     return DataShape(n_users=data.n_users, n_items=data.n_items, item_emb=data.item_emb,
                      item_emb_fn=None if data.item_emb is not None else svd_embeddings,
-                     item_side=side, item_graph_fn=co_graph if wants_co_graph else None)
+                     item_side=side, item_graph_fn=co_graph if wants_co_graph else None, user_groups_fn=groups)
 
 
 __all__ = ["Batch", "DataShape", "Recommender", "build_model", "check_dataset_needs", "model_config", "data_shape", "svd_item_embeddings", "REGISTRY"]

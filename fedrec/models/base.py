@@ -68,6 +68,9 @@ class DataShape:
     item_emb_fn: Callable[[], np.ndarray | None] | None = field(default=None, repr=False)
     item_side: ItemSideData = field(default_factory=ItemSideData, repr=False)
     item_graph_fn: Callable[..., sp.csr_matrix] | None = field(default=None, repr=False)
+    # (grouping, top) -> (group id per user, -1 for none; group names): the users' groups
+    # (fedrec.eval.fairness.user_groups: activity or a categorical user feature), for group-conditioned models
+    user_groups_fn: Callable[[str, float], tuple[np.ndarray, list[str]]] | None = field(default=None, repr=False)
 
     def item_embeddings(self) -> np.ndarray | None:
         if self.item_emb is None and self.item_emb_fn is not None:
