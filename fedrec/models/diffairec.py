@@ -35,7 +35,9 @@ Algorithm as implemented:
   interactions say: accuracy and fairness are one reconstruction objective, no separate fairness
   penalty to balance.
 * Classifier-free training: the factual condition is replaced by the null group with probability
-  ``cond_drop_prob`` (the core's ``training_loss(cond=..., null_cond=..., cond_drop_prob=...)``).
+  ``cond_drop_prob`` (the core's ``drop_condition``). Both worlds go through ONE denoiser call, stacked
+  as (B, 2, n_items) with the same x_t, timestep, noise and dropout mask; the loss weights are the
+  core's DiffRec x0 SNR weights and its importance-sampling history.
 * Inference: DiffRec's (from the history, all T steps, posterior mean), conditioned on the user's own
   group with :class:`~fedrec.models.diffusion.ClassifierFreeGuidance` weight ``guidance_weight``
   (0: the conditional model alone).
@@ -63,7 +65,7 @@ from fedrec.errors import ConfigError
 from fedrec.models.base import Batch, DataShape, Recommender
 from fedrec.models.denoiser import _init_linear, timestep_embedding
 from fedrec.models.diffrec import DiffusionConfig
-from fedrec.models.diffusion import ClassifierFreeGuidance
+from fedrec.models.diffusion import ClassifierFreeGuidance, drop_condition
 
 
 @dataclass
@@ -92,6 +94,10 @@ class DifFaiRecConfig(DiffusionConfig):
             raise ConfigError(f"model.cond_drop_prob: must be in [0, 1], got {self.cond_drop_prob}")
         if self.group_tokens < 1:
             raise ConfigError(f"model.group_tokens: must be >= 1, got {self.group_tokens}")
+        if self.mean_type != "x0":
+            raise ConfigError(f"model.mean_type: DifFaiRec predicts x0 (DiffRec's ML-1M setting), got {self.mean_type!r}")
+        if self.noise_scale <= 0:
+            raise ConfigError("model.noise_scale: DifFaiRec needs a noised forward process (> 0)")
         if self.heads < 1 or int(self.dims[0]) % self.heads:
             raise ConfigError(f"model.heads: must divide the bottleneck width model.dims[0]={self.dims[0]}, got {self.heads}")
 
@@ -107,12 +113,14 @@ class GroupCrossAttention(nn.Module):
             _init_linear(layer, 0.001)
 
     def forward(self, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        b, m = tokens.shape[0], tokens.shape[1]
-        q = self.q(h).view(b, self.heads, 1, self.d_head)
-        k = self.k(tokens).view(b, m, self.heads, self.d_head).transpose(1, 2)
-        v = self.v(tokens).view(b, m, self.heads, self.d_head).transpose(1, 2)
-        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.d_head), dim=-1)  # (B, heads, 1, m)
-        return h + self.o((attn @ v).reshape(b, self.heads * self.d_head))
+        """h (..., d), tokens (..., m, d), any leading dims (training stacks the factual and counterfactual worlds)."""
+        lead, m = h.shape[:-1], tokens.shape[-2]
+        q = self.q(h).reshape(*lead, self.heads, 1, self.d_head)
+        flat = tokens.reshape(tokens.shape[0], -1, tokens.shape[-1])  # 3-d into the layers: Opacus' ghost norms
+        k = self.k(flat).reshape(*lead, m, self.heads, self.d_head).transpose(-2, -3)
+        v = self.v(flat).reshape(*lead, m, self.heads, self.d_head).transpose(-2, -3)
+        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.d_head), dim=-1)  # (..., heads, 1, m)
+        return h + self.o((attn @ v).reshape(*lead, self.heads * self.d_head))
 
 
 class GroupConditionedDenoiser(nn.Module):
@@ -136,7 +144,10 @@ class GroupConditionedDenoiser(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, keep: torch.Tensor | None = None):
+        """x (B, n_items) or (B, W, n_items) (W conditions of one user: ``cond`` (B, W)); t (B,)."""
         emb = self.emb_layer(timestep_embedding(t, self.emb_size))
+        if x.dim() == 3:
+            emb = emb.unsqueeze(1).expand(-1, x.shape[1], -1)
         h = torch.cat([x * keep if keep is not None else self.drop(x), emb], dim=-1)
         for layer in self.in_layers:
             h = torch.tanh(layer(h))
@@ -186,7 +197,7 @@ class DifFaiRec(Recommender):
         if r is None:
             t, pt = d.sample_timesteps(n, x0.device)
             noise = torch.randn_like(x0)
-            keep = self.denoiser.drop(torch.ones_like(x0)) if self.training else None  # one mask for both worlds
+            keep = None
             u = torch.rand(n, device=x0.device)
             drop = torch.rand(n, device=x0.device) < c.cond_drop_prob
         else:
@@ -194,13 +205,19 @@ class DifFaiRec(Recommender):
             u, drop = r["u"][:, 0], r["u"][:, 1] < c.cond_drop_prob
         g_cf = torch.where(g < self.n_groups, counterfactual_groups(g.clamp(max=self.n_groups - 1), self.n_groups, u),
                            null)  # a user in no group has no counterfactual: null in both worlds
+        if keep is None and self.training:
+            keep = self.denoiser.drop(torch.ones_like(x0))  # one dropout mask for both worlds
 
-        def denoise(x_t, t_, cond):
-            return self.denoiser(x_t, t_, cond, keep)
-
-        fact = d.training_loss(denoise, x0, t=t, noise=noise, cond=g, null_cond=null, drop_mask=drop)["loss"]
-        cf = d.training_loss(denoise, x0, t=t, noise=noise, cond=g_cf)["loss"]
-        loss = (1 - c.counterfactual_weight) * fact + c.counterfactual_weight * cf
+        # One denoiser call on both worlds, stacked (B, 2, n_items): the same x_t, the factual condition
+        # (dropped to the null group for classifier-free training) and the counterfactual one. One call,
+        # not two, so that DP-SGD's ghost clipping (no parameter reuse) sees each layer once per user.
+        x_t = d.q_sample(x0, t, noise)
+        cond = torch.stack([drop_condition(g, null, drop), g_cf], dim=1)
+        mask = None if keep is None else keep.unsqueeze(1)
+        out = self.denoiser(x_t.unsqueeze(1).expand(-1, 2, -1), t, cond, mask)
+        mse = ((out - x0.unsqueeze(1)) ** 2).mean(-1)  # (B, 2)
+        weight = d.loss_weight_x0[t] if d.reweight else torch.ones_like(pt)  # DiffRec's x0 SNR weights (the core's)
+        loss = weight * ((1 - c.counterfactual_weight) * mse[:, 0] + c.counterfactual_weight * mse[:, 1])
         if r is None and self.training and d.importance_sampling:
             d.record_losses(t, loss)
         return loss / pt
