@@ -12,7 +12,8 @@ have held-out items in the split, vectorised over users. Definitions, per user u
   with the most training interactions ("active") against the rest (every dataset has it; ties broken
   by the internal user id), or a categorical user feature of the dataset's user side data
   (``gender``, ``age``, ``occupation`` for ML-100K's ``ml-100k.user`` / ``u.user``): one group per
-  value; users without a value (code -1) are left out of the groups.
+  value; users without a value (code -1) are left out of the groups, and so are injected (fake) users
+  in the activity ranking.
 * ``coverage@K`` = |categories present in L_u| / |categories|, averaged over users (D3Rec's
   "Coverage", github.com/c0natus/D3Rec ``Real-world/utils.py compute_metric``).
 * ``entropy@K`` = H(p_u) / log2 |categories|, p_u the category distribution of L_u where an item with
@@ -60,9 +61,13 @@ def user_groups(data, grouping: str, top: float = 0.2) -> tuple[np.ndarray, list
         if not 0.0 < top < 1.0:
             raise ConfigError(f"eval.fairness_top: must be in (0, 1), got {top}")
         counts = np.asarray((data.train > 0).sum(axis=1)).ravel()
-        order = np.lexsort((np.arange(n), -counts))  # most active first, ties by user id
-        groups = np.zeros(n, dtype=np.int64)
-        groups[order[:max(1, int(round(top * n)))]] = 1
+        injected = getattr(data, "injected", None)
+        genuine = np.ones(n, dtype=bool) if injected is None else ~np.asarray(injected, dtype=bool)
+        users = np.flatnonzero(genuine)  # injected (fake) users are in no group and never ranked
+        order = users[np.lexsort((users, -counts[users]))]  # most active first, ties by user id
+        groups = np.full(n, -1, dtype=np.int64)
+        groups[users] = 0
+        groups[order[:max(1, int(round(top * len(users))))]] = 1
         return groups, ["inactive", "active"]
     codes = data.user_features.get(grouping)
     vocab = data.user_features.get(grouping + "_vocab")
