@@ -33,7 +33,8 @@ COMPANIONS = {("privacy", "dpsgd"): ["federation=none"],
               ("attack", "ipdgi"): ["federation=none", "model=vbpr"],
               ("attack", "image_poison"): ["federation=none", "model=vbpr"],
               ("defense", "image_purify"): ["federation=none", "model=vbpr"],
-              ("model", "giffcf"): ["dataset.item_graph=co_interaction"]}  # GiffCF smooths over that graph
+              ("model", "giffcf"): ["dataset.item_graph=co_interaction"],  # GiffCF smooths over that graph
+              ("model", "diffairec"): ["federation=none"]}  # DifFaiRec refuses federations (user-group side data)
 
 
 def test_groups_found():
@@ -91,13 +92,15 @@ def test_model_option_builds(name):
     rng = np.random.default_rng(0)
     import scipy.sparse as sp
 
-    from fedrec.data.side import ItemSideData, co_interaction_graph
+    from fedrec.data.side import ItemSideData, categories_from_multihot, co_interaction_graph
 
     images = torch.from_numpy(rng.random((40, 3, 8, 8)).astype(np.float32))  # item images for VBPR
     train = sp.csr_matrix((rng.random((20, 40)) < 0.2).astype(np.float32))  # for models smoothing over it (giffcf)
     shape = DataShape(n_users=20, n_items=40, item_emb=rng.standard_normal((40, 8)).astype(np.float32),
-                      item_side=ItemSideData(images=images),
-                      item_graph_fn=lambda **weighting: co_interaction_graph(train, **weighting))
+                      item_side=ItemSideData(images=images, categories=categories_from_multihot(  # for d3rec
+                          rng.random((40, 4)) < 0.4, ["a", "b", "c", "d"])),
+                      item_graph_fn=lambda **weighting: co_interaction_graph(train, **weighting),
+                      user_groups_fn=lambda grouping, top: (np.arange(20) % 2, ["g0", "g1"]))  # for diffairec
     model = build_model(cfg.model, shape)
     assert model.name == name
     if not model.trains_by_sgd:  # training-free (EASE, GF-CF, ...): fitted in closed form, no optimiser
