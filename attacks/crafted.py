@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import scipy.sparse as sp
@@ -50,7 +51,7 @@ import torch
 from attacks.shilling import TARGET_SELECTIONS, select_targets
 from attacks.target_tracking import TargetTracking
 from fedrec.errors import ConfigError
-from fedrec.mechanisms import Mechanism
+from fedrec.mechanisms import Mechanism, changes_only
 from fedrec.rng import numpy_stream
 
 STREAM_CRAFT = 0x46524154  # "FRAT": the row choice (FedRecAttack's stream, kept so its runs do not change)
@@ -383,6 +384,9 @@ class CraftedItemAttack(TargetTracking, Mechanism):
         """The crafted delta is ``-upload_factor x`` the clipped gradient rows."""
         return float(ctx.cfg.federation.local_lr) * upload_scale(self.config, ctx.cfg, ctx.data.n_users)
 
+    #: True when :meth:`chunk_factor` reads the genuine users' deltas of the chunk
+    reads_genuine_deltas: ClassVar[bool] = False
+
     def chunk_factor(self, cen: CraftCenter, side, deltas: dict, genuine: np.ndarray, factor: float) -> float:
         """The factor for one chunk of the node's fold (``genuine``: the chunk's other users); default the
         run's :meth:`upload_factor`."""
@@ -431,7 +435,9 @@ class CraftedItemAttack(TargetTracking, Mechanism):
             ctx.state["attack"] = cen.state
             return out, {"malicious-users": len(mine), "malicious-rows": rows_sent}
 
-        return craft
+        # Only the malicious users' deltas change, so the node may sum the genuine ones by its linear path,
+        # unless this attack reads the genuine deltas of its chunk (random_update's norm matching).
+        return craft if self.reads_genuine_deltas else changes_only(craft, bad)
 
     # ------------------------------------------------------------------ server: the report
     def report(self, ctx) -> dict:

@@ -29,6 +29,14 @@ what is implemented, on fedrec's shared diffusion core (:mod:`fedrec.models.diff
    the same budget (``fraction``/``count``, ``filler_size``, ``targets``/``target_selection``) and
    profile size as the heuristic attacks of :mod:`attacks.shilling`, whose machinery injects them.
 
+5. Target orientation (off by default: ``promotion=0``, ``candidates=1``). The attacker fits a surrogate
+   recommender on the known profiles (:class:`PromotionSurrogate`, PureSVD) and credits a profile with
+   the smooth share of genuine users for whom the mean item factor of the profile -- where injected users
+   holding the target pull the target's factor -- beats their K-th unseen item. Generation follows the
+   gradient of its log (classifier guidance through the denoiser's x0 prediction, scale ``promotion``),
+   and/or ``candidates`` profiles are drawn per fake user and the best-credited are kept (each still a
+   sample of the model, so the profiles stay realistic).
+
 Deviations from ToDA, and why: the diffusion runs in item space, not in an autoencoder's latent space
 (ML-100K-sized catalogues fit; a latent stage would add a second model to train with no measured
 benefit here); guidance is classifier-free on a binary audience label instead of cross-attention over
@@ -44,6 +52,7 @@ used here).
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -56,9 +65,10 @@ from attacks.shilling import STREAM_SHILLING, ShillingAttack, ShillingConfig, _S
 from fedrec.errors import ConfigError
 from fedrec.mechanisms import register
 from fedrec.models.denoiser import DenoiserMLP
-from fedrec.models.diffusion import ClassifierFreeGuidance, GaussianDiffusion, few_step
+from fedrec.models.diffusion import ClassifierFreeGuidance, ClassifierGuidance, GaussianDiffusion, few_step
 from fedrec.rng import numpy_stream, torch_stream
 
+log = logging.getLogger(__name__)
 _KNOWN, _INIT, _TRAIN, _SAMPLE = 11, 12, 13, 14  # purposes inside the shilling stream (1-3: attacks.shilling)
 
 
@@ -77,6 +87,11 @@ class DiffusionAttackConfig(ShillingConfig):
     batch_size: int = 128
     filler_draw: str = "topk"  # topk: the largest generated scores; sample: drawn without replacement ~ exp(score / temperature)
     temperature: float = 0.1  # of filler_draw=sample
+    promotion: float = 0.0  # classifier-guidance scale toward the surrogate's promotion objective (0: off)
+    candidates: int = 1  # generate this many profiles per fake user, keep those the surrogate credits most
+    surrogate_dim: int = 64  # factors of the attacker's surrogate recommender (truncated SVD of the known rows)
+    promotion_k: int = 10  # the objective counts genuine users whose K-th unseen surrogate score the target beats
+    promotion_temperature: float = 0.05  # sigmoid temperature of that count, relative to the thresholds' spread
 
     def __post_init__(self):
         super().__post_init__()
@@ -85,7 +100,7 @@ class DiffusionAttackConfig(ShillingConfig):
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not self.temperature > 0:
             raise ConfigError(f"attack.temperature: must be a positive number, got {self.temperature!r}")
-        for key in ("guidance", "cond_drop_prob", "knowledge", "lr"):
+        for key in ("guidance", "cond_drop_prob", "knowledge", "lr", "promotion", "promotion_temperature"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ConfigError(f"attack.{key}: expected a number, got {v!r}")
@@ -95,8 +110,13 @@ class DiffusionAttackConfig(ShillingConfig):
             raise ConfigError(f"attack.knowledge: must be in (0, 1], got {self.knowledge}")
         if not self.lr > 0:
             raise ConfigError(f"attack.lr: must be positive, got {self.lr}")
+        if self.promotion < 0:
+            raise ConfigError(f"attack.promotion: must be >= 0, got {self.promotion}")
+        if not self.promotion_temperature > 0:
+            raise ConfigError(f"attack.promotion_temperature: must be positive, got {self.promotion_temperature}")
         for key, low in (("neighbours", 0), ("steps", 2), ("sampling_steps", 1), ("hidden", 1), ("bottleneck", 1),
-                         ("epochs", 1), ("batch_size", 1)):
+                         ("epochs", 1), ("batch_size", 1), ("surrogate_dim", 1), ("promotion_k", 1),
+                         ("candidates", 1)):
             object.__setattr__(self, key, _int_or_none(getattr(self, key), key, low))
         if self.sampling_steps > self.steps:
             raise ConfigError(f"attack.sampling_steps: must be in 1..{self.steps} (attack.steps), "
@@ -120,6 +140,52 @@ def audience_label(rows: sp.csr_matrix, targets: np.ndarray, neighbours: int) ->
         audience.update(int(i) for i in order[:neighbours])
     cols = np.array(sorted(audience), dtype=np.int64)
     return np.asarray(rows[:, cols].sum(axis=1)).ravel() > 0
+
+
+class PromotionSurrogate:
+    """The attacker's differentiable estimate of how many genuine users a fake profile puts the target before.
+
+    Surrogate recommender: a truncated SVD of the known rows (PureSVD; user factors U S^1/2, item factors
+    V S^1/2). Injected users who all hold the target move the target's factor toward their own, and a
+    user's factor is the mean of its items' factors, so a profile x (scores over the items, relu'd) is
+    credited with the new target factor q(x) = relu(x) Q / sum relu(x). User u ranks the target in its
+    top K when p_u . q(x) beats its K-th unseen surrogate score thr_u; the objective is the smooth count
+    mean_u sigmoid((p_u . q(x) - thr_u) / tau), tau = ``temperature`` x the thresholds' standard deviation.
+    Its gradient steers the sampler toward profiles that lift the target for the users nearest their
+    threshold -- the target orientation of ToDA, on fedrec's classifier guidance."""
+
+    def __init__(self, rows: sp.csr_matrix, targets: np.ndarray, dim: int, k: int, temperature: float, seed: int):
+        from fedrec.models import svd_item_embeddings  # the item side V S of a seeded truncated SVD
+
+        rows = sp.csr_matrix(rows, dtype=np.float64)
+        q = svd_item_embeddings(rows, dim, seed)  # (n_items, d) = V S
+        s = np.linalg.norm(q, axis=0)  # the singular values
+        q = q / np.sqrt(np.maximum(s, 1e-12))  # V S^1/2
+        p = rows @ (q / np.maximum(s, 1e-12))  # U S^1/2 = R V S^-1/2
+        scores = p @ q.T
+        scores[rows.nonzero()] = -np.inf  # unseen items only
+        scores[:, targets] = -np.inf
+        kk = min(k, scores.shape[1] - len(targets)) - 1
+        thr = -np.partition(-scores, kk, axis=1)[:, kk]
+        fans = np.asarray(rows[:, targets].sum(axis=1)).ravel() > 0  # users who have a target do not count
+        self.p = torch.as_tensor(p[~fans], dtype=torch.float32)
+        self.q = torch.as_tensor(q, dtype=torch.float32)
+        self.thr = torch.as_tensor(thr[~fans], dtype=torch.float32)
+        self.tau = float(temperature * max(float(thr[~fans].std()), 1e-12))
+
+    def objective(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) the smooth share of counted users the profiles x put the target before."""
+        w = torch.relu(x)
+        qx = (w @ self.q) / w.sum(-1, keepdim=True).clamp_min(1e-6)
+        return torch.sigmoid((qx @ self.p.T - self.thr) / self.tau).mean(-1)
+
+
+def _top_profile(scores: np.ndarray, k: int) -> np.ndarray:
+    """0/1 rows with ones at each row's k largest scores (the profile a topk filler draw makes of them)."""
+    out = np.zeros_like(scores, dtype=np.float32)
+    if k > 0:
+        np.put_along_axis(out, np.argpartition(-scores, min(k, scores.shape[1]) - 1, axis=1)[:, :k], 1.0, axis=1)
+    return out
 
 
 class ConditionalDenoiser(nn.Module):
@@ -173,12 +239,19 @@ class ProfileDiffusion:
         return losses
 
     @torch.no_grad()
-    def sample(self, n: int, weight: float, n_items: int) -> np.ndarray:
-        """(n, n_items) generated x0 scores, guided toward the audience with weight ``weight``."""
+    def sample(self, n: int, weight: float, n_items: int, surrogate: PromotionSurrogate | None = None) -> np.ndarray:
+        """(n, n_items) generated x0 scores, guided toward the audience with weight ``weight`` and, with a
+        ``surrogate``, toward its promotion objective (classifier guidance of scale ``promotion``, the
+        objective read on the denoiser's conditional x0 prediction, differentiated through it)."""
         g = torch_stream(self.seed, STREAM_SHILLING, _SAMPLE)
         cond = torch.tensor([[1.0, 0.0]]).expand(n, 2)
-        x0 = self.diffusion.generate(self.denoiser, (n, n_items), g, cond=cond,
-                                     guidance=ClassifierFreeGuidance(float(weight), self.NULL),
+        guidance = [ClassifierFreeGuidance(float(weight), self.NULL)]
+        if surrogate is not None and self.c.promotion > 0:
+            def log_prob(x_t, t):
+                return torch.log(surrogate.objective(self.denoiser(x_t, t, cond[:len(x_t)])).clamp_min(1e-12))
+
+            guidance.append(ClassifierGuidance(log_prob, float(self.c.promotion)))
+        x0 = self.diffusion.generate(self.denoiser, (n, n_items), g, cond=cond, guidance=guidance,
                                      sampler=few_step(self.c.sampling_steps), what="attack")
         return x0.numpy().astype(np.float64)
 
@@ -207,7 +280,20 @@ class DiffusionAttack(ShillingAttack):
         model = ProfileDiffusion(self.config, data.n_items, seed)
         self.train_losses = model.fit(rows, label)
         self.audience_share = float(label.mean())
-        scores = model.sample(allowed.shape[0], self.config.guidance, data.n_items)
+        c = self.config
+        n = allowed.shape[0]
+        surrogate = (PromotionSurrogate(rows, targets, c.surrogate_dim, c.promotion_k, c.promotion_temperature, seed)
+                     if c.promotion > 0 or c.candidates > 1 else None)
+        scores = model.sample(n * c.candidates, c.guidance, data.n_items, surrogate)
+        if surrogate is not None:
+            kmax = int(np.max(k)) if np.size(k) else 0
+            credit = surrogate.objective(torch.as_tensor(_top_profile(scores, kmax), dtype=torch.float32)).numpy()
+            if c.candidates > 1:  # the n candidates whose binary profile the surrogate credits most, in draw order
+                scores = scores[np.sort(np.argsort(-credit, kind="stable")[:n])]
+                credit = np.sort(credit)[::-1][:n]
+            self.promotion_share = float(credit.mean())
+            log.info("attack=diffusion: the surrogate puts the target before the %d-th item of %.4f of the "
+                     "counted users for the kept profiles", c.promotion_k, self.promotion_share)
         if self.config.filler_draw == "sample":
             # Gumbel top-k: the k largest log w + Gumbel noise are a draw without replacement ~ w (the
             # Efraimidis-Spirakis keys log(u) / w in a monotone transform), w = exp(score / temperature)

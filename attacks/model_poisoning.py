@@ -27,7 +27,7 @@ from flwr.app import Array, ArrayRecord
 
 from attacks.threat import budget, malicious_clients
 from fedrec.errors import ConfigError
-from fedrec.mechanisms import Mechanism, register
+from fedrec.mechanisms import Mechanism, changes_only, register
 
 
 @dataclass
@@ -108,7 +108,7 @@ class UpdatePoisoning(Mechanism):
             out = {n: d * scale.view(-1, *([1] * (d.dim() - 1))).to(d.device, d.dtype) for n, d in deltas.items()}
             return out, {"malicious-users": int(mask.sum())}
 
-        return craft
+        return changes_only(craft, bad)
 
     def report(self, ctx) -> dict:
         cfg = ctx.cfg

@@ -63,6 +63,8 @@ class RandomUpdateAttack(CraftedItemAttack):
     Config = RandomUpdateConfig
     center = GaussianCenter
 
+    reads_genuine_deltas = True  # the crafted rows' size is the chunk's mean genuine row norm
+
     def chunk_factor(self, cen, side, deltas, genuine, factor):
         """The mean nonzero row norm of the chunk's genuine deltas x scale, per unit (clipped) crafted row
         (the crafted delta is ``-factor x`` unit rows, so its sign is the noise's)."""

@@ -44,6 +44,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
+import numpy as np
+
 from fedrec.errors import ConfigError
 
 KINDS = ("attack", "defense", "privacy")  # Hydra groups, summary.json sections, and hook order
@@ -141,7 +143,9 @@ class Mechanism:
 
     def user_transform(self, ctx: NodeContext):
         """``fn(users, deltas) -> (deltas, metrics)`` on a chunk of users' updates (deltas: name ->
-        (U, ...) tensors of trained minus start parameters), or None."""
+        (U, ...) tensors of trained minus start parameters), or None. A transform that changes only some
+        users' updates (an attack's malicious clients) says so with :func:`changes_only`: one-step SGD
+        nodes then sum every other user by the linear one-backward path and train only those one by one."""
         return None
 
     def user_fold(self, ctx: NodeContext, start: dict):
@@ -246,3 +250,12 @@ def node_mechanisms(cfg) -> list[Mechanism]:
 
 def data_transforms(mechanisms: list[Mechanism]) -> list:
     return [t for m in mechanisms for t in m.data_transforms()]
+
+
+def changes_only(transform, users):
+    """Mark a ``user_transform`` as changing only the updates of ``users`` (global ids; it must return
+    every other user's delta unchanged), so the node may sum the others without it
+    (``fedrec.federated.device_node.TransformFold.changed``)."""
+    ids = np.asarray(users)
+    transform.changes = lambda chunk: np.isin(np.asarray(chunk), ids)
+    return transform

@@ -144,6 +144,7 @@ def train_epoch(model: Recommender, optimizer: torch.optim.Optimizer, rows: Trai
     if batch_size < 1:
         raise ConfigError(f"model.optim.batch_size: must be >= 1, got {batch_size}")
     model.train()
+    model.on_epoch_start()
     unit = model.train_unit
     order = rng.permutation(rows.n_examples(unit))
     total, n = 0.0, 0

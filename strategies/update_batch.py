@@ -84,6 +84,8 @@ class UpdateBatch:
 
     @staticmethod
     def concat(parts: list["UpdateBatch"]) -> "UpdateBatch":
+        if len(parts) == 1:  # one node's batch (cross-device with one node): no copy of its stack
+            return parts[0]
         # A table sparse in one node's reply and dense in another's (a node with federation.sparse_rows=off)
         # is made sparse in all: the same updates, and never a dense stack of every user.
         sparse = sorted({k for p in parts for k in p.rows})
@@ -109,20 +111,28 @@ def derive_weights(reported: np.ndarray, weighting: str, cap: int | None) -> np.
     return np.clip(w, 0, cap) if cap else w
 
 
-def weighted_mean(batch: UpdateBatch, block: int = 8) -> dict[str, np.ndarray]:
+def weighted_mean(batch: UpdateBatch, block: int = 8, keep: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """sum_u w_u x_u / sum_u w_u, accumulated in float64 a few users at a time (never a float64 copy
-    of the whole stack: at ML-1M scale a page of users is hundreds of MB).
+    of the whole stack: at ML-1M scale a page of users is hundreds of MB). ``keep`` (a boolean mask)
+    restricts the mean to those users without copying the stack (a dropped user's NaN stays out).
 
     A row-sparse table's mean is the global table plus the weighted sum of the touched rows' deltas
     (an untouched row adds a zero delta): the dense mean up to float rounding."""
-    w = batch.weights / batch.weights.sum()
+    if keep is not None:
+        idx = np.flatnonzero(keep)
+        rows = {k: ru.select(keep) for k, ru in batch.rows.items()}
+        w = batch.weights[idx] / batch.weights[idx].sum()
+    else:
+        idx, rows = None, batch.rows
+        w = batch.weights / batch.weights.sum()
     out = {}
     for k, v in batch.arrays.items():
         acc = np.zeros(v.shape[1:], dtype=np.float64)
         for start in range(0, len(w), block):
-            acc += np.tensordot(w[start:start + block], v[start:start + block].astype(np.float64), axes=1)
+            part = v[start:start + block] if idx is None else v[idx[start:start + block]]
+            acc += np.tensordot(w[start:start + block], part.astype(np.float64), axes=1)
         out[k] = acc.astype(v.dtype)
-    for k, ru in batch.rows.items():
+    for k, ru in rows.items():
         acc = ru.base.astype(np.float64)
         if len(ru.rows):
             rows, starts, order = _row_groups(ru)

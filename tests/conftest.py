@@ -29,6 +29,14 @@ TINY_MODEL = {
     "pop": [], "itemknn": ["model.k=10"], "ease": ["model.l2=10.0"], "gfcf": ["model.factor_dim=8"],
     "turbocf": [], "bspm": ["model.factor_dim=8"],
     "giffcf": ["model.embed_dim=8", "dataset.item_graph=co_interaction"],  # GiffCF needs the co-interaction graph
+    "codigem": ["model.hidden=16", "model.depth=1"],
+    "recfusion": ["model.hidden=16", "model.depth=1"],
+    "cfdiff": ["model.latent=16", "model.steps=5", "model.d_model=8", "model.num_heads=2"],
+
+    "gdiff": ["model.hidden_dims=[16]", "dataset.item_graph=co_interaction"],  # the private transition graph
+    "diffkg": ["model.embedding_size=8", "model.denoiser_dims=[16]"],  # the synthetic genres are the KG
+
+    "ddrm": ["model.embedding_size=8", "model.dims=[16]", "model.steps=5", "model.n_samples_per_user=4"],
     "diffairec": ["model.dims=[16,32]", "model.steps=5", "model.group_tokens=2"],
     "d3rec": ["model.dims=[16,8]", "model.steps=3", "model.optim.lr=0.001"],
 }

@@ -34,6 +34,7 @@ COMPANIONS = {("privacy", "dpsgd"): ["federation=none"],
               ("attack", "image_poison"): ["federation=none", "model=vbpr"],
               ("defense", "image_purify"): ["federation=none", "model=vbpr"],
               ("model", "giffcf"): ["dataset.item_graph=co_interaction"],  # GiffCF smooths over that graph
+              ("model", "gdiff"): ["dataset.item_graph=co_interaction"],  # G-Diff decodes over its transition graph
               ("model", "diffairec"): ["federation=none"]}  # DifFaiRec refuses federations (user-group side data)
 
 
@@ -92,14 +93,15 @@ def test_model_option_builds(name):
     rng = np.random.default_rng(0)
     import scipy.sparse as sp
 
-    from fedrec.data.side import ItemSideData, categories_from_multihot, co_interaction_graph
+    from fedrec.data.side import ItemCategories, ItemSideData, co_interaction_graph, transition_graph
 
     images = torch.from_numpy(rng.random((40, 3, 8, 8)).astype(np.float32))  # item images for VBPR
     train = sp.csr_matrix((rng.random((20, 40)) < 0.2).astype(np.float32))  # for models smoothing over it (giffcf)
+    categories = ItemCategories(sp.csr_matrix((rng.random((40, 3)) < 0.4).astype(np.float32)), np.array(list("abc")))
     shape = DataShape(n_users=20, n_items=40, item_emb=rng.standard_normal((40, 8)).astype(np.float32),
-                      item_side=ItemSideData(images=images, categories=categories_from_multihot(  # for d3rec
-                          rng.random((40, 4)) < 0.4, ["a", "b", "c", "d"])),
+                      item_side=ItemSideData(images=images, categories=categories),  # categories: DiffKG's KG
                       item_graph_fn=lambda **weighting: co_interaction_graph(train, **weighting),
+                      item_transitions_fn=lambda users=None: transition_graph(train.indices, train.indptr, 40),
                       user_groups_fn=lambda grouping, top: (np.arange(20) % 2, ["g0", "g1"]))  # for diffairec
     model = build_model(cfg.model, shape)
     assert model.name == name

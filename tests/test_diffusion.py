@@ -395,7 +395,7 @@ def test_zero_noise_scale_applies_denoiser_T_times():
 @pytest.mark.parametrize("kwargs,key", [
     ({"steps": 0}, "model.steps"),
     ({"steps": 5, "noise_min": 0.1, "noise_max": 0.01}, "model.noise_min"),
-    ({"steps": 5, "noise_schedule": "quadratic"}, "model.noise_schedule"),
+    ({"steps": 5, "noise_schedule": "sigmoid"}, "model.noise_schedule"),
     ({"steps": 5, "mean_type": "v"}, "model.mean_type"),
 ])
 def test_bad_diffusion_config_names_key(kwargs, key):
@@ -423,7 +423,7 @@ def test_bad_inference_config_at_reverse(kwargs, key):
 @pytest.mark.parametrize("kwargs,key", [
     ({"steps": 0}, "model.steps"),
     ({"noise_min": 0.5, "noise_max": 0.1}, "model.noise_min"),
-    ({"noise_schedule": "quadratic"}, "model.noise_schedule"),
+    ({"noise_schedule": "sigmoid"}, "model.noise_schedule"),
 ])
 def test_bad_model_config_at_build(name, kwargs, key):
     cfg = {"name": name, "steps": 5, **kwargs}

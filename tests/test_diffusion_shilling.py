@@ -158,3 +158,43 @@ def test_sampled_filler_and_partial_knowledge(base):
     out = attack.apply(base, 0)
     assert out.n_injected == 4 and (out.train[-4:][:, attack.target_items(base, 0)].toarray() == 1).all()
     assert len(attack.known_users(base, 0)) == 60
+
+
+# --------------------------------------------------------------------------- target orientation
+def test_promotion_surrogate_equals_a_numpy_reference():
+    """PureSVD factors of the known rows, each counted user's K-th unseen non-target score, and the smooth
+    share of users whose score for the profile's mean item factor beats it -- recomputed with numpy."""
+    from attacks.diffusion_shilling import PromotionSurrogate
+
+    rng = np.random.default_rng(3)
+    x = (rng.random((40, 25)) < 0.25).astype(np.float64)
+    targets = np.array([4])
+    sur = PromotionSurrogate(sp.csr_matrix(x), targets, dim=6, k=3, temperature=0.1, seed=0)
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    q = vt[:6].T * np.sqrt(s[:6])
+    p = u[:, :6] * np.sqrt(s[:6])
+    # the factors are those of the top-6 singular triplets, up to each component's sign (p q^T is sign-free)
+    np.testing.assert_allclose(sur.p.numpy() @ sur.q.numpy().T, (p @ q.T)[x[:, 4] == 0], rtol=1e-4, atol=1e-5)
+    scores = p @ q.T
+    scores[x > 0] = -np.inf
+    scores[:, 4] = -np.inf
+    thr = np.sort(scores, axis=1)[:, -3][x[:, 4] == 0]
+    np.testing.assert_allclose(sur.thr.numpy(), thr, rtol=1e-4, atol=1e-5)
+    prof = (rng.random((5, 25)) < 0.3).astype(np.float32)
+    qx = prof @ q / prof.sum(1, keepdims=True)
+    tau = 0.1 * thr.std()
+    want = (1 / (1 + np.exp(-((qx @ p[x[:, 4] == 0].T) - thr) / tau))).mean(1)
+    np.testing.assert_allclose(sur.objective(torch.as_tensor(prof)).numpy(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_candidates_keep_the_profiles_the_surrogate_credits_most(base):
+    """With 4 candidates per fake user the kept profiles' surrogate credit is at least the unselected draw's."""
+    one = DiffusionAttack(count=5, candidates=1, promotion=0.0, **FAST)
+    one.apply(base, 0)
+    four = DiffusionAttack(count=5, candidates=4, **FAST)
+    out = four.apply(base, 0)
+    assert out.n_injected == 5 and (out.train[-5:][:, four.target_items(base, 0)].toarray() == 1).all()
+    assert not hasattr(one, "promotion_share")  # no surrogate without promotion or candidates
+    sel = DiffusionAttack(count=20, candidates=1, promotion=1e-9, **FAST)  # a surrogate, no selection
+    sel.apply(base, 0)
+    assert four.promotion_share >= sel.promotion_share

@@ -35,6 +35,13 @@ TINY: dict[str, dict] = {
     "turbocf": {"name": "turbocf"},
     "bspm": {"name": "bspm", "factor_dim": 8},
     "giffcf": {"name": "giffcf", "embed_dim": 8},
+    "gdiff": {"name": "gdiff", "hidden_dims": [8]},
+    "diffkg": {"name": "diffkg", "embedding_size": 8, "denoiser_dims": [8]},
+    "codigem": {"name": "codigem", "hidden": 16, "depth": 1},
+    "recfusion": {"name": "recfusion", "hidden": 16, "depth": 1},
+    "cfdiff": {"name": "cfdiff", "latent": 16, "steps": 5, "d_model": 8, "num_heads": 2},
+    "ddrm": {"name": "ddrm", "embedding_size": 8, "dims": [16], "steps": 5,
+             "sampling": "user", "n_samples_per_user": 4},
 }
 SEQ_LEN = 6
 
@@ -46,14 +53,17 @@ def test_tiny_covers_registry():
 def _shape(seed: int = 0) -> DataShape:
     import scipy.sparse as sp
 
-    from fedrec.data.side import ItemSideData, co_interaction_graph
+    from fedrec.data.side import ItemCategories, ItemSideData, co_interaction_graph, transition_graph
 
     rng = np.random.default_rng(seed)
     images = torch.from_numpy(rng.random((N_ITEMS, 3, 8, 8)).astype(np.float32))  # for VBPR's visual features
     train = sp.csr_matrix(_data(seed).x.numpy())  # the co-interaction graph of the rows the tests train on
+    categories = ItemCategories(sp.csr_matrix((rng.random((N_ITEMS, 3)) < 0.4).astype(np.float32)),
+                                np.array(["a", "b", "c"]))  # DiffKG's knowledge graph
     return DataShape(N_USERS, N_ITEMS, item_emb=rng.standard_normal((N_ITEMS, 4)).astype(np.float32),
-                     item_side=ItemSideData(images=images),
-                     item_graph_fn=lambda **weighting: co_interaction_graph(train, **weighting))
+                     item_side=ItemSideData(images=images, categories=categories),
+                     item_graph_fn=lambda **weighting: co_interaction_graph(train, **weighting),
+                     item_transitions_fn=lambda users=None: transition_graph(train.indices, train.indptr, N_ITEMS))
 
 
 def _data(seed: int = 0) -> Batch:

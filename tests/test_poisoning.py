@@ -227,3 +227,28 @@ def test_attack_none_reports_target_metrics_only_when_asked(tiny_cfg, tmp_path):
     _, fra0 = _run(tiny_cfg, tmp_path, "fra0", "attack=fedrecattack", "attack.fraction=0", "attack.targets=[3]",
                    model="diffrec")
     assert fra0["attack"]["er@10"] == by_id["attack"]["er@10"]  # no fake client: the same run, the same numbers
+
+
+@pytest.mark.parametrize("attack,model", [("ara", "bpr"), ("ara", "diffrec"), ("scaling", "bpr")])
+def test_transformed_users_beside_the_linear_sum_equal_the_full_fold(tiny_cfg, tmp_path, monkeypatch, attack, model):
+    """A one-step SGD node sums the users no attack touches by its linear path and trains only the
+    malicious ones one by one; the round's model equals sending every user through the attack's fold."""
+    from fedrec.federated import cross_device
+    from fedrec.federated.device_node import TransformFold
+    from tests.test_mechanisms import _serve
+
+    base = [o for o in FEDAVG if not o.startswith("attack") and (model == "bpr" or not o.startswith("model."))]
+    cfg = tiny_cfg(*base, "federation.rounds=1", "train.eval_every=1", f"attack={attack}", "attack.fraction=0.1",
+                   *([f"attack.kappa={KAPPA}"] if attack == "ara" else []),
+                   *(["federation.local_lr=0.01"] if model == "diffrec" else []), model=model)
+    calls = []
+    split = cross_device._linear_beside_transformed
+    monkeypatch.setattr(cross_device, "_linear_beside_transformed", lambda *a, **k: calls.append(1) or split(*a, **k))
+    _, fast, replies_fast, _ = _serve(cfg, tmp_path, "split")
+    assert calls, "the split path was not taken"
+    monkeypatch.setattr(TransformFold, "changed", lambda self, users: None)
+    _, full, replies_full, _ = _serve(cfg, tmp_path, "full")
+    for k in full:
+        np.testing.assert_allclose(fast[k], full[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    counts = [{k: v for k, v in r.content["metrics"].items() if k.startswith("count/")} for r in replies_full]
+    assert counts == [{k: v for k, v in r.content["metrics"].items() if k.startswith("count/")} for r in replies_fast]

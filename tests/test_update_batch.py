@@ -46,6 +46,20 @@ def test_weighted_mean_of_touched_rows_equals_the_dense_mean(n_users):
                                rtol=1e-6)
 
 
+def test_weighted_mean_over_kept_users_ignores_the_others_even_nan():
+    rng = np.random.default_rng(5)
+    w = rng.uniform(0.5, 4.0, 11)
+    batch, full, _ = _batch(rng, 11, weights=w)
+    keep = np.ones(11, bool)
+    keep[[2, 7]] = False
+    batch.arrays["enc.weight"][2] = np.nan  # a dropped user's diverged upload must not reach the mean
+    got = weighted_mean(batch, block=3, keep=keep)
+    wk = w[keep] / w[keep].sum()
+    np.testing.assert_allclose(got["item_emb.weight"], np.tensordot(wk, full[keep].astype(np.float64), axes=1),
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got["enc.weight"], np.tensordot(wk, batch.arrays["enc.weight"][keep], axes=1), rtol=1e-6)
+
+
 @pytest.mark.parametrize("n_users,zero_share", [(1, 0.0), (2, 0.0), (7, 0.3), (8, 0.3), (40, 0.0)])
 def test_coordinate_median_counts_untouched_rows_as_unchanged(n_users, zero_share):
     """The median over every user, untouched rows as the global row: numpy's median of the dense stack."""

@@ -14,15 +14,20 @@ with (rows follow ``Interactions.item_ids`` after filtering and splitting).
 * ``embeddings``: (n_items, d) float32, e.g. DiffRec's LightGCN ``item_emb.npy``;
 * ``images``: an (n_items, C, H, W) float32 tensor in [0, 1] (:func:`synthetic_images`), or an
   :class:`ImageFolder` that reads ``<folder>/<item_token>.png|jpg`` on demand;
-* ``graph``: a *public* item-item adjacency (:func:`category_graph`), or None.
+* ``graph``: a *public* item-item adjacency (:func:`category_graph`), or None;
+* ``kg``: a *public* knowledge graph (:class:`KnowledgeGraph`): the triples of a file
+  ``dataset.kg_file`` (:func:`load_kg_file`: ``head relation tail`` per line), or None.
+  :func:`kg_from_categories` turns item categories into one (item --has_category--> category).
 
 :func:`co_interaction_graph` is the exception: it counts how often two items occur in the same
 user's **training** row, so it is derived from the users' private interactions, never stored in
 ``ItemSideData``, and only built when a model asks for it (``DataShape.item_graph()`` with
 ``dataset.item_graph=co_interaction``). Under any DP mechanism it is refused
-(:mod:`fedrec.privacy.public_only`): the accountant does not cover it.
+(:mod:`fedrec.privacy.public_only`): the accountant does not cover it. :func:`transition_graph`
+(consecutive training items in each user's time order, G-Diff's graph) is private in the same way
+and asked for by the same key (``DataShape.transition_graph()``).
 
-Config keys (``conf/dataset/*.yaml``, all optional): ``item_category_field``, ``item_graph``,
+Config keys (``conf/dataset/*.yaml``, all optional): ``item_category_field``, ``item_graph``, ``kg_file``,
 ``images``, ``image_folder``, ``image_size``, ``image_noise`` (synthetic images), ``missing_images``; :func:`check_side_options` checks
 them before any file is read.
 """
@@ -63,6 +68,29 @@ class ItemCategories:
 
 
 @dataclass
+class KnowledgeGraph:
+    """Triples (head, relation, tail) over entities 0..n_entities-1, where entity i < n_items is
+    internal item i and the rest are other entities (genres, actors, ...): KGAT's / DiffKG's layout.
+
+    ``triples`` (n, 3) int64, de-duplicated; ``relations`` names relation ids; ``entities`` names the
+    entities past the items (entity n_items + j is ``entities[j]``)."""
+
+    triples: np.ndarray
+    n_items: int
+    relations: np.ndarray
+    entities: np.ndarray
+    source: str = ""
+
+    @property
+    def n_entities(self) -> int:
+        return self.n_items + len(self.entities)
+
+    @property
+    def n_relations(self) -> int:
+        return len(self.relations)
+
+
+@dataclass
 class ItemSideData:
     """Public per-item data aligned with internal item ids; every field may be None (see the module docstring)."""
 
@@ -70,6 +98,7 @@ class ItemSideData:
     embeddings: np.ndarray | None = None
     images: "torch.Tensor | ImageFolder | None" = None
     graph: sp.csr_matrix | None = None
+    kg: KnowledgeGraph | None = None
     # "co_interaction": the run asked for the item graph built from the training interactions
     # (dataset.item_graph). It is private, so it is not stored here: DataShape.item_graph() builds it.
     private_graph: str | None = None
@@ -89,6 +118,61 @@ def categories_from_multihot(multihot, names) -> ItemCategories:
     """Categories from a dense (n_items, n_categories) 0/1 array (the loaders' ``item_features["genre"]``)."""
     m = sp.csr_matrix((np.asarray(multihot) > 0).astype(np.float32))
     return ItemCategories(m, np.asarray(names, dtype=str))
+
+
+# --------------------------------------------------------------------------- knowledge graphs
+
+
+def kg_from_categories(categories: ItemCategories) -> KnowledgeGraph:
+    """Item side categories as a knowledge graph: one relation ``has_category``, one triple
+    (item, has_category, category entity) per item category (ML-100K: item -> genre)."""
+    c = categories.matrix.tocoo()
+    n_items = categories.matrix.shape[0]
+    triples = np.stack([c.row.astype(np.int64), np.zeros(c.nnz, dtype=np.int64), n_items + c.col.astype(np.int64)], 1)
+    return KnowledgeGraph(np.unique(triples, axis=0), n_items, np.array(["has_category"]),
+                          np.asarray(categories.names, dtype=str), "item categories")
+
+
+def load_kg_file(path: str | Path, item_ids) -> KnowledgeGraph:
+    """A knowledge graph from a text file of ``head relation tail`` lines (whitespace-separated
+    tokens; blank lines and lines starting with ``#`` are skipped).
+
+    A head or tail equal to an item token of the dataset (``Interactions.item_ids``) is that item;
+    every other token is an entity of its own. Relations are tokens too (ids in order of first
+    appearance). A line without exactly three tokens is a one-line DataError naming file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: knowledge-graph file not found (dataset.kg_file)") from None
+    item_index = {str(t): i for i, t in enumerate(np.asarray(item_ids, dtype=str))}
+    n_items = len(item_index)
+    entities: dict[str, int] = {}
+    relations: dict[str, int] = {}
+    rows: list[tuple[int, int, int]] = []
+
+    def entity(tok: str) -> int:
+        if tok in item_index:
+            return item_index[tok]
+        return n_items + entities.setdefault(tok, len(entities))
+
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            parts = line.split()
+            if not parts or parts[0].startswith("#"):
+                continue
+            if len(parts) != 3:
+                raise DataError(f"{path}: line {lineno}: expected 'head relation tail' (3 tokens), "
+                                f"got {len(parts)}: {line.strip()[:80]!r}") from None
+            h, r, t = parts
+            rows.append((entity(h), relations.setdefault(r, len(relations)), entity(t)))
+    if not rows:
+        raise DataError(f"{path}: no 'head relation tail' triples (dataset.kg_file)") from None
+    triples = np.unique(np.asarray(rows, dtype=np.int64), axis=0)
+    if not (triples[:, [0, 2]] < n_items).any():
+        raise DataError(f"{path}: no head or tail is an item token of the dataset (e.g. {rows[0]!r}); "
+                        "heads/tails must name items by their ids in the interaction files") from None
+    return KnowledgeGraph(triples, n_items, np.array(list(relations), dtype=str),
+                          np.array(list(entities), dtype=str), str(path))
 
 
 # --------------------------------------------------------------------------- graphs
@@ -139,6 +223,22 @@ def co_interaction_graph(train: sp.csr_matrix, user_power: float = 0.0, item_pow
         return _without_diagonal(g)
     g.sort_indices()
     return g
+
+
+def transition_graph(items: np.ndarray, indptr: np.ndarray, n_items: int) -> sp.csr_matrix:
+    """Item-to-item transition counts from each user's **training** items in time order (``items`` of
+    user u are ``items[indptr[u]:indptr[u+1]]``, oldest first: :class:`fedrec.data.sequences.Sequences`).
+
+    G[a, b] = how many times b directly follows a in a user's sequence (directed; G-Diff's official
+    ``get_graph``). PRIVATE like :func:`co_interaction_graph`: derived from the users' interactions.
+    """
+    items = np.asarray(items, dtype=np.int64)
+    follows = np.ones(len(items), dtype=bool)  # position p has a successor inside its user's sequence
+    ends = np.asarray(indptr[1:], dtype=np.int64) - 1
+    follows[ends[ends >= np.asarray(indptr[:-1])]] = False
+    src = np.flatnonzero(follows[:-1]) if len(items) else np.zeros(0, dtype=np.int64)
+    g = sp.coo_matrix((np.ones(len(src), dtype=np.float64), (items[src], items[src + 1])), shape=(n_items, n_items))
+    return sp.csr_matrix(g.tocsr(), dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- images
@@ -274,6 +374,9 @@ def check_side_options(cfg) -> dict:
     graph = get_option(cfg, "item_graph")
     if graph is not None and graph not in ITEM_GRAPHS:
         raise ConfigError(f"dataset.item_graph={graph!r}: expected null or one of {', '.join(ITEM_GRAPHS)}") from None
+    kg_file = get_option(cfg, "kg_file")
+    if kg_file is not None and (not isinstance(kg_file, str) or not kg_file):
+        raise ConfigError(f"dataset.kg_file={kg_file!r}: expected null or the path of a 'head relation tail' file") from None
     images = get_option(cfg, "images")
     folder = get_option(cfg, "image_folder")
     if isinstance(images, str) and images not in IMAGE_SOURCES and ("/" in images or images.startswith(("~", "."))):
@@ -293,7 +396,7 @@ def check_side_options(cfg) -> dict:
     missing = get_option(cfg, "missing_images", "error")
     if missing not in MISSING_POLICIES:
         raise ConfigError(f"dataset.missing_images={missing!r}: expected one of {', '.join(MISSING_POLICIES)}") from None
-    return {"field": field, "graph": graph, "images": images, "folder": folder, "size": int(size), "noise": float(noise),
+    return {"field": field, "graph": graph, "kg_file": kg_file, "images": images, "folder": folder, "size": int(size), "noise": float(noise),
             "missing": missing}
 
 
@@ -310,6 +413,9 @@ def item_side_from_config(opts: dict, data, seed: int, data_folder: Callable[[],
         side.graph = category_graph(side.categories)
     elif opts["graph"] == "co_interaction":
         side.private_graph = "co_interaction"
+    if opts.get("kg_file"):
+        kg_path = Path(os.path.expanduser(str(opts["kg_file"])))
+        side.kg = load_kg_file(kg_path if kg_path.is_absolute() else data_folder() / kg_path, data.item_ids)
     if opts["images"] == "synthetic" and "cluster" in data.item_features:  # the synthetic generator's taste clusters
         side.images = synthetic_images(data.item_features["cluster"], data.item_ids.astype(np.int64), seed,
                                        opts["size"], opts["noise"])

@@ -101,6 +101,12 @@ class MeanFold:
             self.sum[n] += (p * w.view(-1, *([1] * (p.dim() - 1)))).sum(0)
         self.weight += float(w.sum())
 
+    def add_mean(self, mean: dict[str, torch.Tensor], weight: float) -> None:
+        """Add users already averaged elsewhere (their weighted mean and total weight)."""
+        for n, v in mean.items():
+            self.sum[n] += v * weight
+        self.weight += weight
+
     def result(self) -> dict[str, torch.Tensor]:
         return {n: v / self.weight for n, v in self.sum.items()}
 
@@ -207,16 +213,25 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
     if len(users) == 0:
         return UserUpdates(users, weights, None, None, {}, float("nan"))
 
-    if local.optimizer == "sgd" and local.local_epochs == 1 and not per_user and fold is None:
+    if local.optimizer == "sgd" and local.local_epochs == 1 and not per_user:
         # FedProx's proximal gradient mu (w - w_global) is zero at the first step: nothing to add.
-        schedule_position(model, schedule_round, 0, local.local_epochs)
-        return _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, round_, g0, private_names,
-                                 seq)
+        if fold is None:
+            schedule_position(model, schedule_round, 0, local.local_epochs)
+            return _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, round_, g0,
+                                     private_names, seq)
+        changed = fold.changed(users) if hasattr(fold, "changed") and isinstance(rows, torch.Tensor) else None
+        if changed is not None and not changed.all():
+            return _linear_beside_transformed(model, users, rows, weights, private_rows, local, seed, round_,
+                                              schedule_round, fold, seq, changed, g0, private_names)
 
     chunk = local.chunk_for(sum(v.numel() for v in g0.values()))
     f = _single_user_loss(wrapper, buffers)
     vgrad = vmap(grad(f, argnums=(0, 1), has_aux=False), in_dims=(0, 0, 0, 0), randomness="error")
     vloss = vmap(f, in_dims=(0, 0, 0, 0), randomness="error")
+    # One plain SGD step (FedProx's term is zero there): gradients at the shared global point
+    one_sgd_step = local.optimizer == "sgd" and local.local_epochs == 1
+    vgrad_shared = vmap(grad(f, argnums=(0, 1), has_aux=False), in_dims=(None, 0, 0, 0), randomness="error")
+    vloss_shared = vmap(f, in_dims=(None, 0, 0, 0), randomness="error")
     custom = fold is not None
     fold = fold if custom else (StackFold(g0) if per_user else MeanFold(g0))
     new_private: dict[str, list[torch.Tensor]] = {n: [] for n in private_names}
@@ -227,8 +242,26 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
         s = None if seq is None else seq[sl]
         inp = _inputs(x, s)
         c = len(u)
-        gp = {n: v.unsqueeze(0).expand(c, *v.shape).clone() for n, v in g0.items()}
         pp = {n: private_rows[n][sl].clone() for n in private_names}
+        if one_sgd_step:  # every user starts from g0: per-example gradients at the shared point, no copies
+            schedule_position(model, schedule_round, 0, 1)  # before the draws: they carry annealed weights
+            rand = model.draw_randomness(Batch(users=torch.as_tensor(u, device=x.device), x=x, seq=s),
+                                         UserRandom(seed, round_, u, 0, x.device))
+            with autocast(model):
+                with torch.no_grad():
+                    loss_acc += float((vloss_shared(g0, pp, inp, rand).float() * w).sum())
+                gg, pg = vgrad_shared(g0, pp, inp, rand)
+            with torch.no_grad():
+                gp = {n: g0[n].unsqueeze(0) - local.lr * gg[n] for n in g0}
+                for n in pp:
+                    pp[n] -= local.lr * pg[n]
+                del gg, pg
+                fold.add(gp, w, u)
+                for n in private_names:
+                    new_private[n].append(pp[n])
+            del gp
+            continue
+        gp = {n: v.unsqueeze(0).expand(c, *v.shape).clone() for n, v in g0.items()}
         state = _AdamState(gp, pp) if local.optimizer == "adam" else None
         for step in range(local.local_epochs):
             schedule_position(model, schedule_round, step, local.local_epochs)
@@ -319,6 +352,42 @@ def _sgd_one_step_sum(model, users, rows, weights, private_rows, local, seed, ro
     mean = {n: g0[n] - local.lr * grads[n] / wsum for n in g0}
     return UserUpdates(users=users, weights=weights, mean=mean, per_user=None,
                        private={n: torch.cat(v) for n, v in new_private.items()}, loss=loss_acc / wsum)
+
+
+def _linear_beside_transformed(model, users, rows, weights, private_rows, local, seed, round_, schedule_round,
+                               fold, seq, changed: np.ndarray, g0, private_names) -> UserUpdates:
+    """One SGD step under per-user transforms that change only some users (an attack's malicious clients).
+
+    The users no transform changes are summed by the linear one-backward path (``_sgd_one_step_sum``:
+    sum_u w_u (theta - lr g_u)), added to the fold's mean as they are; only the ``changed`` users are
+    trained one by one (vmap) and pass through the transforms. The same arithmetic as sending everyone
+    through the fold (each user's random draws are keyed by its id, not its position), up to float
+    summation order, at the cost of a clean round plus the changed users'
+    (``tests/test_poisoning.py::test_transformed_users_beside_the_linear_sum_equal_the_full_fold``)."""
+    keep, mine = np.flatnonzero(~changed), np.flatnonzero(changed)
+
+    def part(idx):
+        return (users[idx], rows[idx], weights[idx], {n: t[idx] for n, t in private_rows.items()},
+                None if seq is None else seq[idx])
+
+    u, x, w, priv, s = part(keep)
+    schedule_position(model, schedule_round, 0, local.local_epochs)
+    linear = _sgd_one_step_sum(model, u, x, w, priv, local, seed, round_, g0, private_names, s)
+    fold.add_mean(linear.mean, float(w.sum()))
+    losses = float(linear.loss) * float(w.sum())
+    private = {n: torch.empty_like(t) for n, t in private_rows.items()}
+    for n, v in linear.private.items():
+        private[n][keep] = v
+    if len(mine) == 0:
+        return UserUpdates(users=users, weights=weights, mean=None, per_user=None, private=private,
+                           loss=losses / float(weights.sum()), folded=fold.result())
+    u, x, w, priv, s = part(mine)
+    rest = train_users(model, u, x, w, priv, local, seed, round_, False, schedule_round, fold, s)
+    losses += float(rest.loss) * float(w.sum())
+    for n, v in rest.private.items():
+        private[n][mine] = v
+    return UserUpdates(users=users, weights=weights, mean=None, per_user=None, private=private,
+                       loss=losses / float(weights.sum()), folded=rest.folded)
 
 
 def personalised_scorer(model: Recommender, data, users: np.ndarray, local: LocalTraining, seed: int,

@@ -206,18 +206,55 @@ class TransformFold:
         self.counts: dict[str, float] = {}
 
     def add(self, params: dict[str, torch.Tensor], w: torch.Tensor, users: np.ndarray | None = None) -> None:
-        deltas = {n: p - self.start[n].unsqueeze(0) for n, p in params.items()}
+        changed = self._marked(users)
+        if changed is not None:  # only the marked users' deltas are formed, transformed and written back
+            idx = np.flatnonzero(changed)
+            sub = torch.as_tensor(idx, dtype=torch.long)
+            deltas = {n: p[sub] - self.start[n].unsqueeze(0) for n, p in params.items()}
+            deltas = self._apply(np.asarray(users)[idx], deltas)
+            for n, d in deltas.items():  # in place: the trainer's fresh per-user tensors, dropped after add
+                if len(idx):
+                    params[n].index_copy_(0, sub.to(d.device), self.start[n].unsqueeze(0) + d)
+            self.inner.add(params, w, users)
+            return
+        deltas = self._apply(users, {n: p - self.start[n].unsqueeze(0) for n, p in params.items()})
+        self.inner.add({n: self.start[n].unsqueeze(0) + d for n, d in deltas.items()}, w, users)
+
+    def _apply(self, users, deltas: dict) -> dict:
         for transform in self.transforms:
             deltas, counts = transform(users, deltas)
             for key, value in counts.items():
                 self.counts[key] = self.counts.get(key, 0.0) + float(value)
-        self.inner.add({n: self.start[n].unsqueeze(0) + d for n, d in deltas.items()}, w, users)
+        return deltas
+
+    def _marked(self, users) -> np.ndarray | None:
+        """The users the transforms may change (every transform marked by ``changes_only``), else None."""
+        marks = [getattr(t, "changes", None) for t in self.transforms]
+        if users is None or any(m is None for m in marks):
+            return None
+        out = np.zeros(len(users), bool)
+        for mark in marks:
+            out |= np.asarray(mark(np.asarray(users)), bool)
+        return out
+
+    def changed(self, users: np.ndarray) -> np.ndarray | None:
+        """Which of ``users`` the transforms may change: the union of each transform's ``changes(users)``
+        (an attack touches only its malicious clients). None when some transform may change any user
+        (a bound on every update) or the inner fold is not a plain mean: then every user passes here."""
+        return self._marked(users) if hasattr(self.inner, "add_mean") else None
+
+    def add_mean(self, mean: dict[str, torch.Tensor], weight: float) -> None:
+        """Users no transform changes, already averaged: into the inner mean. Each transform still sees an
+        empty chunk, so its count keys exist on every node."""
+        self._apply(np.empty(0, np.int64), {})
+        self.inner.add_mean(mean, weight)
 
     def result(self):
         return self.inner.result()
 
     def metrics(self) -> dict[str, float]:
         return dict(self.counts)
+
 
 
 def row_sparse_names(model: Recommender, fed: FederationConfig) -> set[str]:

@@ -87,6 +87,8 @@ def serve(grid: Grid, cfg, data, recorder: Recorder, resume: dict | None = None,
     from fedrec.precision import set_precision
 
     set_precision(model, cfg)  # server-side evaluation in the run's precision
+    if model.couples_users:  # a graph-conditioned model (CF-Diff) scores every user from the whole training matrix
+        model.fit(data.train)
     fed = federation(cfg)
     client_eval = uses_client_evaluation(cfg, model)
     mechanisms = build_mechanisms(cfg)

@@ -31,6 +31,17 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     "bspm": ("fedrec.models.bspm", "BSPM", "BSPMConfig"),
     "lightgcn": ("fedrec.models.lightgcn", "LightGCN", "LightGCNConfig"),
     "giffcf": ("fedrec.models.giffcf", "GiffCF", "GiffCFConfig"),
+    # DDGM recommenders and the multi-hop guided DiffRec (issue 13)
+    "codigem": ("fedrec.models.codigem", "CODIGEM", "CODIGEMConfig"),
+    "recfusion": ("fedrec.models.recfusion", "RecFusion", "RecFusionConfig"),
+    "cfdiff": ("fedrec.models.cfdiff", "CFDiff", "CFDiffConfig"),
+
+    # item-graph diffusion recommenders (issue 13)
+    "gdiff": ("fedrec.models.gdiff", "GDiff", "GDiffConfig"),
+    "diffkg": ("fedrec.models.diffkg", "DiffKG", "DiffKGConfig"),
+
+    # diffusion over a CF backbone's embeddings (issue 13)
+    "ddrm": ("fedrec.models.ddrm", "DDRM", "DDRMConfig"),
     # fairness / diversity (issue 13)
     "diffairec": ("fedrec.models.diffairec", "DifFaiRec", "DifFaiRecConfig"),
     "d3rec": ("fedrec.models.d3rec", "D3Rec", "D3RecConfig"),
@@ -137,6 +148,20 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
             cache[key] = co_interaction_graph(data.train, **weighting)
         return cache[key]
 
+    def transitions(users=None):
+        # G-Diff's directed graph of consecutive training items (of ``users`` only, e.g. a silo
+        # node's own users; None: all); needs each user's time order
+        if data.train_seq is None:
+            raise ConfigError(f"dataset: {data.name!r} has no time order of the training items, which the "
+                              "transition graph (model gdiff) needs; use a dataset with timestamps")
+        from fedrec.data.side import transition_graph
+
+        if users is not None:
+            seq = data.train_seq.subset(users)
+            return transition_graph(seq.items, seq.indptr, data.n_items)
+        if getattr(data, "_transition_graph", None) is None:
+            data._transition_graph = transition_graph(data.train_seq.items, data.train_seq.indptr, data.n_items)
+        return data._transition_graph
     def groups(grouping: str, top: float = 0.2):
         from fedrec.eval.fairness import user_groups
 
@@ -146,7 +171,9 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
     wants_co_graph = side.graph is None and side.private_graph == "co_interaction"
     return DataShape(n_users=data.n_users, n_items=data.n_items, item_emb=data.item_emb,
                      item_emb_fn=None if data.item_emb is not None else svd_embeddings,
-                     item_side=side, item_graph_fn=co_graph if wants_co_graph else None, user_groups_fn=groups)
+                     item_side=side, item_graph_fn=co_graph if wants_co_graph else None,
+                     item_transitions_fn=transitions if side.private_graph == "co_interaction" else None,
+                     user_groups_fn=groups)
 
 
 __all__ = ["Batch", "DataShape", "Recommender", "build_model", "check_dataset_needs", "model_config", "data_shape", "svd_item_embeddings", "REGISTRY"]

@@ -68,6 +68,9 @@ class DataShape:
     item_emb_fn: Callable[[], np.ndarray | None] | None = field(default=None, repr=False)
     item_side: ItemSideData = field(default_factory=ItemSideData, repr=False)
     item_graph_fn: Callable[..., sp.csr_matrix] | None = field(default=None, repr=False)
+    # Private like item_graph_fn and asked for by the same dataset.item_graph=co_interaction: the
+    # directed item-to-item transition counts of the users' time-ordered training items (G-Diff).
+    item_transitions_fn: Callable[..., sp.csr_matrix] | None = field(default=None, repr=False)
     # (grouping, top) -> (group id per user, -1 for none; group names): the users' groups
     # (fedrec.eval.fairness.user_groups: activity or a categorical user feature), for group-conditioned models
     user_groups_fn: Callable[[str, float], tuple[np.ndarray, list[str]]] | None = field(default=None, repr=False)
@@ -90,6 +93,12 @@ class DataShape:
         :func:`fedrec.data.side.co_interaction_graph`: ``user_power``, ``item_power``, ``diagonal``),
         or None unless the dataset asks for it (``dataset.item_graph=co_interaction``)."""
         return None if self.item_graph_fn is None else self.item_graph_fn(**weighting)
+
+    def transition_graph(self, users=None) -> sp.csr_matrix | None:
+        """The private transition graph (:func:`fedrec.data.side.transition_graph`) of ``users``'
+        training sequences (None: every user's), or None unless the dataset asks for its private
+        graphs (``dataset.item_graph=co_interaction``)."""
+        return None if self.item_transitions_fn is None else self.item_transitions_fn(users)
 
 
 @dataclass
@@ -174,6 +183,10 @@ class Recommender(nn.Module):
         """
         raise ConfigError(f"generator.model: {self.name!r} has no prior over users to sample from; "
                           "use a generative model (diffrec, ldiffrec, multvae)")
+
+    def on_epoch_start(self) -> None:
+        """Called by ``fedrec.train.train_epoch`` before each local epoch's first batch (DiffKG trains
+        its knowledge-graph denoiser and rebuilds its graph here, as the official epoch begins)."""
 
     def on_epoch_end(self) -> None:
         """Called by trainers after each local epoch (L-DiffRec anneals its loss weight per epoch)."""

@@ -7,7 +7,8 @@ the samplers live here, and a model hands the core its denoiser as a callable. W
    1 - alpha_bar grows linearly from ``noise_scale*noise_min`` to ``noise_scale*noise_max``) and
    ``cosine`` (Nichol & Dhariwal 2021); ``beta_fixed`` sets the first beta to 1e-5 (Sohl-Dickstein et
    al. 2015, 2.4.1) as the official DiffRec ``GaussianDiffusion(beta_fixed=...)`` does whenever
-   ``noise_scale != 0`` (official default on in ``DiffRec/``, off in ``L-DiffRec/``).
+   ``noise_scale != 0`` (official default on in ``DiffRec/``, off in ``L-DiffRec/``); ``first_beta``
+   sets another fixed value (DiffKG's official code: 1e-4).
 2. The closed-form forward process q(x_t | x_0) (DDPM, Ho et al. 2020), ``q_sample``.
 3. The training loss of DiffRec (Wang et al., SIGIR 2023, github.com/YiyanXu/DiffRec
    ``models/gaussian_diffusion.py``): x0- or eps-prediction, SNR reweighting (x0: SNR(t-1) - SNR(t),
@@ -65,6 +66,34 @@ the samplers live here, and a model hands the core its denoiser as a callable. W
    step s = t - 1 and carry the residual z_t - F_t(x0_hat) over scaled by noise_decay^(t - s)).
    The caller supplies the smoothing operator ``smooth(x) -> A x`` (row vectors) and the denoiser.
 
+10. The forward chain drawn step by step (``GaussianDiffusion.q_chain``): x_t = sqrt(1 - beta_t)
+   x_{t-1} + sqrt(beta_t) eps_t, one draw per step, with the diagonal-Gaussian log-densities
+   ``log_normal_diag`` / ``log_standard_normal``: the DDGM objective of CODIGEM (Walker et al., KSEM
+   2022) and RecFusion (Benedict et al. 2023) scores each transition of one such path. Schedules
+   ``quadratic`` (linear in sqrt(beta) from ``noise_scale*noise_min`` to ``noise_scale*noise_max``,
+   Ho et al. 2020 / RecFusion) and ``constant`` (``noise_scale*noise_min`` at every step, CODIGEM).
+
+11. Binomial (bit-flip) diffusion of 0/1 vectors (:class:`BinomialDiffusion`, RecFusion:
+   Benedict et al. 2023, github.com/gabriben/recfusion ``recfusionBin.py``): step t flips each bit
+   with probability beta_t, q(x_t | x_{t-1}) = B(x_t; (1 - beta_t) x_{t-1} + beta_t (1 - x_{t-1}))
+   (Sohl-Dickstein et al. 2015's binomial diffusion B(x_{t-1}(1 - b) + b/2) with b = 2 beta_t).
+   Closed forms with g_t = prod_{s<=t} (1 - 2 beta_s): the marginal P(x_t = 1 | x_0) =
+   g_t x_0 + (1 - g_t) / 2, and the posterior q(x_{t-1} | x_t, x_0) proportional to
+   q(x_t | x_{t-1}) q(x_{t-1} | x_0); with a predicted probability x0_hat in place of x_0 this is
+   D3PM's x0-parameterised reverse step (Austin et al. 2021, eq. 4: the marginal is linear in x_0).
+   Its loss (``training_loss``): t uniform in 0..T-1, x_t ~ q(x_t | x_0), then the per-item mean of
+   KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t, x0_hat)) for t >= 1 and of the Bernoulli NLL
+   -log p(x_0 | x0_hat) at t = 0 (the ELBO's terms, one per example). Draws are uniforms
+   u ~ U[0, 1): a bit is 1 where u < its probability (flips: where u < beta_t).
+
+12. Directional (anisotropic) noise, :func:`directional_noise` (Yang et al., "Directional Diffusion
+    Models for Graph Representation Learning", NeurIPS 2023; the noise DiffGT, Yi et al. 2024, puts on
+    its node embeddings): eps = sgn(x0) * |mu + sigma * z|, z ~ N(0, I), where mu and sigma are the
+    per-feature mean and standard deviation of the batch x0 (over every axis but the last). The noise
+    keeps each coordinate's sign and the data's per-feature scale, so x_t = q_sample(x0, t, eps) drifts
+    along the data's directions instead of isotropically. It is a noise *source* for ``q_sample`` /
+    ``training_loss(noise=...)``; samplers still add isotropic noise where they draw.
+
 Draw order (what a reference given "the same noise" must replay): training draws t, then the noise,
 then the dropout mask; an ancestral sampler draws one ``randn(x.shape)`` per step from ``start`` down
 to step 1; DDIM with eta > 0 one per step of its subsequence except the last.
@@ -98,8 +127,9 @@ FIXED_FIRST_BETA = 1e-5
 
 
 def make_betas(schedule: str, steps: int, noise_scale: float, noise_min: float, noise_max: float,
-               beta_fixed: bool = False) -> np.ndarray:
-    """The schedule's betas in float64; ``beta_fixed`` sets the first to ``FIXED_FIRST_BETA``.
+               beta_fixed: bool = False, first_beta: float = FIXED_FIRST_BETA) -> np.ndarray:
+    """The schedule's betas in float64; ``beta_fixed`` sets the first to ``first_beta``
+    (``FIXED_FIRST_BETA``, DiffRec's 1e-5; DiffKG's official code fixes it at 1e-4).
 
     As in the official code the override applies only when ``noise_scale != 0`` (with no noise the
     betas are never used) and after the schedule is computed: with ``linear-var`` it changes every
@@ -107,7 +137,7 @@ def make_betas(schedule: str, steps: int, noise_scale: float, noise_min: float, 
     """
     betas = _schedule_betas(schedule, steps, noise_scale, noise_min, noise_max)
     if beta_fixed and noise_scale != 0:
-        betas[0] = FIXED_FIRST_BETA
+        betas[0] = first_beta
     return betas
 
 
@@ -116,12 +146,17 @@ def _schedule_betas(schedule: str, steps: int, noise_scale: float, noise_min: fl
         start, end = noise_scale * noise_min, noise_scale * noise_max
         lin = np.linspace(start, end, steps, dtype=np.float64)
         return lin if schedule == "linear" else betas_from_linear_variance(steps, lin)
+    if schedule == "quadratic":  # Ho et al. 2020's "quad": linear in sqrt(beta) (RecFusion's default)
+        root = np.sqrt(np.array([noise_scale * noise_min, noise_scale * noise_max], dtype=np.float64))
+        return np.linspace(root[0], root[1], steps, dtype=np.float64) ** 2
+    if schedule == "constant":  # one beta for every step (CODIGEM's beta)
+        return np.full(steps, noise_scale * noise_min, dtype=np.float64)
     if schedule == "cosine":
         s = 0.008
         f = lambda t: np.cos((t / steps + s) / (1 + s) * np.pi / 2) ** 2  # noqa: E731
         t = np.arange(steps + 1, dtype=np.float64)
         return np.minimum(1 - f(t[1:]) / f(t[:-1]), 0.999)
-    raise ConfigError(f"model.noise_schedule: unknown schedule {schedule!r}; expected linear, linear-var or cosine")
+    raise ConfigError(f"model.noise_schedule: unknown schedule {schedule!r}; expected linear, linear-var, quadratic, constant or cosine")
 
 
 # ---------------------------------------------------------------------------- shapes, draws, conditions
@@ -140,12 +175,42 @@ def gaussian_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.T
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
 
 
+def directional_noise(x0: torch.Tensor, generator: torch.Generator | None = None,
+                      z: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:
+    """Directional noise sgn(x0) * |mu + sigma z| (item 12 of the module docstring), shaped as x0 (B, ..., d).
+
+    mu, sigma: the per-feature mean and (unbiased) standard deviation of x0 over all axes but the last,
+    treated as constants (no gradient flows through them); ``z`` an explicit N(0, I) draw, else one
+    from ``generator`` (None: torch's global generator). A batch of one has no spread: sigma = 0 there.
+    """
+    flat = x0.detach().reshape(-1, x0.shape[-1])
+    mu = flat.mean(0)
+    sigma = flat.std(0) if flat.shape[0] > 1 else torch.zeros_like(mu)
+    if z is None:
+        z = gaussian_like(x0, generator)
+    return torch.sign(x0.detach()) * (mu + sigma.clamp(min=eps) * z).abs()
+
+
 def global_generator(device) -> torch.Generator:
     """torch's global generator of ``device`` (what ``generator=None`` means to torch's own functions)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.default_generators[torch.cuda.current_device() if device.index is None else device.index]
     return torch.default_generator
+
+
+LOG_2PI = float(np.log(2.0 * np.pi))
+
+
+def log_normal_diag(x: torch.Tensor, mean: torch.Tensor, log_var) -> torch.Tensor:
+    """Elementwise log N(x; mean, exp(log_var)) (diagonal Gaussian; ``log_var`` a tensor or a number)."""
+    log_var = torch.as_tensor(log_var, dtype=x.dtype, device=x.device)
+    return -0.5 * LOG_2PI - 0.5 * log_var - 0.5 * torch.exp(-log_var) * (x - mean) ** 2
+
+
+def log_standard_normal(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise log N(x; 0, 1)."""
+    return -0.5 * LOG_2PI - 0.5 * x ** 2
 
 
 def required(generator: torch.Generator | None, what: str) -> torch.Generator:
@@ -241,7 +306,9 @@ class GaussianDiffusion(nn.Module):
     noise_scale, noise_min, noise_max : float
         Schedule bounds (DiffRec's names).
     beta_fixed : bool (default: False)
-        Override the first beta with 1e-5 (official DiffRec: on; official L-DiffRec: off).
+        Override the first beta with ``first_beta`` (official DiffRec: on; official L-DiffRec: off).
+    first_beta : float (default: ``FIXED_FIRST_BETA`` = 1e-5)
+        The fixed first beta (DiffRec, G-Diff: 1e-5; DiffKG's official code: 1e-4).
     mean_type : str (default: "x0")
         What the denoiser predicts: "x0" or "eps".
     reweight : bool (default: True)
@@ -254,7 +321,7 @@ class GaussianDiffusion(nn.Module):
     def __init__(self, steps: int, noise_schedule: str = "linear-var", noise_scale: float = 0.1,
                  noise_min: float = 1e-4, noise_max: float = 0.02, mean_type: str = "x0",
                  reweight: bool = True, importance_sampling: bool = True, history_per_step: int = 10,
-                 beta_fixed: bool = False):
+                 beta_fixed: bool = False, first_beta: float = FIXED_FIRST_BETA):
         super().__init__()
         if steps < 1:
             raise ConfigError(f"model.steps: must be >= 1, got {steps}")
@@ -270,7 +337,9 @@ class GaussianDiffusion(nn.Module):
         self.importance_sampling = importance_sampling
         self.history_per_step = history_per_step
         self.noise_scale = noise_scale
-        betas = make_betas(noise_schedule, steps, noise_scale, noise_min, noise_max, beta_fixed)
+        if not 0.0 < first_beta < 1.0:
+            raise ConfigError(f"model.first_beta: must be in (0, 1), got {first_beta}")
+        betas = make_betas(noise_schedule, steps, noise_scale, noise_min, noise_max, beta_fixed, first_beta)
         if noise_scale > 0 and not (np.all(betas > 0) and np.all(betas <= 1)):
             raise ConfigError("model.noise_*: the schedule gives betas outside (0, 1]")
         alphas = 1.0 - betas
@@ -308,6 +377,25 @@ class GaussianDiffusion(nn.Module):
         if noise is None:
             noise = gaussian_like(x0, generator)
         return expand_to(self.sqrt_ac[t], x0) * x0 + expand_to(self.sqrt_one_minus_ac[t], x0) * noise
+
+    def q_chain(self, x0: torch.Tensor, noises: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """The forward chain drawn step by step: x_t = sqrt(1 - beta_t) x_{t-1} + sqrt(beta_t) eps_t.
+
+        Returns [x_0', ..., x_{T-1}'] (entry t has the law of ``q_sample(x0, t)``, one Markov path of
+        them); ``noises`` (T, *x0.shape) are the eps_t, else T draws of ``randn(x0.shape)`` in step order.
+        The DDGM recommenders (CODIGEM, RecFusion) noise every step this way and score each transition.
+        """
+        if noises is None:
+            noises = torch.stack([gaussian_like(x0, generator) for _ in range(self.steps)])
+        if noises.shape != (self.steps,) + tuple(x0.shape):
+            raise ValueError(f"q_chain: noises must be (T, *x.shape) = {(self.steps,) + tuple(x0.shape)}, got {tuple(noises.shape)}")
+        keep, add = torch.sqrt(1.0 - self.betas), torch.sqrt(self.betas)
+        chain, x = [], x0
+        for t in range(self.steps):
+            x = keep[t] * x + add[t] * noises[t]
+            chain.append(x)
+        return chain
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x0 = sqrt(1/alpha_bar_t) x_t - sqrt(1/alpha_bar_t - 1) eps, coefficients from float64 (official)."""
@@ -715,3 +803,90 @@ class GraphSignalDiffusion:
             else:
                 z = z_s
         return z
+
+
+# ---------------------------------------------------------------------------- binomial (bit-flip) diffusion
+class BinomialDiffusion(nn.Module):
+    """Bit-flip diffusion of binary vectors (item 11 of the module docstring).
+
+    ``flip`` beta_t (T,) are the per-step flip probabilities from ``schedule`` (``quadratic``,
+    ``linear``, ``constant``: the official RecFusion ``get_beta_schedule`` 'quadratic' / 'linear' /
+    'fixed', from ``beta_start`` to ``beta_end``), each in [0, 0.5]; ``keep_cumprod`` g_t.
+    """
+
+    def __init__(self, steps: int, schedule: str = "quadratic", beta_start: float = 1e-4, beta_end: float = 0.1,
+                 what: str = "model"):
+        super().__init__()
+        if int(steps) < 1:
+            raise ConfigError(f"{what}.steps: must be >= 1, got {steps}")
+        if schedule not in ("quadratic", "linear", "constant"):
+            raise ConfigError(f"{what}.schedule: expected quadratic, linear or constant, got {schedule!r}")
+        flip = _schedule_betas(schedule, int(steps), 1.0, float(beta_start), float(beta_end))
+        if not (np.all(flip >= 0) and np.all(flip <= 0.5)):
+            raise ConfigError(f"{what}.beta_start/beta_end: flip probabilities must lie in [0, 0.5], got "
+                              f"{flip.min():.4g}..{flip.max():.4g}")
+        self.steps = int(steps)
+        keep = np.cumprod(1.0 - 2.0 * flip)
+        for name, arr in {"flip": flip, "keep_cumprod": keep, "keep_cumprod_prev": np.append(1.0, keep[:-1])}.items():
+            self.register_buffer(name, torch.tensor(arr, dtype=torch.float32), persistent=False)
+
+    @staticmethod
+    def _uniform(x: torch.Tensor, u: torch.Tensor | None, generator) -> torch.Tensor:
+        return torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device) if u is None else u
+
+    def q_step(self, x_prev: torch.Tensor, t: int, u: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """One step: each bit of x_{t-1} flipped where u < beta_t (official ``make_noise``, not Jascha)."""
+        flips = (self._uniform(x_prev, u, generator) < self.flip[t]).to(x_prev.dtype)
+        return (1.0 - flips) * x_prev + flips * (1.0 - x_prev)
+
+    def q_chain(self, x0: torch.Tensor, uniforms: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """[x_0', ..., x_{T-1}'] drawn step by step (one Markov path); ``uniforms`` (T, *x0.shape)."""
+        chain, x = [], x0
+        for t in range(self.steps):
+            x = self.q_step(x, t, None if uniforms is None else uniforms[t], generator)
+            chain.append(x)
+        return chain
+
+    def marginal(self, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """P(x_t = 1 | x_0) = g_t x_0 + (1 - g_t) / 2 for t (B,); x_0 may be a probability."""
+        g = expand_to(self.keep_cumprod[t], x0)
+        return g * x0 + 0.5 * (1.0 - g)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, u: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0) in closed form: 1 where u < the marginal."""
+        return (self._uniform(x0, u, generator) < self.marginal(x0, t)).to(x0.dtype)
+
+    def posterior(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """P(x_{t-1} = 1 | x_t, x_0) for t >= 1 (B,); x_0 may be a predicted probability (D3PM)."""
+        b = expand_to(self.flip[t], x_t)
+        g_prev = expand_to(self.keep_cumprod_prev[t], x0)
+        prior1 = g_prev * x0 + 0.5 * (1.0 - g_prev)  # P(x_{t-1} = 1 | x_0)
+        like1 = x_t * (1.0 - b) + (1.0 - x_t) * b  # q(x_t | x_{t-1} = 1)
+        like0 = x_t * b + (1.0 - x_t) * (1.0 - b)  # q(x_t | x_{t-1} = 0)
+        joint1, joint0 = prior1 * like1, (1.0 - prior1) * like0
+        return joint1 / (joint1 + joint0)
+
+    def sample_timesteps(self, n: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randint(0, self.steps, (n,), device=device, generator=generator)
+
+    def training_loss(self, denoise: Denoiser, x0: torch.Tensor, t: torch.Tensor | None = None,
+                      u: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                      eps: float = 1e-7) -> dict[str, torch.Tensor]:
+        """Per-example ELBO term: mean over items of KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t,x0_hat)) at
+        t >= 1, of -log p(x_0 | x0_hat) at t = 0; ``denoise(x_t, t)`` returns x0_hat in (0, 1).
+
+        Draws t, then the uniforms of q_sample, unless given explicitly."""
+        if t is None:
+            t = self.sample_timesteps(x0.shape[0], x0.device, generator)
+        x_t = self.q_sample(x0, t, u, generator)
+        pred = denoise(x_t, t).clamp(eps, 1.0 - eps)
+        nll = -(x0 * torch.log(pred) + (1.0 - x0) * torch.log(1.0 - pred))
+        tp = t.clamp(min=1)  # t = 0 rows take the NLL; their posterior is computed and discarded
+        q = self.posterior(x_t, x0, tp).clamp(eps, 1.0 - eps)
+        p = self.posterior(x_t, pred, tp).clamp(eps, 1.0 - eps)
+        kl = q * (torch.log(q) - torch.log(p)) + (1.0 - q) * (torch.log(1.0 - q) - torch.log(1.0 - p))
+        per_item = torch.where(expand_to(t == 0, x0), nll, kl)
+        return {"loss": per_example_mean(per_item), "pred_x0": pred, "t": t}

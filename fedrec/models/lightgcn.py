@@ -64,11 +64,14 @@ class LightGCNConfig(BPRConfig):
                               "FedRecAttack's BPR-MF client")
 
 
-def normalized_adjacency(train: sp.csr_matrix) -> sp.coo_matrix:
-    """RecBole's A^ = D^-1/2 A D^-1/2 of the user-item bipartite graph (users first), D + 1e-7."""
+def normalized_adjacency(train: sp.csr_matrix, self_loops: bool = False) -> sp.coo_matrix:
+    """RecBole's A^ = D^-1/2 A D^-1/2 of the user-item bipartite graph (users first), D + 1e-7;
+    ``self_loops``: of A + I (DiffKG's official ``makeTorchAdj``; D then counts the loop)."""
     n_users, n_items = train.shape
     r = sp.csr_matrix((train > 0).astype(np.float32))
     a = sp.bmat([[None, r], [r.T, None]], format="csr", dtype=np.float32)
+    if self_loops:
+        a = sp.csr_matrix(a + sp.eye(n_users + n_items, dtype=np.float32))
     d = np.power(np.asarray(a.sum(axis=1)).ravel() + 1e-7, -0.5)
     return sp.coo_matrix(sp.diags(d) @ a @ sp.diags(d))
 

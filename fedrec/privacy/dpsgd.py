@@ -120,6 +120,10 @@ class DPSGDTrainer:
         module = LossModule(model)
         from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
 
+        from fedrec.privacy.grad_samplers import register
+
+        register()  # fedrec's samplers for layers Opacus lacks (PReLU)
+
         mode = cfg.grad_sample_mode
         if mode in ("auto", "ghost"):
             bad = _unsupported_layer(module, GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
