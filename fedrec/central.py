@@ -22,6 +22,7 @@ import torch
 from fedrec.devices import cfg_device
 from fedrec.errors import ConfigError
 from fedrec.eval import evaluate_model
+from fedrec.eval.fairness import FairnessAccumulator, fairness_spec
 from fedrec.models import build_model, data_shape
 from fedrec.precision import set_precision
 from fedrec.recorder import Recorder
@@ -50,6 +51,7 @@ def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> No
         recorder.load_state(resume["recorder"])
         start = resume["round"]
     ks = list(cfg.eval.ks)
+    fairness = fairness_spec(cfg, data)
     from fedrec.mechanisms import ServerContext, build_mechanisms
 
     mechanisms = build_mechanisms(cfg)
@@ -70,16 +72,19 @@ def run_central(cfg, data, recorder: Recorder, resume: dict | None = None) -> No
         else:
             stats = train_epoch(model, optimizer, rows, int(cfg.model.optim.batch_size), rng)
         train_s = time.perf_counter() - t0
-        evaluation = eval_s = None
+        evaluation = eval_s = observer = None
         if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
             t0 = time.perf_counter()
-            evaluation = evaluate_model(model, data, ks, int(cfg.eval.batch_size))
+            observer = None if fairness is None else FairnessAccumulator(fairness, ks, device)
+            evaluation = evaluate_model(model, data, ks, int(cfg.eval.batch_size), observer=observer)
             eval_s = time.perf_counter() - t0
             ctx.evaluated_round = epoch
         for m in mechanisms:  # after the epoch's training and evaluation
             section = m.report(ctx)
             if section is not None:
                 recorder.extra[m.kind] = section
+        if observer is not None and _is_new_best(recorder, evaluation):
+            recorder.extra["fairness"] = observer.result()  # the reported (best-validation) epoch's lists
         recorder.record(epoch, stats, train_s, evaluation, eval_s, lambda: {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
@@ -94,8 +99,12 @@ def _fit_closed_form(cfg, data, model, recorder: Recorder) -> None:
     model.fit(data.train)
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    evaluation = evaluate_model(model, data, list(cfg.eval.ks), int(cfg.eval.batch_size))
+    fairness = fairness_spec(cfg, data)
+    observer = None if fairness is None else FairnessAccumulator(fairness, list(cfg.eval.ks), cfg_device(cfg))
+    evaluation = evaluate_model(model, data, list(cfg.eval.ks), int(cfg.eval.batch_size), observer=observer)
     eval_s = time.perf_counter() - t0
+    if observer is not None:
+        recorder.extra["fairness"] = observer.result()
     from fedrec.mechanisms import ServerContext, build_mechanisms
 
     ctx = ServerContext(cfg=cfg, data=data, model=model, strategy=None)
@@ -105,3 +114,8 @@ def _fit_closed_form(cfg, data, model, recorder: Recorder) -> None:
         if section is not None:
             recorder.extra[m.kind] = section
     recorder.record(1, {"fit": 1}, train_s, evaluation, eval_s, lambda: {"model": model.state_dict()})
+
+
+def _is_new_best(recorder: Recorder, evaluation: dict) -> bool:
+    """Whether ``evaluation`` will be the recorder's new best (its rule: strictly higher validation metric)."""
+    return evaluation.get("valid", {}).get(recorder.select_metric, float("nan")) > recorder.best_value

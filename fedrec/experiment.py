@@ -56,6 +56,9 @@ def execute(cfg: DictConfig, run_dir: str | Path | None, *, grid=None, progress:
                           "as a mechanism's data hook")
     data = load_run_data(cfg.dataset, int(cfg.seed), transforms)
     check_ks(cfg.eval.ks, data.n_items)
+    from fedrec.eval.fairness import fairness_spec
+
+    fairness_spec(cfg, data)  # eval.fairness on data without user groups / item categories: one line, now
     for m in mechanisms:  # before the model is built: a mechanism may change cfg.model
         for note in m.adjust_config(cfg, data):
             log.warning("note: %s", note)

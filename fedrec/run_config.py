@@ -126,6 +126,10 @@ class TrainConfig:
 class EvalConfig:
     ks: tuple = (10, 20)  # cut-offs
     batch_size: int = 1024
+    fairness: bool = False  # the fedrec/eval/fairness.py metrics under summary.json "fairness"
+    fairness_groups: str = "activity"  # activity | a categorical user feature
+    fairness_top: float = 0.2  # the active share for fairness_groups=activity
+    fairness_ild: str = "categories"  # categories | embeddings
 
     def __post_init__(self):
         object.__setattr__(self, "ks", tuple(int(k) for k in self.ks))
@@ -133,6 +137,12 @@ class EvalConfig:
             raise ConfigError(f"eval.ks: must be a non-empty list of positive cut-offs, got {list(self.ks)}")
         if self.batch_size < 1:
             raise ConfigError(f"eval.batch_size: must be >= 1, got {self.batch_size}")
+        if not isinstance(self.fairness, bool):
+            raise ConfigError(f"eval.fairness: expected true or false, got {self.fairness!r}")
+        if not 0.0 < self.fairness_top < 1.0:
+            raise ConfigError(f"eval.fairness_top: must be in (0, 1), got {self.fairness_top}")
+        if self.fairness_ild not in ("categories", "embeddings"):
+            raise ConfigError(f"eval.fairness_ild={self.fairness_ild!r}: expected categories or embeddings")
 
 
 def federation(cfg) -> FederationConfig:
@@ -145,6 +155,9 @@ def train(cfg) -> TrainConfig:
 
 def evaluation(cfg) -> EvalConfig:
     block = typed_block(EvalConfig, cfg.eval, "eval")
+    if block.fairness and cfg.federation.mode != "none":
+        raise ConfigError(f"eval.fairness: only with federation=none (the federated evaluations pool metric sums "
+                          f"per node, not the per-user lists the fairness metrics need), got federation={cfg.federation.mode}")
     metric, k = train(cfg).select
     if metric not in _METRICS or k not in block.ks:
         raise ConfigError(f"train.select_metric: {cfg.train.select_metric!r} must be <metric>@K with K in eval.ks")

@@ -46,6 +46,9 @@ TINY_MODEL = {
     "edgerec": ["model.n_blocks=1", "model.channels=2", "model.heads=2", "model.dim_head=4", "model.patch_users=8",
                 "model.patch_items=8", "model.steps=20", "model.sampling_steps=2", "model.user_features=[cluster]",
                 "model.user_id_dim=8", "model.item_id_dim=8", "dataset.ratings=true"],
+
+    "diffairec": ["model.dims=[16,32]", "model.steps=5", "model.group_tokens=2"],
+    "d3rec": ["model.dims=[16,8]", "model.steps=3", "model.optim.lr=0.001"],
 }
 
 

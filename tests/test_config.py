@@ -34,7 +34,8 @@ COMPANIONS = {("privacy", "dpsgd"): ["federation=none"],
               ("attack", "image_poison"): ["federation=none", "model=vbpr"],
               ("defense", "image_purify"): ["federation=none", "model=vbpr"],
               ("model", "giffcf"): ["dataset.item_graph=co_interaction"],  # GiffCF smooths over that graph
-              ("model", "gdiff"): ["dataset.item_graph=co_interaction"]}  # G-Diff decodes over its transition graph
+              ("model", "gdiff"): ["dataset.item_graph=co_interaction"],  # G-Diff decodes over its transition graph
+              ("model", "diffairec"): ["federation=none"]}  # DifFaiRec refuses federations (user-group side data)
 
 
 def test_groups_found():
@@ -100,7 +101,8 @@ def test_model_option_builds(name):
     shape = DataShape(n_users=20, n_items=40, item_emb=rng.standard_normal((40, 8)).astype(np.float32),
                       item_side=ItemSideData(images=images, categories=categories),  # categories: DiffKG's KG
                       item_graph_fn=lambda **weighting: co_interaction_graph(train, **weighting),
-                      item_transitions_fn=lambda users=None: transition_graph(train.indices, train.indptr, 40))
+                      item_transitions_fn=lambda users=None: transition_graph(train.indices, train.indptr, 40),
+                      user_groups_fn=lambda grouping, top: (np.arange(20) % 2, ["g0", "g1"]))  # for diffairec
     model = build_model(cfg.model, shape)
     assert model.name == name
     if not model.trains_by_sgd:  # training-free (EASE, GF-CF, ...): fitted in closed form, no optimiser

@@ -144,8 +144,11 @@ def evaluated_users(data, users: np.ndarray | None = None) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
-                   users: np.ndarray | None = None, splits=("valid", "test")) -> dict[str, dict]:
+                   users: np.ndarray | None = None, splits=("valid", "test"), observer=None) -> dict[str, dict]:
     """Valid and test metrics of ``model`` on ``data`` from one scoring pass per user batch.
+
+    ``observer(split, rows, masked_scores, target)``, when given, sees every batch's masked scores
+    (e.g. :class:`fedrec.eval.fairness.FairnessAccumulator`, the ``eval.fairness`` metrics).
 
     ``users`` (default: all) are the users to evaluate; injected users among them are skipped.
     Returns ``{"valid": {...}, "test": {...}}`` plus the raw sums and user counts under
@@ -170,12 +173,12 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
 
             with autocast(model, device, "eval"):  # scores are cast to fp32 before masking and top-K
                 return evaluate_scores(next_item, data, ks, batch_size, users, splits, per_split=True, device=device,
-                                       inputs=input_matrix(model, data))
+                                       inputs=input_matrix(model, data), observer=observer)
         values = getattr(model, "input_values", "binary")
         with autocast(model, device, "eval"):
             return evaluate_scores(lambda rows, x: model.scores(Batch(users=torch.as_tensor(rows, device=device), x=x)),
                                    data, ks, batch_size, users, splits, device=device,
-                                   inputs=input_matrix(model, data), with_rmse=values == "rating")
+                                   inputs=input_matrix(model, data), with_rmse=values == "rating", observer=observer)
     finally:
         model.train(was_training)
 
@@ -183,7 +186,8 @@ def evaluate_model(model, data, ks: list[int], batch_size: int = 1024,
 @torch.no_grad()
 def evaluate_scores(score_fn, data, ks: list[int], batch_size: int = 1024,
                     users: np.ndarray | None = None, splits=("valid", "test"), per_split: bool = False,
-                    device=None, inputs: sp.csr_matrix | None = None, with_rmse: bool = False) -> dict[str, dict]:
+                    device=None, inputs: sp.csr_matrix | None = None, with_rmse: bool = False,
+                    observer=None) -> dict[str, dict]:
     """Like ``evaluate_model`` for any ``score_fn(user_ids, train_rows) -> (B, n_items)`` scores;
     with ``per_split``, ``score_fn(user_ids, train_rows, split)`` is called once per split.
     ``train_rows``, the masks and the targets are built on ``device`` (None: the CPU). ``train_rows`` are
@@ -205,7 +209,10 @@ def evaluate_scores(score_fn, data, ks: list[int], batch_size: int = 1024,
             scores = score_fn(rows, x, split).float() if per_split else shared
             mask = seen | (dense_rows(data.valid, rows, device) > 0) if split == "test" else seen
             target = dense_rows(getattr(data, split), rows, device)
-            sums, n = topk_metric_sums(scores.masked_fill(mask, float("-inf")), target, ks)
+            masked = scores.masked_fill(mask, float("-inf"))
+            sums, n = topk_metric_sums(masked, target, ks)
+            if observer is not None:
+                observer(split, rows, masked, target)
             acc[split].add(sums, n)
             if with_rmse:
                 sse, count = rating_error_sums(scores, dense_rows(data.input_matrix("rating", split), rows, device))

@@ -50,6 +50,9 @@ REGISTRY: dict[str, tuple[str, str, str]] = {
     # explicit ratings (issue 13): models whose Batch.x is the user's rating row (dataset.ratings=true)
     "dgrm": ("fedrec.models.dgrm", "DGRM", "DGRMConfig"),
     "edgerec": ("fedrec.models.edgerec", "EDGERec", "EDGERecConfig"),
+    # fairness / diversity (issue 13)
+    "diffairec": ("fedrec.models.diffairec", "DifFaiRec", "DifFaiRecConfig"),
+    "d3rec": ("fedrec.models.d3rec", "D3Rec", "D3RecConfig"),
 }
 
 NON_MODEL_KEYS = {"name", "optim"}
@@ -88,13 +91,22 @@ def check_dataset_needs(cfg: Any) -> None:
     A model config class may name the item graph it smooths over (``ITEM_GRAPH``, GiffCF:
     "co_interaction"); the run must ask the dataset for it (``dataset.item_graph``). A model that learns
     from explicit ratings (``RATINGS = True``: DGRM, EDGE-Rec) needs ``dataset.ratings=true`` on a source
-    kind with a rating column (DiffRec's .npy splits and sequence files have none).
+    kind with a rating column (DiffRec's .npy splits and sequence files have none). It may also say
+    why it cannot run federated (``FEDERATION_REFUSAL``) or under DP-SGD (``DPSGD_REFUSAL``): a
+    one-line ConfigError names the mode and the reason.
     """
     name = _plain(cfg.model).get("name")
     if name not in REGISTRY:
         return  # model_config / build_model name the bad model
     module, _, cfg_cls = REGISTRY[name]
     config_class = getattr(__import__(module, fromlist=[cfg_cls]), cfg_cls)
+    mode = str(cfg.get("federation", {}).get("mode", "none"))
+    refusal = getattr(config_class, "FEDERATION_REFUSAL", None)
+    if refusal and mode != "none":
+        raise ConfigError(f"federation={mode}: model {name!r} {refusal}; use federation=none")
+    refusal = getattr(config_class, "DPSGD_REFUSAL", None)
+    if refusal and str(cfg.get("privacy", {}).get("name", "none")) == "dpsgd":
+        raise ConfigError(f"privacy=dpsgd: model {name!r} {refusal}")
     dataset = cfg.get("dataset", {})
     if getattr(config_class, "RATINGS", False):
         from fedrec.data.loaders import RATING_KINDS
@@ -172,6 +184,10 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
         if getattr(data, "_transition_graph", None) is None:
             data._transition_graph = transition_graph(data.train_seq.items, data.train_seq.indptr, data.n_items)
         return data._transition_graph
+    def groups(grouping: str, top: float = 0.2):
+        from fedrec.eval.fairness import user_groups
+
+        return user_groups(data, grouping, top)
 
     side = data.item_side
     wants_co_graph = side.graph is None and side.private_graph == "co_interaction"
@@ -181,7 +197,8 @@ def data_shape(data, svd_dim: int = 64, seed: int = 0) -> DataShape:
                      item_emb_fn=None if data.item_emb is not None else svd_embeddings,
                      item_side=side, item_graph_fn=co_graph if wants_co_graph else None,
                      item_transitions_fn=transitions if side.private_graph == "co_interaction" else None,
-                     user_features=user_codes)
+                     user_features=user_codes,
+                     user_groups_fn=groups)
 
 
 __all__ = ["Batch", "DataShape", "Recommender", "build_model", "check_dataset_needs", "model_config", "data_shape", "svd_item_embeddings", "REGISTRY"]

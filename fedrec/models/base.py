@@ -77,6 +77,9 @@ class DataShape:
     # Per-user integer side codes (e.g. ML-100K's age, gender, occupation: ``Interactions.user_features``
     # without the ``*_vocab`` tables; -1 = missing), for models conditioned on user features (EDGE-Rec).
     user_features: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    # (grouping, top) -> (group id per user, -1 for none; group names): the users' groups
+    # (fedrec.eval.fairness.user_groups: activity or a categorical user feature), for group-conditioned models
+    user_groups_fn: Callable[[str, float], tuple[np.ndarray, list[str]]] | None = field(default=None, repr=False)
 
     def item_embeddings(self) -> np.ndarray | None:
         if self.item_emb is None and self.item_emb_fn is not None:
