@@ -16,6 +16,7 @@ from fedrec.data.side import ItemCategories, KnowledgeGraph, kg_from_categories,
 from fedrec.errors import ConfigError, DataError
 from fedrec.models import build_model
 from fedrec.models.base import Batch, DataShape
+from tests.test_mechanisms import DEVICE_ROUND, SILO_ROUND
 from tests.test_strategies import task_identity  # noqa: F401  (autouse fixture: Message() needs it)
 
 N_USERS, N_ITEMS = 12, 9
@@ -312,17 +313,12 @@ def test_one_epoch_on_tiny_synthetic_data(tiny_cfg, tmp_path, name):
 
 
 def _serve(tiny_cfg, tmp_path, name, mode):
-    from tests.test_mechanisms import _serve
+    from tests.test_mechanisms import trained_round
 
-    g0, final, replies, _ = _serve(tiny_cfg(*mode, model=name), tmp_path, name)
-    assert replies and set(final) == set(g0)
-    assert any(not np.allclose(final[k], g0[k]) for k in g0)  # the round trained
-    return g0
+    return trained_round(tiny_cfg(*mode, model=name), tmp_path, name)[0]
 
 
-SILO = ["federation=silo", "federation.num_nodes=2", "federation.rounds=1"]
-DEVICE = ["federation=device", "federation.num_nodes=2", "federation.rounds=1", "federation.user_fraction=0.5",
-          "federation.local_lr=0.05"]
+SILO, DEVICE = SILO_ROUND, DEVICE_ROUND
 
 
 def test_gdiff_silo_and_device_rounds_in_process(tiny_cfg, tmp_path):

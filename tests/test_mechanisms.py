@@ -104,6 +104,20 @@ def _serve(cfg, tmp_path, name):
     return g0, final, grid.replies, recorder
 
 
+#: one in-process round of a silo / cross-device federation on the tiny data
+SILO_ROUND = ["federation=silo", "federation.num_nodes=2", "federation.rounds=1"]
+DEVICE_ROUND = ["federation=device", "federation.num_nodes=2", "federation.rounds=1", "federation.user_fraction=0.5",
+                "federation.local_lr=0.05"]
+
+
+def trained_round(cfg, tmp_path, name):
+    """One in-process run that must train: (initial, final) global arrays, every global array returned."""
+    g0, final, replies, _ = _serve(cfg, tmp_path, name)
+    assert replies and set(final) == set(g0)
+    assert any(not np.allclose(final[k], g0[k]) for k in g0)  # the round trained
+    return g0, final
+
+
 def _node_uploads(replies):
     """partition -> (arrays float64, num-examples) of silo replies."""
     out = {}

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 from fedrec.errors import ConfigError, DataError
+from tests.test_mechanisms import DEVICE_ROUND, SILO_ROUND
 from tests.test_strategies import task_identity  # noqa: F401  (autouse fixture: Message() needs it)
 
 
@@ -290,17 +290,12 @@ def test_one_epoch_central_reports_rmse(tiny_cfg, tmp_path, name):
 
 
 def _round(tiny_cfg, tmp_path, name, mode):
-    from tests.test_mechanisms import _serve
+    from tests.test_mechanisms import trained_round
 
-    g0, final, replies, _ = _serve(tiny_cfg(*mode, model=name), tmp_path, name)
-    assert replies and set(final) == set(g0)
-    assert any(not np.allclose(final[k], g0[k]) for k in g0)  # the round trained
-    return final
+    return trained_round(tiny_cfg(*mode, model=name), tmp_path, name)[1]
 
 
-SILO = ["federation=silo", "federation.num_nodes=2", "federation.rounds=1"]
-DEVICE = ["federation=device", "federation.num_nodes=2", "federation.rounds=1", "federation.user_fraction=0.5",
-          "federation.local_lr=0.05"]
+SILO, DEVICE = SILO_ROUND, DEVICE_ROUND
 
 
 @pytest.mark.parametrize("name", ["dgrm", "edgerec"])
