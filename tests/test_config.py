@@ -35,7 +35,9 @@ COMPANIONS = {("privacy", "dpsgd"): ["federation=none"],
               ("defense", "image_purify"): ["federation=none", "model=vbpr"],
               ("model", "giffcf"): ["dataset.item_graph=co_interaction"],  # GiffCF smooths over that graph
               ("model", "gdiff"): ["dataset.item_graph=co_interaction"],  # G-Diff decodes over its transition graph
-              ("model", "diffairec"): ["federation=none"]}  # DifFaiRec refuses federations (user-group side data)
+              ("model", "diffairec"): ["federation=none"],
+              ("model", "dgrm"): ["dataset.ratings=true"],  # rating models need the ratings kept
+              ("model", "edgerec"): ["dataset.ratings=true"]}  # DifFaiRec refuses federations (user-group side data)
 
 
 def test_groups_found():
@@ -102,7 +104,8 @@ def test_model_option_builds(name):
                       item_side=ItemSideData(images=images, categories=categories),  # categories: DiffKG's KG
                       item_graph_fn=lambda **weighting: co_interaction_graph(train, **weighting),
                       item_transitions_fn=lambda users=None: transition_graph(train.indices, train.indptr, 40),
-                      user_groups_fn=lambda grouping, top: (np.arange(20) % 2, ["g0", "g1"]))  # for diffairec
+                      user_groups_fn=lambda grouping, top: (np.arange(20) % 2, ["g0", "g1"]),  # for diffairec
+                      user_features={f: rng.integers(0, 3, 20) for f in ("age", "gender", "occupation")})  # edgerec
     model = build_model(cfg.model, shape)
     assert model.name == name
     if not model.trains_by_sgd:  # training-free (EASE, GF-CF, ...): fitted in closed form, no optimiser

@@ -37,6 +37,15 @@ TINY: dict[str, dict] = {
     "giffcf": {"name": "giffcf", "embed_dim": 8},
     "gdiff": {"name": "gdiff", "hidden_dims": [8]},
     "diffkg": {"name": "diffkg", "embedding_size": 8, "denoiser_dims": [8]},
+    "tdiffrec": {"name": "tdiffrec", "dims": [16, 32], "steps": 5},
+    "ltdiffrec": {"name": "ltdiffrec", "in_dims": [8], "mlp_dims": [8], "n_cate": 2, "steps": 5,
+                  "vae_anneal_steps": 0},
+    "cfgdiffrec": {"name": "cfgdiffrec", "dims": [16, 32], "steps": 5},
+    "dgrm": {"name": "dgrm", "dims": [16], "critic_dims": [16], "steps": 5},
+    "edgerec": {"name": "edgerec", "n_blocks": 1, "channels": 2, "heads": 2, "dim_head": 4, "patch_users": 8,
+                "patch_items": 8, "steps": 20, "sampling_steps": 2},
+    "diffairec": {"name": "diffairec", "dims": [16, 32], "steps": 5, "group_tokens": 2},
+    "d3rec": {"name": "d3rec", "dims": [16, 8], "steps": 3},
     "codigem": {"name": "codigem", "hidden": 16, "depth": 1},
     # the official RecFusion objective is dominated by its identity-like terms (RESULTS.md): the generic
     # "training lowers the loss" check uses the core's binomial ELBO; test_ddgm_models.py checks the official one
@@ -65,7 +74,10 @@ def _shape(seed: int = 0) -> DataShape:
     return DataShape(N_USERS, N_ITEMS, item_emb=rng.standard_normal((N_ITEMS, 4)).astype(np.float32),
                      item_side=ItemSideData(images=images, categories=categories),
                      item_graph_fn=lambda **weighting: co_interaction_graph(train, **weighting),
-                     item_transitions_fn=lambda users=None: transition_graph(train.indices, train.indptr, N_ITEMS))
+                     item_transitions_fn=lambda users=None: transition_graph(train.indices, train.indptr, N_ITEMS),
+                     # user side codes (EDGE-Rec) and user groups (DifFaiRec)
+                     user_features={f: rng.integers(0, 3, N_USERS) for f in ("age", "gender", "occupation")},
+                     user_groups_fn=lambda grouping, top: (np.arange(N_USERS) % 2, ["g0", "g1"]))
 
 
 def _data(seed: int = 0) -> Batch:
@@ -329,7 +341,8 @@ def test_bpr_defaults_follow_recbole():
     assert _build("bpr").train_unit == "interaction"
     assert _build("bpr", sampling="user").train_unit == "user"
     assert _build("vbpr").train_unit == "interaction"  # VBPR trains like BPR
-    assert all(_build(name).train_unit == "user" for name in REGISTRY if name not in ("bpr", "vbpr"))
+    assert _build("diffkg").train_unit == "interaction"  # DiffKG's recommender: BPR pairs, as its official code
+    assert all(_build(name).train_unit == "user" for name in REGISTRY if name not in ("bpr", "vbpr", "diffkg"))
 
 
 def test_bpr_interaction_epoch_visits_each_training_interaction_once():

@@ -187,6 +187,43 @@ def test_update_detect_dense_tables_use_the_base():
                                rtol=1e-4)
 
 
+def test_update_detect_reads_dense_item_arrays_row_by_row():
+    """A DiffRec-like upload: a dense (n_items, h) output layer every genuine user changes everywhere; the
+    attackers change few rows by much (FedRecAttack's kappa item slices). Their whole norm is typical, their
+    rows are not; the features equal a numpy loop over the item rows."""
+    from fedrec.defenses.update_detect import item_row_arrays
+
+    rng = np.random.default_rng(1)
+    n_items, users = 30, 16
+    base = {"out.weight": rng.normal(size=(n_items, 5)).astype(np.float32),
+            "out.bias": rng.normal(size=(n_items,)).astype(np.float32),
+            "hidden.weight": rng.normal(size=(5, 7)).astype(np.float32)}
+    d = {k: (rng.normal(size=(users, *v.shape)) * 0.1).astype(np.float32) for k, v in base.items()}
+    bad = np.array([2, 9])
+    for u in bad:
+        for k in d:
+            d[k][u] = 0.0
+        rows = rng.choice(n_items, 3, replace=False)
+        d["out.weight"][u, rows] = 0.1 * np.sqrt(n_items) / np.sqrt(3)  # the same whole norm, on 3 rows
+    batch = UpdateBatch({k: base[k][None] + d[k] for k in base}, np.arange(users), np.zeros(users, int),
+                        np.ones(users))
+    rows = item_row_arrays(batch, base, n_items)
+    assert rows == {"out.weight", "out.bias"}
+    scores = upload_scores(batch, base, rows)
+    norm = np.sqrt(sum((d[k].reshape(users, -1).astype(np.float64) ** 2).sum(1) for k in d))
+    feats = []
+    for k in sorted(rows):
+        r = np.abs(d[k].astype(np.float64)) if d[k].ndim == 2 else np.linalg.norm(d[k].astype(np.float64), axis=-1)
+        feats.append((r.max(1), np.array([np.median(x[x > 0]) if (x > 0).any() else 0.0 for x in r])))
+    max_row = np.maximum(feats[0][0], feats[1][0])
+    med_row = np.maximum(feats[0][1], feats[1][1])
+    want = np.maximum.reduce([robust_z(np.log(x + 1e-30)) for x in (norm, max_row, med_row)])
+    np.testing.assert_allclose(scores, want, rtol=1e-5)
+    flagged = flag(scores, 3.5, 0.2)
+    assert set(np.flatnonzero(flagged)) == set(bad.tolist())
+    assert not flag(upload_scores(batch, base), 3.5, 0.2)[bad].all()  # by the whole norm alone: not both
+
+
 def test_flag_caps_the_dropped_share():
     scores = np.array([10.0, 9.0, 8.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
     assert flag(scores, 1.0, 0.2).tolist() == [True, True] + [False] * 8

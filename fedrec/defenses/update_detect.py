@@ -13,6 +13,11 @@ so its upload is an outlier of the round in size. Per user u, three features of 
   whole (FedRecAttack's m-fold crafted rows, ``attack=scaling``) moves every row, while a genuine user's
   typical row is small however many items it has (its norm and largest row grow with its history).
 
+Item rows are those of the row-sparse tables and, for models without an item table, of the dense arrays
+whose first axis has one entry per item (:func:`item_row_arrays`: DiffRec's output layer and its bias,
+whose row i is item i's slice); a dense array's row counts as changed where its delta is nonzero. So
+FedRecAttack's kappa crafted item slices on DiffRec stand out against a genuine user's dense update.
+
 Each feature is standardised robustly over the round's users, ``z = (x - median) / (1.4826 MAD)`` (the
 attackers are a minority of the round, so median and MAD are the genuine users'), the user's score is
 the largest of its z's, and users with ``score > threshold`` are flagged (one-sided: a small update does
@@ -28,6 +33,7 @@ the attacks here inflate; fedrec's own rule, so there is no reference implementa
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,8 +70,11 @@ def robust_z(x: np.ndarray) -> np.ndarray:
     return (x - med) / (MAD_SCALE * mad)
 
 
-def upload_features(batch: UpdateBatch, base: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per user, the L2 norm of its whole upload and of its largest row (0 without row-sparse tables)."""
+def upload_features(batch: UpdateBatch, base: dict[str, np.ndarray],
+                    item_rows: frozenset | set = frozenset()) -> dict[str, np.ndarray]:
+    """Per user, the L2 norm of its whole upload and of its largest and its median changed item row (0
+    without item rows): rows of the row-sparse tables, and of the dense arrays named in ``item_rows``
+    (one row per item, e.g. DiffRec's output layer and bias; a row is changed where its delta is nonzero)."""
     n = len(batch)
     sq = np.zeros(n)
     for k, v in batch.arrays.items():
@@ -83,6 +92,19 @@ def upload_features(batch: UpdateBatch, base: dict[str, np.ndarray]) -> dict[str
         sq += np.bincount(users, weights=norms ** 2, minlength=n)
         np.maximum.at(max_row, users, norms)
         med_row = np.maximum(med_row, _group_medians(norms, ru.offsets))
+    for k in sorted(item_rows):
+        v = batch.arrays[k]
+        b = base[k].reshape(1, base[k].shape[0], -1).astype(np.float64)
+        step = max(1, FEATURE_BLOCK_BYTES // max(1, 8 * b.size))
+        for s in range(0, n, step):
+            d = v[s:s + step].reshape(-1, *b.shape[1:]).astype(np.float64) - b
+            norms = np.sqrt(np.einsum("urd,urd->ur", d, d))  # (users, items)
+            max_row[s:s + step] = np.maximum(max_row[s:s + step], norms.max(1))
+            changed = np.where(norms > 0, norms, np.nan)
+            with warnings.catch_warnings():  # a user who changed no row: an all-NaN row, median 0
+                warnings.simplefilter("ignore", RuntimeWarning)
+                med = np.nan_to_num(np.nanmedian(changed, axis=1) if changed.size else np.zeros(len(d)), nan=0.0)
+            med_row[s:s + step] = np.maximum(med_row[s:s + step], med)
     return {"norm": np.sqrt(sq), "max_row": max_row, "median_row": med_row}
 
 
@@ -99,12 +121,12 @@ def _group_medians(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return out
 
 
-def upload_scores(batch: UpdateBatch, base: dict[str, np.ndarray]) -> np.ndarray:
+def upload_scores(batch: UpdateBatch, base: dict[str, np.ndarray], item_rows: frozenset | set = frozenset()) -> np.ndarray:
     """Per user, the largest robust z of its log upload norm, log largest-row and log median-row norms."""
-    feats = upload_features(batch, base)
+    feats = upload_features(batch, base, item_rows)
     tiny = 1e-30
     score = robust_z(np.log(feats["norm"] + tiny))
-    if batch.rows:
+    if batch.rows or item_rows:
         for key in ("max_row", "median_row"):
             score = np.maximum(score, robust_z(np.log(feats[key] + tiny)))
     return score
@@ -121,10 +143,17 @@ def flag(scores: np.ndarray, threshold: float, max_drop: float) -> np.ndarray:
     return flagged
 
 
+def item_row_arrays(batch: UpdateBatch, base: dict[str, np.ndarray], n_items: int) -> frozenset:
+    """The dense uploaded arrays read as one row per item: those whose first axis has ``n_items`` entries
+    (DiffRec's output layer weight and bias; an item embedding table sent dense)."""
+    return frozenset(k for k in batch.arrays if base[k].ndim >= 1 and base[k].shape[0] == n_items)
+
+
 def detect_and_average(batch: UpdateBatch, base: dict[str, np.ndarray], threshold: float,
-                       max_drop: float) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+                       max_drop: float, item_rows: frozenset | set = frozenset()
+                       ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """(FedAvg's mean over the unflagged users, scores, flagged)."""
-    scores = upload_scores(batch, base)
+    scores = upload_scores(batch, base, item_rows)
     flagged = flag(scores, threshold, max_drop)
     return weighted_mean(batch, keep=~flagged), scores, flagged
 
@@ -135,9 +164,14 @@ class UpdateDetect(BatchRuleDefense):
     Config = UpdateDetectConfig
     detects = True
 
+    def setup_server(self, ctx) -> None:
+        super().setup_server(ctx)
+        self._n_items = int(ctx.data.n_items)
+
     def rule(self, batch: UpdateBatch, stats: dict | None = None) -> dict[str, np.ndarray]:
         base = {k: self.strategy._global_arrays[k].numpy() for k in batch.arrays}
         out, scores, flagged = detect_and_average(batch, base, float(self.config.threshold),
-                                                  float(self.config.max_drop))
+                                                  float(self.config.max_drop),
+                                                  item_row_arrays(batch, base, self._n_items))
         self.record_detection(batch.users, scores, flagged)
         return out

@@ -74,6 +74,7 @@ class DGRMConfig(DiffusionConfig):
     dims: list[int] = field(default_factory=lambda: [200, 600])  # generator hidden dims (DiffRec's)
     emb_size: int = 10  # timestep embedding size (generator and critic)
     dropout: float = 0.5  # generator input dropout (DiffRec's)
+    beta_fixed: bool = True  # first beta := 1e-5, as DiffRec (conf/model/dgrm.yaml)
     critic_dims: list[int] = field(default_factory=lambda: [600, 200])  # critic hidden dims
     rating_max: float = 5.0  # top of the rating scale: x0 = rating / rating_max
     rec_weight: float = 1.0  # weight of the masked reconstruction loss in the generator's loss
