@@ -226,12 +226,12 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
 
     chunk = local.chunk_for(sum(v.numel() for v in g0.values()))
     f = _single_user_loss(wrapper, buffers)
-    vgrad = vmap(grad(f, argnums=(0, 1), has_aux=False), in_dims=(0, 0, 0, 0), randomness="error")
-    vloss = vmap(f, in_dims=(0, 0, 0, 0), randomness="error")
-    # One plain SGD step (FedProx's term is zero there): gradients at the shared global point
+    # One plain SGD step (FedProx's term is zero there): every user's gradient at the shared global point,
+    # so the global parameters are not batched (no per-user copies); otherwise each user's own copy is.
     one_sgd_step = local.optimizer == "sgd" and local.local_epochs == 1
-    vgrad_shared = vmap(grad(f, argnums=(0, 1), has_aux=False), in_dims=(None, 0, 0, 0), randomness="error")
-    vloss_shared = vmap(f, in_dims=(None, 0, 0, 0), randomness="error")
+    g_dim = None if one_sgd_step else 0
+    vgrad = vmap(grad(f, argnums=(0, 1), has_aux=False), in_dims=(g_dim, 0, 0, 0), randomness="error")
+    vloss = vmap(f, in_dims=(g_dim, 0, 0, 0), randomness="error")
     custom = fold is not None
     fold = fold if custom else (StackFold(g0) if per_user else MeanFold(g0))
     new_private: dict[str, list[torch.Tensor]] = {n: [] for n in private_names}
@@ -249,8 +249,8 @@ def train_users(model: Recommender, users: np.ndarray, rows: torch.Tensor, weigh
                                          UserRandom(seed, round_, u, 0, x.device))
             with autocast(model):
                 with torch.no_grad():
-                    loss_acc += float((vloss_shared(g0, pp, inp, rand).float() * w).sum())
-                gg, pg = vgrad_shared(g0, pp, inp, rand)
+                    loss_acc += float((vloss(g0, pp, inp, rand).float() * w).sum())
+                gg, pg = vgrad(g0, pp, inp, rand)
             with torch.no_grad():
                 gp = {n: g0[n].unsqueeze(0) - local.lr * gg[n] for n in g0}
                 for n in pp:
