@@ -212,8 +212,8 @@ class TransformFold:
             sub = torch.as_tensor(idx, dtype=torch.long)
             deltas = {n: p[sub] - self.start[n].unsqueeze(0) for n, p in params.items()}
             deltas = self._apply(np.asarray(users)[idx], deltas)
-            for n, d in deltas.items():  # in place: the trainer's fresh per-user tensors, dropped after add
-                if len(idx):
+            if len(idx):  # in place: the trainer's fresh per-user tensors, dropped after add
+                for n, d in deltas.items():
                     params[n].index_copy_(0, sub.to(d.device), self.start[n].unsqueeze(0) + d)
             self.inner.add(params, w, users)
             return
@@ -345,7 +345,7 @@ def device_round(model: Recommender, cfg, data, node_users: np.ndarray, private_
     users = node_users[pos]
     device = model_device(model)
     cap = fed.max_user_interactions
-    inputs = input_matrix(model, data)  # the binary rows, or the model's weighted ones (input_weighting)
+    inputs = input_matrix(model, data)  # binary rows, a rating model's ratings or a model's weighted rows
     if len(users) * data.n_items * 4 > DENSE_ROWS_SHARE * fed.memory_budget_gb * 2**30:
         rows = ChunkedRows(inputs, users, device, cap, seed, round_)  # densified per chunk by train_users
     else:
